@@ -1,0 +1,127 @@
+"""Rotation value objects. Plain data; the store persists them, the engine advances them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from keyturn.domain.lifecycle import FINAL_STATES, State
+
+
+class CredentialKind(StrEnum):
+    SERVICE_ACCOUNT = "service_account"
+    PAT = "pat"
+    WEBHOOK = "webhook"
+    PASSKEY = "passkey"
+
+
+class OperatorAction(StrEnum):
+    RESUME = "resume"
+    ROLLBACK = "rollback"
+    CANCEL = "cancel"
+    PAUSE = "pause"
+
+
+class ActionStatus(StrEnum):
+    INTENT = "intent"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Phase(StrEnum):
+    FORWARD = "forward"
+    ROLLBACK = "rollback"
+
+
+@dataclass(frozen=True)
+class ManagedCredential:
+    name: str
+    kind: CredentialKind
+    provider: str
+    credential_id: str
+    credential_uuid: str
+    key_ref: str | None
+    algorithm: str
+    token_ref: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class OperatorRequest:
+    action: OperatorAction
+    actor: str
+    reason: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Rotation:
+    id: str
+    credential: str
+    kind: CredentialKind
+    state: State
+    version: int
+    reason: str
+    created_at: datetime
+    updated_at: datetime
+    next_attempt_at: datetime | None = None
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
+    attempts: int = 0
+    last_error: str | None = None
+    halted_reason: str | None = None
+    paused: bool = False
+    request: OperatorRequest | None = None
+    rollback_from: State | None = None
+    finished_at: datetime | None = None
+    #: Kind-specific context without secrets: old/new credential ids, key references, ...
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+@dataclass(frozen=True)
+class Event:
+    rotation_id: str
+    at: datetime
+    kind: str  # "transition", "operator", "action", "run"
+    actor: str
+    from_state: str | None = None
+    to_state: str | None = None
+    trigger: str | None = None
+    reason: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class ActionRecord:
+    rotation_id: str
+    phase: Phase
+    name: str
+    idempotency_key: str
+    status: ActionStatus
+    intent_at: datetime
+    outcome_at: datetime | None = None
+    attempts: int = 1
+    detail: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SealedSecret:
+    """Ciphertext of a secret, bound to its id and purpose; never the plaintext."""
+
+    id: str
+    purpose: str
+    master_key_id: str
+    nonce: bytes
+    ciphertext: bytes
+    created_at: datetime | None = None
+    purge_after: datetime | None = None
+    purged_at: datetime | None = None

@@ -1,0 +1,24 @@
+"""Retry policy: exponential backoff with full jitter, bounded per step."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    #: Attempts of one step before the rotation is halted for a human.
+    max_attempts: int = 6
+    base_seconds: float = 1.0
+    max_seconds: float = 60.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before attempt number `attempt + 1` (attempt counts from 1)."""
+        cap = min(self.max_seconds, self.base_seconds * (2 ** max(0, attempt - 1)))
+        r = rng or random
+        # Full jitter, but never less than a tenth of the cap, so a retry is never immediate.
+        return cap * (0.1 + 0.9 * r.random())
+
+    def exhausted(self, attempts: int) -> bool:
+        return attempts >= self.max_attempts

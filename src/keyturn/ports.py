@@ -1,0 +1,212 @@
+"""The ports the engine needs. Adapters implement them; the CLI wires them together.
+
+Store methods are synchronous (the engine runs them in a thread); provider methods are async.
+Every datetime crossing a port is timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from keyturn.domain.lifecycle import State
+from keyturn.domain.model import (
+    ActionRecord,
+    Event,
+    ManagedCredential,
+    OperatorRequest,
+    Rotation,
+    SealedSecret,
+)
+
+# --------------------------------------------------------------------------------------- store
+
+
+@dataclass
+class Change:
+    """One atomic write: compare-and-set of a rotation on (id, expected_version), plus rows.
+
+    The store applies all of it in one transaction or none of it, bumps the version by one, sets
+    `updated_at`, and returns the new rotation; it raises :class:`StaleVersion` when the row's
+    version is not `expected_version` (another writer won).
+    """
+
+    rotation_id: str
+    expected_version: int
+    #: Rotation fields to set, by attribute name of :class:`Rotation`: state, data,
+    #: next_attempt_at, lease_owner, lease_expires_at, attempts, last_error, halted_reason,
+    #: paused, request (None clears it), rollback_from, finished_at.
+    updates: dict[str, Any] = field(default_factory=dict)
+    events: Sequence[Event] = ()
+    #: Upserted by (rotation_id, phase, name).
+    action: ActionRecord | None = None
+    #: Inserted (new key material, sealed).
+    secrets: Sequence[SealedSecret] = ()
+    #: Replaces the managed credential row of the same name (e.g. now pointing at the new key).
+    credential: ManagedCredential | None = None
+    #: Secret id -> time after which the secret is purged (retention of an old key).
+    purge_after: dict[str, datetime] = field(default_factory=dict)
+
+
+class Store(Protocol):
+    # managed credentials
+    def add_credential(self, credential: ManagedCredential, secrets: Sequence[SealedSecret]) -> None:
+        """Insert a managed credential and its sealed material; KeyturnError if the name exists."""
+
+    def get_credential(self, name: str) -> ManagedCredential:
+        """The managed credential of that name; NotFound otherwise."""
+
+    def list_credentials(self) -> list[ManagedCredential]: ...
+
+    # rotations
+    def create_rotation(self, rotation: Rotation, event: Event) -> Rotation:
+        """Insert a new rotation (version 1) and its first event.
+
+        AlreadyRotating when the credential has an unfinished rotation (enforced by a unique
+        index in the database, not only by a check); NotFound for an unknown credential.
+        """
+
+    def get_rotation(self, rotation_id: str) -> Rotation: ...
+
+    def list_rotations(
+        self, *, state: State | None = None, credential: str | None = None
+    ) -> list[Rotation]:
+        """Newest first."""
+
+    def latest_rotation(self, credential: str) -> Rotation | None: ...
+
+    def events(self, rotation_id: str) -> list[Event]:
+        """Oldest first."""
+
+    def actions(self, rotation_id: str) -> list[ActionRecord]:
+        """In the order their intents were first recorded."""
+
+    def claim(
+        self, *, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[Rotation]:
+        """Lease up to `limit` due rotations to `owner` in one statement, bumping each version.
+
+        Due: unfinished, and either carrying an operator request, or (not paused, not halted,
+        next_attempt_at null or <= now); and not leased (lease_expires_at null or <= now).
+        """
+
+    def commit(self, change: Change) -> Rotation: ...
+
+    def request(self, rotation_id: str, request: OperatorRequest, event: Event) -> Rotation:
+        """Record an operator request and its event WITHOUT bumping the version (the lease
+        holder must not be fenced out by it); make the rotation due now."""
+
+    # sealed secrets
+    def get_secret(self, secret_id: str) -> SealedSecret: ...
+
+    def all_secrets(self) -> list[SealedSecret]: ...
+
+    def replace_secrets(self, sealed: Sequence[SealedSecret]) -> None:
+        """Overwrite existing secrets (same ids) in one transaction (master-key rotation)."""
+
+    def purge_secrets(self, now: datetime) -> list[str]:
+        """Erase the ciphertext of every secret whose purge_after <= now; return their ids."""
+
+    def master_key_ids(self) -> set[str]:
+        """The master key ids that unpurged ciphertexts were made with."""
+
+
+# ------------------------------------------------------------------------------------ secrets
+
+
+@dataclass(frozen=True)
+class GeneratedKey:
+    algorithm: str  # "ed25519", "ecdsa-p256", "rsa-2048"
+    private_pem: bytes  # PKCS#8 PEM; never logged, stored only sealed
+    public_pem: str  # SubjectPublicKeyInfo PEM
+
+
+class Keys(Protocol):
+    def generate(self, algorithm: str) -> GeneratedKey: ...
+
+    def public_pem(self, private_pem: bytes) -> str: ...
+
+
+class Vault(Protocol):
+    @property
+    def key_id(self) -> str:
+        """Id of the master key new ciphertexts are made with."""
+
+    def seal(self, secret_id: str, purpose: str, plaintext: bytes) -> SealedSecret: ...
+
+    def open(self, sealed: SealedSecret) -> bytes:
+        """Plaintext, or SecretError naming the cause (unknown master key, tampered, purged)."""
+
+
+# ----------------------------------------------------------------------------------- provider
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A credential that signs user actions: its credId and private key (PEM)."""
+
+    credential_id: str
+    private_key_pem: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ProviderCredential:
+    credential_id: str
+    credential_uuid: str
+    is_active: bool
+    public_key: str
+    name: str
+    kind: str = "Key"
+
+
+class KeyProvider(Protocol):
+    """What a signing-key rotation needs from the provider, for one managed credential (its
+    bearer token is bound in by the composition root). Errors are ProviderError."""
+
+    async def register_key(
+        self, *, signer: SigningKey, new_key: SigningKey, name: str, via: str
+    ) -> ProviderCredential:
+        """Register the public half of `new_key`, the call signed by `signer`.
+
+        via="credentials": Create Credential (Key kind, attestation signed by the new key, credId
+        = new_key.credential_id). via="service_account_endpoint": POST
+        /auth/service-accounts/credentials; the provider then chooses the credential id.
+        """
+
+    async def list_credentials(self) -> list[ProviderCredential]: ...
+
+    async def activate(self, *, signer: SigningKey, credential_uuid: str) -> None: ...
+
+    async def deactivate(self, *, signer: SigningKey, credential_uuid: str) -> None: ...
+
+    async def prove(self, *, signer: SigningKey) -> None:
+        """Prove the provider accepts a user-action signature by `signer` (no side effect)."""
+
+    async def aclose(self) -> None: ...
+
+
+# ------------------------------------------------------------------------------------- deploy
+
+
+@dataclass(frozen=True)
+class DeployedMaterial:
+    private_key_pem: bytes = field(repr=False)
+    credential_id: str
+    credential_uuid: str
+
+
+class DeployTarget(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def deploy(self, material: DeployedMaterial) -> None:
+        """Write atomically; idempotent."""
+
+    def read_back(self) -> DeployedMaterial:
+        """What a holder would load now; KeyturnError if missing or unreadable."""
+
+
+class Clock(Protocol):
+    def now(self) -> datetime: ...
