@@ -46,8 +46,9 @@ class Change:
     secrets: Sequence[SealedSecret] = ()
     #: Replaces the managed credential row of the same name (e.g. now pointing at the new key).
     credential: ManagedCredential | None = None
-    #: Secret id -> time after which the secret is purged (retention of an old key).
-    purge_after: dict[str, datetime] = field(default_factory=dict)
+    #: Secret id -> time after which the secret is purged (retention of an old key); None clears
+    #: a scheduled purge (a rollback that makes an old key current again).
+    purge_after: dict[str, datetime | None] = field(default_factory=dict)
 
 
 class Store(Protocol):
