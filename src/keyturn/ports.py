@@ -53,7 +53,9 @@ class Change:
 
 class Store(Protocol):
     # managed credentials
-    def add_credential(self, credential: ManagedCredential, secrets: Sequence[SealedSecret]) -> None:
+    def add_credential(
+        self, credential: ManagedCredential, secrets: Sequence[SealedSecret]
+    ) -> None:
         """Insert a managed credential and its sealed material; KeyturnError if the name exists."""
 
     def get_credential(self, name: str) -> ManagedCredential:

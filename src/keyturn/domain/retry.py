@@ -15,10 +15,11 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait before attempt number `attempt + 1` (attempt counts from 1)."""
-        cap = min(self.max_seconds, self.base_seconds * (2 ** max(0, attempt - 1)))
-        r = rng or random
+        cap = min(self.max_seconds, self.base_seconds * float(2 ** max(0, attempt - 1)))
+        r: random.Random = rng or random.Random()
         # Full jitter, but never less than a tenth of the cap, so a retry is never immediate.
-        return cap * (0.1 + 0.9 * r.random())
+        jitter: float = r.random()
+        return cap * (0.1 + 0.9 * jitter)
 
     def exhausted(self, attempts: int) -> bool:
         return attempts >= self.max_attempts

@@ -1,0 +1,148 @@
+"""Operator actions: validated requests recorded in the store, carried out by the lease holder
+(or the next claimer) at an action boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from keyturn.domain.errors import KeyturnError, TransitionRefused
+from keyturn.domain.lifecycle import GuardFacts, State, Trigger, check_guards
+from keyturn.domain.model import (
+    Event,
+    OperatorAction,
+    OperatorRequest,
+    Phase,
+    Rotation,
+)
+from keyturn.engine.kinds import kind_for
+from keyturn.engine.run import RotationRun, db
+from keyturn.ports import Change, Clock, Store
+
+
+def guard_facts(store: Store, rotation: Rotation) -> GuardFacts:
+    actions = store.actions(rotation.id)
+    latest = store.latest_rotation(rotation.credential)
+    old_ref = rotation.data.get("old_key_ref")
+    retained = True
+    if old_ref:
+        sealed = store.get_secret(old_ref)
+        retained = sealed.purged_at is None and bool(sealed.ciphertext)
+    return GuardFacts(
+        any_intent=any(a.phase is Phase.FORWARD for a in actions),
+        is_latest=latest is None or latest.id == rotation.id,
+        old_key_retained=retained,
+        irreversible_reason=kind_for(rotation.kind).irreversible_reason(rotation, actions),
+    )
+
+
+def validate(store: Store, rotation: Rotation, action: OperatorAction) -> None:
+    """Raise a one-line error if `action` cannot apply to `rotation` now."""
+    if action is OperatorAction.ROLLBACK:
+        check_guards(rotation.state, Trigger.ROLLBACK, guard_facts(store, rotation))
+    elif action is OperatorAction.CANCEL:
+        check_guards(rotation.state, Trigger.CANCEL, guard_facts(store, rotation))
+    elif rotation.finished:
+        raise TransitionRefused(rotation.state.value, action.value, "the rotation is finished")
+    elif action is OperatorAction.RESUME and not (rotation.paused or rotation.halted_reason):
+        raise TransitionRefused(
+            rotation.state.value,
+            action.value,
+            "it is neither halted nor paused; nothing to resume",
+        )
+    elif action is OperatorAction.PAUSE and rotation.paused:
+        raise TransitionRefused(rotation.state.value, action.value, "it is already paused")
+
+
+def record_request(
+    store: Store, clock: Clock, rotation_id: str, action: OperatorAction, actor: str, reason: str
+) -> Rotation:
+    if not reason.strip():
+        raise KeyturnError("a reason is required for every operator action; pass --reason TEXT")
+    rotation = store.get_rotation(rotation_id)
+    validate(store, rotation, action)
+    if rotation.request is not None:
+        raise KeyturnError(
+            f"rotation {rotation_id} already has a pending {rotation.request.action.value} request "
+            f"by {rotation.request.actor}; wait for a worker to carry it out"
+        )
+    now = clock.now()
+    event = Event(
+        rotation_id=rotation_id,
+        at=now,
+        kind="operator",
+        actor=actor,
+        trigger=action.value,
+        reason=reason,
+        from_state=rotation.state.value,
+        detail={"status": "requested"},
+    )
+    return store.request(rotation_id, OperatorRequest(action, actor, reason, now), event)
+
+
+@dataclass(frozen=True)
+class Applied:
+    action: OperatorAction
+    outcome: str  # "applied" or "refused: <reason>"
+
+
+async def apply_request(run: RotationRun) -> Applied:
+    """Carry out the pending operator request of a leased rotation."""
+    rotation = run.rotation
+    request = rotation.request
+    assert request is not None
+    now = run.now()
+
+    def note(status: str) -> Event:
+        return Event(
+            rotation_id=rotation.id,
+            at=now,
+            kind="operator",
+            actor=request.actor,
+            trigger=request.action.value,
+            reason=request.reason,
+            from_state=rotation.state.value,
+            detail={"status": status},
+        )
+
+    try:
+        validate(run.deps.store, rotation, request.action)  # the state may have moved on
+    except KeyturnError as exc:
+        await run.commit(
+            Change(rotation.id, 0, updates={"request": None}, events=[note(f"refused: {exc}")])
+        )
+        return Applied(request.action, f"refused: {exc}")
+    clear_halt = {"request": None, "paused": False, "halted_reason": None}
+    if request.action is OperatorAction.PAUSE:
+        await run.commit(
+            Change(
+                rotation.id, 0, updates={"request": None, "paused": True}, events=[note("applied")]
+            )
+        )
+    elif request.action is OperatorAction.RESUME:
+        await run.commit(
+            Change(
+                rotation.id,
+                0,
+                updates={**clear_halt, "attempts": 0, "last_error": None, "next_attempt_at": None},
+                events=[note("applied")],
+            )
+        )
+    elif request.action is OperatorAction.CANCEL:
+        await run.transition(
+            Trigger.CANCEL,
+            actor=request.actor,
+            reason=request.reason,
+            extra=Change(rotation.id, 0, updates=clear_halt),
+        )
+    else:
+        facts = await db(guard_facts, run.deps.store, rotation)
+        check_guards(rotation.state, Trigger.ROLLBACK, facts)
+        await run.transition(
+            Trigger.ROLLBACK,
+            actor=request.actor,
+            reason=request.reason,
+            extra=Change(
+                rotation.id, 0, updates={**clear_halt, "rollback_from": State(rotation.state)}
+            ),
+        )
+    return Applied(request.action, "applied")

@@ -1,0 +1,279 @@
+"""One claimed rotation in flight: its current version, its lease, and the intent-before-effect
+protocol for every action that touches the outside world."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+import structlog
+
+from keyturn.domain.errors import KeyturnError, ProviderError, StaleVersion
+from keyturn.domain.lifecycle import FINAL_STATES, State, Trigger, fire
+from keyturn.domain.model import ActionRecord, ActionStatus, Event, Phase, Rotation
+from keyturn.domain.retry import RetryPolicy
+from keyturn.ports import Change, Clock, DeployTarget, KeyProvider, Keys, Store, Vault
+
+log = structlog.get_logger("keyturn.engine")
+
+Detail = dict[str, Any]
+T = TypeVar("T")
+
+
+class CrashHook(Protocol):
+    """Called at every action boundary with its name; tests use it to kill the process there."""
+
+    def __call__(self, boundary: str) -> None: ...
+
+
+def no_crash(boundary: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    lease_seconds: float = 30.0
+    #: Before an external call the lease must have at least this much left, on the monotonic clock.
+    lease_margin_seconds: float = 5.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retention: timedelta = timedelta(days=30)
+    poll_seconds: float = 1.0
+
+
+@dataclass
+class EngineDeps:
+    store: Store
+    vault: Vault
+    keys: Keys
+    clock: Clock
+    #: The provider session for a managed credential (its token bound in).
+    provider_for: Callable[[str], KeyProvider]
+    #: The deploy targets of a managed credential, from the configuration.
+    targets_for: Callable[[str], list[DeployTarget]]
+    settings: EngineSettings = field(default_factory=EngineSettings)
+    crash_hook: CrashHook = no_crash
+
+
+class OperatorInterrupt(Exception):
+    """An operator request arrived; unwind to the action boundary and carry it out."""
+
+
+class WorkerStopping(Exception):
+    """The worker was asked to stop; leave the rotation at this action boundary."""
+
+
+class LeaseLost(KeyturnError):
+    """The lease could not be kept; the rotation is abandoned to whoever holds it now."""
+
+
+async def db(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking store call off the event loop."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+class RotationRun:
+    """The worker's handle on one leased rotation. All writes go through :meth:`commit`."""
+
+    def __init__(self, deps: EngineDeps, rotation: Rotation, owner: str) -> None:
+        self.deps = deps
+        self.rotation = rotation
+        self.owner = owner
+        self._lock = asyncio.Lock()
+        self._lease_deadline = time.monotonic() + deps.settings.lease_seconds
+        self._actions: dict[tuple[Phase, str], ActionRecord] | None = None
+        #: Set by the worker when it is asked to stop; checked at every action boundary.
+        self.stopping: asyncio.Event | None = None
+        self.log = log.bind(rotation=rotation.id, credential=rotation.credential)
+
+    # ------------------------------------------------------------------ writes and the lease
+
+    def now(self) -> datetime:
+        return self.deps.clock.now()
+
+    async def commit(self, change: Change) -> Rotation:
+        """Compare-and-set on the current version; StaleVersion means another writer won."""
+        async with self._lock:
+            change.rotation_id = self.rotation.id
+            change.expected_version = self.rotation.version
+            started = time.monotonic()
+            self.rotation = await db(self.deps.store.commit, change)
+            if "lease_expires_at" in change.updates:
+                self._lease_deadline = started + self.deps.settings.lease_seconds
+            return self.rotation
+
+    def lease_updates(self) -> dict[str, Any]:
+        return {
+            "lease_owner": self.owner,
+            "lease_expires_at": self.now() + timedelta(seconds=self.deps.settings.lease_seconds),
+        }
+
+    async def renew(self) -> None:
+        await self.commit(Change(self.rotation.id, 0, updates=self.lease_updates()))
+
+    async def ensure_lease(self) -> None:
+        """Before an external call: renew unless the lease has a safe margin left."""
+        left = self._lease_deadline - time.monotonic()
+        if left < self.deps.settings.lease_seconds / 2:
+            await self.renew()
+        if self._lease_deadline - time.monotonic() < self.deps.settings.lease_margin_seconds:
+            raise LeaseLost(f"rotation {self.rotation.id}: lease too close to expiry to act")
+
+    async def check_boundary(self) -> None:
+        """An action boundary: notice an operator request (and a lost lease) before acting."""
+        current = await db(self.deps.store.get_rotation, self.rotation.id)
+        if current.version != self.rotation.version:
+            raise StaleVersion(self.rotation.id, self.rotation.version)
+        self.rotation = current
+        if current.request is not None:
+            raise OperatorInterrupt()
+        if self.stopping is not None and self.stopping.is_set():
+            raise WorkerStopping()
+        await self.ensure_lease()
+
+    # ------------------------------------------------------------------ action records
+
+    async def actions(self) -> dict[tuple[Phase, str], ActionRecord]:
+        if self._actions is None:
+            records = await db(self.deps.store.actions, self.rotation.id)
+            self._actions = {(a.phase, a.name): a for a in records}
+        return self._actions
+
+    async def action(self, phase: Phase, name: str) -> ActionRecord | None:
+        return (await self.actions()).get((phase, name))
+
+    async def external(
+        self,
+        phase: Phase,
+        name: str,
+        call: Callable[[], Awaitable[Detail]],
+        reconcile: Callable[[], Awaitable[Detail | None]] | None = None,
+        intent: Mapping[str, Any] | None = None,
+    ) -> Detail:
+        """Intent before effect: record the intent, make the call, record the outcome.
+
+        An action already done returns its recorded outcome. An action whose intent exists
+        without an outcome (a crash, a timeout, a 5xx) is reconciled first: what the provider
+        reports is adopted instead of acting twice.
+        """
+        actions = await self.actions()
+        record = actions.get((phase, name))
+        if record is not None and record.status is ActionStatus.DONE:
+            return dict(record.detail)
+        await self.check_boundary()
+        bound = self.log.bind(step=phase.value, action=name)
+        started = time.monotonic()
+        if record is not None and reconcile is not None:
+            adopted = await reconcile()
+            if adopted is not None:
+                await self._outcome(record, ActionStatus.DONE, {**adopted, "reconciled": True})
+                bound.info(
+                    "action", outcome="adopted", duration_ms=_ms(started), after="unknown outcome"
+                )
+                self.deps.crash_hook(f"{phase.value}.{name}.after_outcome")
+                return adopted
+        now = self.now()
+        record = ActionRecord(
+            rotation_id=self.rotation.id,
+            phase=phase,
+            name=name,
+            idempotency_key=record.idempotency_key
+            if record
+            else f"{self.rotation.id}:{phase}:{name}",
+            status=ActionStatus.INTENT,
+            intent_at=now,
+            attempts=(record.attempts + 1) if record else 1,
+            detail=dict(intent or {}),
+        )
+        await self.commit(Change(self.rotation.id, 0, action=record, updates=self.lease_updates()))
+        actions[(phase, name)] = record
+        self.deps.crash_hook(f"{phase.value}.{name}.after_intent")
+        try:
+            detail = await call()
+        except ProviderError as exc:
+            bound.warning(
+                "action",
+                outcome="error",
+                duration_ms=_ms(started),
+                error=str(exc),
+                retryable=exc.retryable,
+                outcome_unknown=exc.outcome_unknown,
+            )
+            if not exc.outcome_unknown:
+                await self._outcome(record, ActionStatus.FAILED, dict(record.detail), str(exc))
+            raise
+        self.deps.crash_hook(f"{phase.value}.{name}.after_call")
+        await self._outcome(record, ActionStatus.DONE, detail)
+        bound.info("action", outcome="done", duration_ms=_ms(started))
+        self.deps.crash_hook(f"{phase.value}.{name}.after_outcome")
+        return detail
+
+    async def _outcome(
+        self, record: ActionRecord, status: ActionStatus, detail: Detail, error: str | None = None
+    ) -> None:
+        done = replace(record, status=status, outcome_at=self.now(), detail=detail, error=error)
+        await self.commit(Change(self.rotation.id, 0, action=done))
+        (await self.actions())[(record.phase, record.name)] = done
+
+    # ------------------------------------------------------------------ transitions
+
+    async def transition(
+        self,
+        trigger: Trigger,
+        *,
+        actor: str = "worker",
+        reason: str | None = None,
+        detail: Detail | None = None,
+        extra: Change | None = None,
+    ) -> Rotation:
+        """Fire `trigger` and persist it with its event in one compare-and-set."""
+        source = self.rotation.state
+        dest = fire(source, trigger)
+        change = extra or Change(self.rotation.id, 0)
+        change.updates = {
+            "state": dest,
+            "attempts": 0,
+            "last_error": None,
+            "next_attempt_at": None,
+            **change.updates,
+        }
+        if dest in FINAL_STATES:
+            change.updates.setdefault("finished_at", self.now())
+        change.events = [
+            *change.events,
+            Event(
+                rotation_id=self.rotation.id,
+                at=self.now(),
+                kind="transition",
+                actor=actor,
+                from_state=source.value,
+                to_state=dest.value,
+                trigger=trigger.value,
+                reason=reason,
+                detail=detail or {},
+            ),
+        ]
+        rotation = await self.commit(change)
+        self.log.info("transition", trigger=trigger.value, from_state=source, to_state=dest)
+        self.deps.crash_hook(f"transition.{trigger.value}.after_commit")
+        return rotation
+
+
+def new_secret_id() -> str:
+    return f"sec_{uuid.uuid4().hex}"
+
+
+def new_rotation_id() -> str:
+    return f"rot_{uuid.uuid4().hex[:20]}"
+
+
+def _ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def is_final(state: State) -> bool:
+    return state in FINAL_STATES

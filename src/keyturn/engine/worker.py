@@ -1,0 +1,235 @@
+"""The worker: claims due rotations with a lease and advances many of them at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import structlog
+
+from keyturn.domain.errors import KeyturnError, StaleVersion
+from keyturn.domain.lifecycle import FORWARD
+from keyturn.domain.model import Event, Rotation
+from keyturn.engine.kinds import kind_for
+from keyturn.engine.operator import apply_request
+from keyturn.engine.run import (
+    EngineDeps,
+    LeaseLost,
+    OperatorInterrupt,
+    RotationRun,
+    WorkerStopping,
+    db,
+)
+from keyturn.ports import Change
+
+log = structlog.get_logger("keyturn.worker")
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    def __init__(self, deps: EngineDeps, *, concurrency: int = 8, owner: str | None = None) -> None:
+        if concurrency < 1:
+            raise KeyturnError("--concurrency must be at least 1")
+        self.deps = deps
+        self.concurrency = concurrency
+        self.owner = owner or default_owner()
+        self._stopping = asyncio.Event()
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self.completed = 0
+
+    def stop(self) -> None:
+        """Stop claiming; in-flight rotations stop at their next action boundary."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def run(self, *, until_idle: bool = False) -> None:
+        settings = self.deps.settings
+        log.info("worker started", owner=self.owner, concurrency=self.concurrency)
+        await self._purge()
+        purge_every = 300.0
+        loop = asyncio.get_running_loop()
+        last_purge = loop.time()
+        while not self.stopping:
+            claimed: list[Rotation] = []
+            free = self.concurrency - len(self._inflight)
+            if free > 0:
+                now = self.deps.clock.now()
+                claimed = await db(
+                    self.deps.store.claim,
+                    owner=self.owner,
+                    now=now,
+                    lease_until=now + timedelta(seconds=settings.lease_seconds),
+                    limit=free,
+                )
+                for rotation in claimed:
+                    task = asyncio.create_task(self._drive(rotation), name=rotation.id)
+                    self._inflight[rotation.id] = task
+                    task.add_done_callback(self._forget)
+            if until_idle and not claimed and not self._inflight and not await self._waiting():
+                break
+            if loop.time() - last_purge > purge_every:
+                await self._purge()
+                last_purge = loop.time()
+            if not claimed or free <= len(claimed):
+                await self._sleep(settings.poll_seconds if not claimed else 0.05)
+        if self._inflight:
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        log.info("worker stopped", owner=self.owner, completed=self.completed)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(task.get_name(), None)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    async def _waiting(self) -> bool:
+        """Is any unfinished rotation scheduled to run again soon (a retry in backoff)?"""
+        horizon = self.deps.clock.now() + timedelta(seconds=self.deps.settings.retry.max_seconds)
+        rotations = await db(self.deps.store.list_rotations)
+        return any(
+            not r.finished
+            and not r.paused
+            and not r.halted_reason
+            and (r.next_attempt_at is None or r.next_attempt_at <= horizon)
+            for r in rotations
+        )
+
+    async def _purge(self) -> None:
+        purged = await db(self.deps.store.purge_secrets, self.deps.clock.now())
+        if purged:
+            log.info("purged retained keys", count=len(purged))
+
+    # ------------------------------------------------------------------ one rotation
+
+    async def _drive(self, rotation: Rotation) -> None:
+        run = RotationRun(self.deps, rotation, self.owner)
+        run.stopping = self._stopping
+        renewer = asyncio.create_task(self._renew(run))
+        try:
+            await self._advance(run)
+        except (StaleVersion, LeaseLost) as exc:
+            run.log.warning("lease lost; abandoning the rotation to its new holder", error=str(exc))
+            return
+        except WorkerStopping:
+            run.log.info("stopping at an action boundary")
+        except Exception as exc:  # a bug: halt the rotation for a human, keep the worker alive
+            run.log.exception("internal error")
+            await self._halt_quietly(run, f"internal error ({type(exc).__name__}): {exc}")
+            return
+        finally:
+            renewer.cancel()
+        await self._release(run)
+
+    async def _advance(self, run: RotationRun) -> None:
+        while True:
+            rotation = run.rotation
+            if rotation.request is not None:
+                applied = await apply_request(run)
+                run.log.info(
+                    "operator request", action=applied.action.value, outcome=applied.outcome
+                )
+                continue
+            if rotation.finished:
+                self.completed += 1
+                return
+            if rotation.paused or rotation.halted_reason:
+                return
+            now = self.deps.clock.now()
+            if rotation.next_attempt_at is not None and rotation.next_attempt_at > now:
+                return
+            if self.stopping:
+                raise WorkerStopping()
+            trigger = FORWARD[rotation.state]
+            try:
+                await kind_for(rotation.kind).run_step(run, trigger)
+            except OperatorInterrupt:
+                continue
+            except (StaleVersion, LeaseLost, WorkerStopping):
+                raise
+            except KeyturnError as exc:
+                await self._failed(run, trigger.value, exc)
+                return
+
+    async def _failed(self, run: RotationRun, step: str, exc: KeyturnError) -> None:
+        rotation = run.rotation
+        policy = self.deps.settings.retry
+        attempts = rotation.attempts + 1
+        retryable = bool(getattr(exc, "retryable", False))
+        now = self.deps.clock.now()
+        message = str(exc)
+        updates: dict[str, Any] = {"attempts": attempts, "last_error": message}
+        if retryable and not policy.exhausted(attempts):
+            delay = policy.delay(attempts)
+            updates["next_attempt_at"] = now + timedelta(seconds=delay)
+            status = f"retry {attempts}/{policy.max_attempts} in {delay:.1f}s"
+        else:
+            why = (
+                f"step {step} failed {attempts} times (retry budget spent)"
+                if retryable
+                else f"step {step} failed and is not safe to retry"
+            )
+            updates["halted_reason"] = (
+                f"{why}: {message}. Fix the cause, then run "
+                f"`keyturn rotations resume {rotation.id} --reason ...` "
+                f"(or roll back with `keyturn rotations rollback {rotation.id} --reason ...`)"
+            )
+            status = "halted"
+        event = Event(
+            rotation_id=rotation.id,
+            at=now,
+            kind="run",
+            actor="worker",
+            trigger=step,
+            from_state=rotation.state.value,
+            reason=message,
+            detail={"status": status, "attempt": attempts, "retryable": retryable},
+        )
+        run.log.warning("step failed", step=step, status=status, error=message)
+        await run.commit(Change(rotation.id, 0, updates=updates, events=[event]))
+
+    async def _halt_quietly(self, run: RotationRun, reason: str) -> None:
+        try:
+            await run.commit(
+                Change(
+                    run.rotation.id,
+                    0,
+                    updates={
+                        "halted_reason": reason,
+                        "lease_owner": None,
+                        "lease_expires_at": None,
+                    },
+                )
+            )
+        except KeyturnError:
+            run.log.warning("could not record the halt")
+
+    async def _release(self, run: RotationRun) -> None:
+        try:
+            await run.commit(
+                Change(run.rotation.id, 0, updates={"lease_owner": None, "lease_expires_at": None})
+            )
+        except StaleVersion:
+            run.log.warning("lease lost before release")
+
+    async def _renew(self, run: RotationRun) -> None:
+        interval = self.deps.settings.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await run.renew()
+            except (StaleVersion, LeaseLost):
+                return
+            except KeyturnError:
+                run.log.warning("lease renewal failed; will retry")
