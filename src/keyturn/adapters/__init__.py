@@ -1,0 +1,1 @@
+"""Adapters: implementations of the ports (store, provider, keys, vault, deploy targets)."""
