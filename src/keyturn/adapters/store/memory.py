@@ -1,0 +1,454 @@
+"""An in-memory :class:`keyturn.ports.Store`, for unit tests of the engine.
+
+Same semantics as the SQL store (the contract suite runs against both): compare-and-set on the
+version, one unfinished rotation per credential, all-or-nothing commits, claims that never hand
+one rotation to two owners. Thread-safe (one lock); everything handed out is a copy, and JSON
+fields go through a JSON round trip exactly as they would through a database.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+from keyturn.adapters.store.sql import (
+    claim_sort_key,
+    credential_not_found,
+    rotation_not_found,
+    secret_not_found,
+)
+from keyturn.domain.errors import AlreadyRotating, KeyturnError, StaleVersion
+from keyturn.domain.lifecycle import State
+from keyturn.domain.model import (
+    ActionRecord,
+    ActionStatus,
+    CredentialKind,
+    Event,
+    ManagedCredential,
+    OperatorAction,
+    OperatorRequest,
+    Phase,
+    Rotation,
+    SealedSecret,
+)
+from keyturn.ports import Change
+
+_UPDATABLE = frozenset(
+    {
+        "state",
+        "reason",
+        "data",
+        "next_attempt_at",
+        "lease_owner",
+        "lease_expires_at",
+        "attempts",
+        "last_error",
+        "halted_reason",
+        "paused",
+        "request",
+        "rollback_from",
+        "finished_at",
+    }
+)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(
+            f"naive datetime {value.isoformat()} given to the store; pass an aware UTC datetime"
+        )
+    return value.astimezone(UTC)
+
+
+def _utc1(value: datetime) -> datetime:
+    result = _utc(value)
+    assert result is not None
+    return result
+
+
+def _json(value: dict[str, Any]) -> dict[str, Any]:
+    """What a JSON column gives back (and a TypeError now, not in production, if it cannot)."""
+    result: dict[str, Any] = json.loads(json.dumps(value))
+    return result
+
+
+def _request(request: OperatorRequest | None) -> OperatorRequest | None:
+    if request is None:
+        return None
+    at = _utc(request.at)
+    assert at is not None
+    return OperatorRequest(
+        action=OperatorAction(request.action), actor=request.actor, reason=request.reason, at=at
+    )
+
+
+class MemoryStore:
+    """The Store port in process memory. ``MemoryStore(clock=...)`` to control ``updated_at``."""
+
+    def __init__(self, *, clock: Callable[[], datetime] | None = None) -> None:
+        self._now = clock or _utcnow
+        self._lock = threading.RLock()
+        self._credentials: dict[str, ManagedCredential] = {}
+        self._rotations: dict[str, Rotation] = {}
+        self._events: list[Event] = []
+        self._next_event_id = 1
+        self._actions: dict[str, dict[tuple[str, str], ActionRecord]] = {}
+        self._secrets: dict[str, SealedSecret] = {}
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({len(self._rotations)} rotations)"
+
+    def close(self) -> None:
+        """Nothing to release (for symmetry with SqlStore)."""
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        """All or nothing: on any exception, restore the state as it was."""
+        with self._lock:
+            saved = (
+                dict(self._credentials),
+                dict(self._rotations),
+                list(self._events),
+                self._next_event_id,
+                {k: dict(v) for k, v in self._actions.items()},
+                dict(self._secrets),
+            )
+            try:
+                yield
+            except BaseException:
+                (
+                    self._credentials,
+                    self._rotations,
+                    self._events,
+                    self._next_event_id,
+                    self._actions,
+                    self._secrets,
+                ) = saved
+                raise
+
+    # ------------------------------------------------------------------ managed credentials
+
+    def add_credential(
+        self, credential: ManagedCredential, secrets: Sequence[SealedSecret]
+    ) -> None:
+        now = self._now()
+        with self._tx():
+            if credential.name in self._credentials:
+                raise KeyturnError(
+                    f"a managed credential named {credential.name} already exists; "
+                    "choose another name or see `keyturn credentials list`"
+                )
+            self._insert_secrets(secrets, now)
+            self._check_secret_refs(credential)
+            self._credentials[credential.name] = replace(
+                credential,
+                kind=CredentialKind(credential.kind),
+                created_at=_utc(credential.created_at) or now,
+                updated_at=_utc(credential.updated_at) or now,
+            )
+
+    def get_credential(self, name: str) -> ManagedCredential:
+        with self._lock:
+            found = self._credentials.get(name)
+            if found is None:
+                raise credential_not_found(name)
+            return copy.deepcopy(found)
+
+    def list_credentials(self) -> list[ManagedCredential]:
+        with self._lock:
+            return [copy.deepcopy(self._credentials[n]) for n in sorted(self._credentials)]
+
+    # ---------------------------------------------------------------------------- rotations
+
+    def create_rotation(self, rotation: Rotation, event: Event) -> Rotation:
+        with self._tx():
+            if rotation.credential not in self._credentials:
+                raise credential_not_found(rotation.credential)
+            existing = self._unfinished_of(rotation.credential)
+            if existing is not None and rotation.finished_at is None:
+                raise AlreadyRotating(rotation.credential, existing.id)
+            if rotation.id in self._rotations:
+                raise KeyturnError(f"a rotation with id {rotation.id} already exists; use a new id")
+            stored = replace(
+                rotation,
+                kind=CredentialKind(rotation.kind),
+                state=State(rotation.state),
+                version=1,
+                created_at=_utc1(rotation.created_at),
+                updated_at=_utc1(rotation.updated_at),
+                next_attempt_at=_utc(rotation.next_attempt_at),
+                lease_expires_at=_utc(rotation.lease_expires_at),
+                finished_at=_utc(rotation.finished_at),
+                request=_request(rotation.request),
+                rollback_from=State(rotation.rollback_from) if rotation.rollback_from else None,
+                paused=bool(rotation.paused),
+                data=_json(rotation.data),
+            )
+            self._rotations[stored.id] = stored
+            self._append_event(event)
+            return copy.deepcopy(stored)
+
+    def get_rotation(self, rotation_id: str) -> Rotation:
+        with self._lock:
+            return copy.deepcopy(self._rotation(rotation_id))
+
+    def list_rotations(
+        self, *, state: State | None = None, credential: str | None = None
+    ) -> list[Rotation]:
+        with self._lock:
+            found = [
+                r
+                for r in self._rotations.values()
+                if (state is None or r.state == State(state))
+                and (credential is None or r.credential == credential)
+            ]
+            found.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+            return copy.deepcopy(found)
+
+    def latest_rotation(self, credential: str) -> Rotation | None:
+        found = self.list_rotations(credential=credential)
+        return found[0] if found else None
+
+    def events(self, rotation_id: str) -> list[Event]:
+        with self._lock:
+            self._rotation(rotation_id)
+            return copy.deepcopy([e for e in self._events if e.rotation_id == rotation_id])
+
+    def actions(self, rotation_id: str) -> list[ActionRecord]:
+        with self._lock:
+            self._rotation(rotation_id)
+            return copy.deepcopy(list(self._actions.get(rotation_id, {}).values()))
+
+    def claim(
+        self, *, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[Rotation]:
+        if limit <= 0:
+            return []
+        now_utc = _utc(now)
+        until = _utc(lease_until)
+        assert now_utc is not None
+        with self._tx():
+            due = sorted(
+                (r for r in self._rotations.values() if _is_due(r, now_utc)),
+                key=claim_sort_key,
+            )[:limit]
+            claimed = []
+            for r in due:
+                leased = replace(
+                    r, lease_owner=owner, lease_expires_at=until, version=r.version + 1
+                )
+                self._rotations[r.id] = leased
+                claimed.append(leased)
+            return copy.deepcopy(claimed)
+
+    def commit(self, change: Change) -> Rotation:
+        unknown = sorted(set(change.updates) - _UPDATABLE)
+        if unknown:
+            raise ValueError(
+                f"Change.updates has fields a commit cannot set: {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(_UPDATABLE))}"
+            )
+        now = self._now()
+        with self._tx():
+            current = self._rotation(change.rotation_id)
+            if current.version != change.expected_version:
+                raise StaleVersion(change.rotation_id, change.expected_version)
+            fields: dict[str, Any] = {}
+            for key, value in change.updates.items():
+                if key in ("next_attempt_at", "lease_expires_at", "finished_at"):
+                    fields[key] = _utc(value)
+                elif key in ("state", "rollback_from"):
+                    fields[key] = State(value) if value is not None else None
+                elif key == "request":
+                    fields[key] = _request(value)
+                elif key == "data":
+                    fields[key] = _json(dict(value or {}))
+                elif key == "paused":
+                    fields[key] = bool(value)
+                else:
+                    fields[key] = value
+            updated = replace(current, **fields, version=current.version + 1, updated_at=_utc1(now))
+            if updated.finished_at is None and current.finished_at is not None:
+                other = self._unfinished_of(updated.credential)
+                if other is not None and other.id != updated.id:
+                    raise KeyturnError(
+                        f"commit to rotation {updated.id} refused by the database: credential "
+                        f"{updated.credential} already has an unfinished rotation ({other.id})"
+                    )
+            self._rotations[updated.id] = updated
+            self._insert_secrets(change.secrets, now)
+            if change.credential is not None:
+                self._replace_credential(change.credential, now)
+            for secret_id, when in change.purge_after.items():
+                secret = self._secrets.get(secret_id)
+                if secret is None:
+                    raise secret_not_found(secret_id)
+                self._secrets[secret_id] = replace(secret, purge_after=_utc(when))
+            for ev in change.events:
+                self._append_event(ev)
+            if change.action is not None:
+                self._upsert_action(change.action)
+            return copy.deepcopy(updated)
+
+    def request(self, rotation_id: str, request: OperatorRequest, event: Event) -> Rotation:
+        now = self._now()
+        with self._tx():
+            current = self._rotation(rotation_id)
+            req = _request(request)
+            assert req is not None
+            updated = replace(current, request=req, next_attempt_at=req.at, updated_at=_utc1(now))
+            self._rotations[rotation_id] = updated
+            self._append_event(event)
+            return copy.deepcopy(updated)
+
+    # ------------------------------------------------------------------------ sealed secrets
+
+    def get_secret(self, secret_id: str) -> SealedSecret:
+        with self._lock:
+            found = self._secrets.get(secret_id)
+            if found is None:
+                raise secret_not_found(secret_id)
+            return copy.deepcopy(found)
+
+    def all_secrets(self) -> list[SealedSecret]:
+        with self._lock:
+            return [copy.deepcopy(self._secrets[i]) for i in sorted(self._secrets)]
+
+    def replace_secrets(self, sealed: Sequence[SealedSecret]) -> None:
+        with self._tx():
+            for secret in sealed:
+                old = self._secrets.get(secret.id)
+                if old is None:
+                    raise secret_not_found(secret.id)
+                self._secrets[secret.id] = replace(
+                    old,
+                    purpose=secret.purpose,
+                    master_key_id=secret.master_key_id,
+                    nonce=bytes(secret.nonce),
+                    ciphertext=bytes(secret.ciphertext),
+                )
+
+    def purge_secrets(self, now: datetime) -> list[str]:
+        now_utc = _utc(now)
+        assert now_utc is not None
+        with self._tx():
+            purged = []
+            for secret_id, s in self._secrets.items():
+                if s.purge_after is not None and s.purge_after <= now_utc and s.purged_at is None:
+                    self._secrets[secret_id] = replace(s, ciphertext=b"", purged_at=now_utc)
+                    purged.append(secret_id)
+            return sorted(purged)
+
+    def master_key_ids(self) -> set[str]:
+        with self._lock:
+            return {s.master_key_id for s in self._secrets.values() if s.purged_at is None}
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _rotation(self, rotation_id: str) -> Rotation:
+        found = self._rotations.get(rotation_id)
+        if found is None:
+            raise rotation_not_found(rotation_id)
+        return found
+
+    def _unfinished_of(self, credential: str) -> Rotation | None:
+        for r in self._rotations.values():
+            if r.credential == credential and r.finished_at is None:
+                return r
+        return None
+
+    def _append_event(self, event: Event) -> None:
+        if event.rotation_id not in self._rotations:
+            raise KeyturnError(
+                f"event for rotation {event.rotation_id} refused: no such rotation in this store"
+            )
+        self._events.append(
+            replace(event, id=self._next_event_id, at=_utc1(event.at), detail=_json(event.detail))
+        )
+        self._next_event_id += 1
+
+    def _insert_secrets(self, secrets: Sequence[SealedSecret], now: datetime) -> None:
+        ids = [s.id for s in secrets]
+        clash = sorted(i for i in set(ids) if i in self._secrets)
+        if clash or len(set(ids)) != len(ids):
+            which = ", ".join(clash) or "the same id twice"
+            raise KeyturnError(f"secret ids already in use: {which}; generate fresh secret ids")
+        for s in secrets:
+            self._secrets[s.id] = replace(
+                s,
+                nonce=bytes(s.nonce),
+                ciphertext=bytes(s.ciphertext),
+                created_at=_utc(s.created_at) or _utc(now),
+                purge_after=_utc(s.purge_after),
+                purged_at=_utc(s.purged_at),
+            )
+
+    def _check_secret_refs(self, credential: ManagedCredential) -> None:
+        for ref in (credential.key_ref, credential.token_ref):
+            if ref is not None and ref not in self._secrets:
+                raise KeyturnError(
+                    f"cannot store managed credential {credential.name}: it refers to secret "
+                    f"{ref}, which is not stored; store the sealed secret with it"
+                )
+
+    def _replace_credential(self, credential: ManagedCredential, now: datetime) -> None:
+        old = self._credentials.get(credential.name)
+        if old is None:
+            raise credential_not_found(credential.name)
+        self._check_secret_refs(credential)
+        self._credentials[credential.name] = replace(
+            credential,
+            kind=CredentialKind(credential.kind),
+            created_at=old.created_at,
+            updated_at=_utc1(now),
+        )
+
+    def _upsert_action(self, action: ActionRecord) -> None:
+        if action.rotation_id not in self._rotations:
+            raise rotation_not_found(action.rotation_id)
+        key = (Phase(action.phase).value, action.name)
+        for rid, records in self._actions.items():
+            for k, rec in records.items():
+                if rec.idempotency_key == action.idempotency_key and (rid, k) != (
+                    action.rotation_id,
+                    key,
+                ):
+                    raise KeyturnError(
+                        f"commit refused: idempotency key {action.idempotency_key} is already "
+                        f"used by action {k[1]} of rotation {rid}"
+                    )
+        records = self._actions.setdefault(action.rotation_id, {})
+        records[key] = replace(
+            action,
+            phase=Phase(action.phase),
+            status=ActionStatus(action.status),
+            intent_at=_utc1(action.intent_at),
+            outcome_at=_utc(action.outcome_at),
+            detail=_json(action.detail),
+        )
+
+
+def _is_due(r: Rotation, now: datetime) -> bool:
+    if r.finished_at is not None:
+        return False
+    if r.lease_expires_at is not None and r.lease_expires_at > now:
+        return False
+    if r.request is not None:
+        return True
+    return (
+        not r.paused
+        and r.halted_reason is None
+        and (r.next_attempt_at is None or r.next_attempt_at <= now)
+    )

@@ -1,0 +1,789 @@
+"""The SQL implementation of the :class:`keyturn.ports.Store` port (SQLite and PostgreSQL).
+
+Every state change is one guarded statement: ``UPDATE rotations ... WHERE id = :id AND version =
+:expected RETURNING *`` for a commit, ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED
+LIMIT n) RETURNING *`` for a claim. The database is the lock: on SQLite every transaction is
+``BEGIN IMMEDIATE`` (one writer at a time, waiting up to the busy timeout instead of failing), on
+PostgreSQL the claim skips rows another worker is claiming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    Table,
+    and_,
+    create_engine,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, StatementError
+from sqlalchemy.pool import NullPool
+
+from keyturn.adapters.store.models import (
+    ActionRow,
+    CredentialRow,
+    EventRow,
+    RotationRow,
+    SecretRow,
+)
+from keyturn.domain.errors import (
+    AlreadyRotating,
+    ConfigError,
+    KeyturnError,
+    NotFound,
+    StaleVersion,
+)
+from keyturn.domain.lifecycle import State
+from keyturn.domain.model import (
+    ActionRecord,
+    ActionStatus,
+    CredentialKind,
+    Event,
+    ManagedCredential,
+    OperatorAction,
+    OperatorRequest,
+    Phase,
+    Rotation,
+    SealedSecret,
+)
+from keyturn.ports import Change
+
+secrets_t = cast(Table, SecretRow.__table__)
+credentials_t = cast(Table, CredentialRow.__table__)
+rotations_t = cast(Table, RotationRow.__table__)
+events_t = cast(Table, EventRow.__table__)
+actions_t = cast(Table, ActionRow.__table__)
+
+#: SQLite waits this long for the write lock before giving up (milliseconds).
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+#: Rotation attributes a :class:`Change` may set (``request`` maps to the request_* columns).
+UPDATABLE_FIELDS = frozenset(
+    {
+        "state",
+        "reason",
+        "data",
+        "next_attempt_at",
+        "lease_owner",
+        "lease_expires_at",
+        "attempts",
+        "last_error",
+        "halted_reason",
+        "paused",
+        "request",
+        "rollback_from",
+        "finished_at",
+    }
+)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages a human reads."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return "<unparseable database URL>"
+    # URL.set(password=None) keeps the password; NamedTuple._replace really drops it.
+    cleaned = parsed._replace(password=None).difference_update_query(["password"])
+    return cleaned.render_as_string(hide_password=False)
+
+
+def normalize_url(url: str) -> str:
+    """Accept ``postgres://`` and ``postgresql://`` as psycopg 3; refuse what keyturn cannot use."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(
+            f"database URL {url.split('@')[-1]!r} is not a URL; use sqlite:///path/to/keyturn.db "
+            "or postgresql+psycopg://user@host/db"
+        ) from None
+    driver = parsed.drivername
+    if driver in ("postgres", "postgresql", "postgresql+psycopg"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    elif driver not in ("sqlite", "sqlite+pysqlite"):
+        raise ConfigError(
+            f"database URL {redact_url(url)} uses {driver!r}, which keyturn does not support; use "
+            "sqlite:///path/to/keyturn.db or postgresql+psycopg://user@host/db"
+        )
+    return parsed.render_as_string(hide_password=False)
+
+
+def make_engine(url: str, *, pooled: bool = True) -> Engine:
+    """An engine configured the way keyturn needs it (also used by the Alembic environment).
+
+    SQLite: WAL, a busy timeout, foreign keys on, and ``BEGIN IMMEDIATE`` for every transaction,
+    so several worker processes on one file queue for the write lock instead of failing with
+    "database is locked" or a busy snapshot. PostgreSQL: psycopg 3 with ``pool_pre_ping``.
+    """
+    url = normalize_url(url)
+    parsed = make_url(url)
+    poolclass: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
+    if parsed.get_backend_name() == "postgresql":
+        return create_engine(url, pool_pre_ping=True, **poolclass)
+
+    engine = create_engine(
+        url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **poolclass
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy (not the sqlite3 module) decide when transactions begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            if parsed.database not in (None, "", ":memory:"):
+                cursor.execute("PRAGMA journal_mode = WAL")
+                cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+# ------------------------------------------------------------------------------ row mapping
+
+
+def _credential_from_row(row: Row[Any]) -> ManagedCredential:
+    m = row._mapping
+    return ManagedCredential(
+        name=m["name"],
+        kind=CredentialKind(m["kind"]),
+        provider=m["provider"],
+        credential_id=m["credential_id"],
+        credential_uuid=m["credential_uuid"],
+        key_ref=m["key_ref"],
+        algorithm=m["algorithm"],
+        token_ref=m["token_ref"],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+    )
+
+
+def _credential_values(credential: ManagedCredential, now: datetime) -> dict[str, Any]:
+    return {
+        "name": credential.name,
+        "kind": CredentialKind(credential.kind).value,
+        "provider": credential.provider,
+        "credential_id": credential.credential_id,
+        "credential_uuid": credential.credential_uuid,
+        "key_ref": credential.key_ref,
+        "algorithm": credential.algorithm,
+        "token_ref": credential.token_ref,
+        "created_at": credential.created_at or now,
+        "updated_at": credential.updated_at or now,
+    }
+
+
+def _rotation_from_row(row: Row[Any]) -> Rotation:
+    m = row._mapping
+    request = None
+    if m["request_action"] is not None:
+        request = OperatorRequest(
+            action=OperatorAction(m["request_action"]),
+            actor=m["request_actor"],
+            reason=m["request_reason"],
+            at=m["request_at"],
+        )
+    return Rotation(
+        id=m["id"],
+        credential=m["credential"],
+        kind=CredentialKind(m["kind"]),
+        state=State(m["state"]),
+        version=m["version"],
+        reason=m["reason"],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        next_attempt_at=m["next_attempt_at"],
+        lease_owner=m["lease_owner"],
+        lease_expires_at=m["lease_expires_at"],
+        attempts=m["attempts"],
+        last_error=m["last_error"],
+        halted_reason=m["halted_reason"],
+        paused=bool(m["paused"]),
+        request=request,
+        rollback_from=State(m["rollback_from"]) if m["rollback_from"] is not None else None,
+        finished_at=m["finished_at"],
+        data=dict(m["data"] or {}),
+    )
+
+
+def _request_values(request: OperatorRequest | None) -> dict[str, Any]:
+    if request is None:
+        return {
+            "request_action": None,
+            "request_actor": None,
+            "request_reason": None,
+            "request_at": None,
+        }
+    return {
+        "request_action": OperatorAction(request.action).value,
+        "request_actor": request.actor,
+        "request_reason": request.reason,
+        "request_at": request.at,
+    }
+
+
+def rotation_update_values(updates: Mapping[str, Any]) -> dict[str, Any]:
+    """Column values for a :class:`Change`'s rotation updates; ValueError on an unknown field."""
+    unknown = sorted(set(updates) - UPDATABLE_FIELDS)
+    if unknown:
+        raise ValueError(
+            f"Change.updates has fields a commit cannot set: {', '.join(unknown)}; "
+            f"allowed: {', '.join(sorted(UPDATABLE_FIELDS))}"
+        )
+    values: dict[str, Any] = {}
+    for key, value in updates.items():
+        if key == "request":
+            values.update(_request_values(value))
+        elif key in ("state", "rollback_from"):
+            values[key] = State(value).value if value is not None else None
+        elif key == "data":
+            values[key] = dict(value or {})
+        elif key == "paused":
+            values[key] = bool(value)
+        else:
+            values[key] = value
+    return values
+
+
+def _rotation_values(rotation: Rotation) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "id": rotation.id,
+        "credential": rotation.credential,
+        "kind": CredentialKind(rotation.kind).value,
+        "state": State(rotation.state).value,
+        "version": 1,
+        "reason": rotation.reason,
+        "created_at": rotation.created_at,
+        "updated_at": rotation.updated_at,
+        "next_attempt_at": rotation.next_attempt_at,
+        "lease_owner": rotation.lease_owner,
+        "lease_expires_at": rotation.lease_expires_at,
+        "attempts": rotation.attempts,
+        "last_error": rotation.last_error,
+        "halted_reason": rotation.halted_reason,
+        "paused": bool(rotation.paused),
+        "rollback_from": (
+            State(rotation.rollback_from).value if rotation.rollback_from is not None else None
+        ),
+        "finished_at": rotation.finished_at,
+        "data": dict(rotation.data),
+    }
+    values.update(_request_values(rotation.request))
+    return values
+
+
+def _event_values(ev: Event) -> dict[str, Any]:
+    return {
+        "rotation_id": ev.rotation_id,
+        "at": ev.at,
+        "kind": ev.kind,
+        "actor": ev.actor,
+        "from_state": ev.from_state,
+        "to_state": ev.to_state,
+        "trigger": ev.trigger,
+        "reason": ev.reason,
+        "detail": dict(ev.detail),
+    }
+
+
+def _event_from_row(row: Row[Any]) -> Event:
+    m = row._mapping
+    return Event(
+        id=m["id"],
+        rotation_id=m["rotation_id"],
+        at=m["at"],
+        kind=m["kind"],
+        actor=m["actor"],
+        from_state=m["from_state"],
+        to_state=m["to_state"],
+        trigger=m["trigger"],
+        reason=m["reason"],
+        detail=dict(m["detail"] or {}),
+    )
+
+
+def _action_from_row(row: Row[Any]) -> ActionRecord:
+    m = row._mapping
+    return ActionRecord(
+        rotation_id=m["rotation_id"],
+        phase=Phase(m["phase"]),
+        name=m["name"],
+        idempotency_key=m["idempotency_key"],
+        status=ActionStatus(m["status"]),
+        intent_at=m["intent_at"],
+        outcome_at=m["outcome_at"],
+        attempts=m["attempts"],
+        detail=dict(m["detail"] or {}),
+        error=m["error"],
+    )
+
+
+def _secret_values(secret: SealedSecret, now: datetime) -> dict[str, Any]:
+    return {
+        "id": secret.id,
+        "purpose": secret.purpose,
+        "master_key_id": secret.master_key_id,
+        "nonce": bytes(secret.nonce),
+        "ciphertext": bytes(secret.ciphertext),
+        "created_at": secret.created_at or now,
+        "purge_after": secret.purge_after,
+        "purged_at": secret.purged_at,
+    }
+
+
+def _secret_from_row(row: Row[Any]) -> SealedSecret:
+    m = row._mapping
+    return SealedSecret(
+        id=m["id"],
+        purpose=m["purpose"],
+        master_key_id=m["master_key_id"],
+        nonce=bytes(m["nonce"]),
+        # A purged secret has no ciphertext left; the port's type is bytes, so it is empty.
+        ciphertext=bytes(m["ciphertext"]) if m["ciphertext"] is not None else b"",
+        created_at=m["created_at"],
+        purge_after=m["purge_after"],
+        purged_at=m["purged_at"],
+    )
+
+
+def credential_not_found(name: str) -> NotFound:
+    return NotFound(f"no managed credential named {name}; see `keyturn credentials list`")
+
+
+def rotation_not_found(rotation_id: str) -> NotFound:
+    return NotFound(f"no rotation with id {rotation_id}; see `keyturn status`")
+
+
+def secret_not_found(secret_id: str) -> NotFound:
+    return NotFound(f"no secret with id {secret_id}")
+
+
+#: Claim order: the longest-waiting first, then the oldest rotations.
+def _claim_order() -> list[Any]:
+    return [
+        rotations_t.c.next_attempt_at.asc().nulls_first(),
+        rotations_t.c.created_at.asc(),
+        rotations_t.c.id.asc(),
+    ]
+
+
+def claim_sort_key(rotation: Rotation) -> tuple[int, datetime, datetime, str]:
+    """The order claim() hands out rotations in (also used by the in-memory store)."""
+    epoch = datetime.min.replace(tzinfo=UTC)
+    nxt = rotation.next_attempt_at
+    return (0 if nxt is None else 1, nxt or epoch, rotation.created_at, rotation.id)
+
+
+# ------------------------------------------------------------------------------------- store
+
+
+class SqlStore:
+    """The Store port on SQLAlchemy Core; ``SqlStore("sqlite:///keyturn.db")`` or
+    ``SqlStore("postgresql+psycopg://user@host/db")``. It does not migrate: see
+    :func:`keyturn.adapters.store.migrate.open_store`."""
+
+    def __init__(self, url: str, *, clock: Callable[[], datetime] | None = None) -> None:
+        self._url = normalize_url(url)
+        self._engine = make_engine(self._url)
+        self._now = clock or _utcnow
+
+    def __repr__(self) -> str:
+        return f"SqlStore({redact_url(self._url)!r})"
+
+    @property
+    def url(self) -> str:
+        """The database URL without its password."""
+        return redact_url(self._url)
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    def close(self) -> None:
+        """Release pooled connections."""
+        self._engine.dispose()
+
+    def __enter__(self) -> SqlStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        try:
+            with self._engine.begin() as conn:
+                yield conn
+        except StatementError as exc:
+            # A value the store refuses before it reaches the database (a naive datetime):
+            # the same ValueError the in-memory store raises, without the SQL around it.
+            if not isinstance(exc, DBAPIError) and isinstance(exc.orig, ValueError):
+                raise ValueError(str(exc.orig)) from None
+            raise
+
+    # ------------------------------------------------------------------ managed credentials
+
+    def add_credential(
+        self, credential: ManagedCredential, secrets: Sequence[SealedSecret]
+    ) -> None:
+        now = self._now()
+        try:
+            with self._tx() as conn:
+                exists = conn.execute(
+                    select(credentials_t.c.name).where(credentials_t.c.name == credential.name)
+                ).first()
+                if exists is not None:
+                    raise KeyturnError(
+                        f"a managed credential named {credential.name} already exists; "
+                        "choose another name or see `keyturn credentials list`"
+                    )
+                self._insert_secrets(conn, secrets, now)
+                conn.execute(insert(credentials_t).values(**_credential_values(credential, now)))
+        except IntegrityError as exc:
+            raise KeyturnError(
+                f"cannot add managed credential {credential.name}: "
+                f"{_integrity_reason(exc)}; check the name and its secret ids"
+            ) from None
+
+    def get_credential(self, name: str) -> ManagedCredential:
+        with self._tx() as conn:
+            row = conn.execute(select(credentials_t).where(credentials_t.c.name == name)).first()
+        if row is None:
+            raise credential_not_found(name)
+        return _credential_from_row(row)
+
+    def list_credentials(self) -> list[ManagedCredential]:
+        with self._tx() as conn:
+            rows = conn.execute(select(credentials_t).order_by(credentials_t.c.name)).all()
+        return [_credential_from_row(r) for r in rows]
+
+    # ---------------------------------------------------------------------------- rotations
+
+    def create_rotation(self, rotation: Rotation, event: Event) -> Rotation:
+        try:
+            with self._tx() as conn:
+                known = conn.execute(
+                    select(credentials_t.c.name).where(credentials_t.c.name == rotation.credential)
+                ).first()
+                if known is None:
+                    raise credential_not_found(rotation.credential)
+                row = conn.execute(
+                    insert(rotations_t).values(**_rotation_values(rotation)).returning(rotations_t)
+                ).one()
+                conn.execute(insert(events_t).values(**_event_values(event)))
+                return _rotation_from_row(row)
+        except IntegrityError:
+            pass
+        # The insert was refused (the transaction is rolled back): say why, from a fresh one.
+        with self._tx() as conn:
+            existing = conn.execute(
+                select(rotations_t.c.id).where(
+                    rotations_t.c.credential == rotation.credential,
+                    rotations_t.c.finished_at.is_(None),
+                )
+            ).scalar()
+            duplicate = conn.execute(
+                select(rotations_t.c.id).where(rotations_t.c.id == rotation.id)
+            ).scalar()
+        if existing is not None:
+            raise AlreadyRotating(rotation.credential, existing)
+        if duplicate is not None:
+            raise KeyturnError(f"a rotation with id {rotation.id} already exists; use a new id")
+        raise AlreadyRotating(rotation.credential)
+
+    def get_rotation(self, rotation_id: str) -> Rotation:
+        with self._tx() as conn:
+            row = conn.execute(select(rotations_t).where(rotations_t.c.id == rotation_id)).first()
+        if row is None:
+            raise rotation_not_found(rotation_id)
+        return _rotation_from_row(row)
+
+    def list_rotations(
+        self, *, state: State | None = None, credential: str | None = None
+    ) -> list[Rotation]:
+        stmt = select(rotations_t)
+        if state is not None:
+            stmt = stmt.where(rotations_t.c.state == State(state).value)
+        if credential is not None:
+            stmt = stmt.where(rotations_t.c.credential == credential)
+        stmt = stmt.order_by(rotations_t.c.created_at.desc(), rotations_t.c.id.desc())
+        with self._tx() as conn:
+            rows = conn.execute(stmt).all()
+        return [_rotation_from_row(r) for r in rows]
+
+    def latest_rotation(self, credential: str) -> Rotation | None:
+        stmt = (
+            select(rotations_t)
+            .where(rotations_t.c.credential == credential)
+            .order_by(rotations_t.c.created_at.desc(), rotations_t.c.id.desc())
+            .limit(1)
+        )
+        with self._tx() as conn:
+            row = conn.execute(stmt).first()
+        return _rotation_from_row(row) if row is not None else None
+
+    def events(self, rotation_id: str) -> list[Event]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(events_t)
+                .where(events_t.c.rotation_id == rotation_id)
+                .order_by(events_t.c.id.asc())
+            ).all()
+            if not rows:
+                self._require_rotation(conn, rotation_id)
+        return [_event_from_row(r) for r in rows]
+
+    def actions(self, rotation_id: str) -> list[ActionRecord]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(actions_t)
+                .where(actions_t.c.rotation_id == rotation_id)
+                .order_by(actions_t.c.seq.asc())
+            ).all()
+            if not rows:
+                self._require_rotation(conn, rotation_id)
+        return [_action_from_row(r) for r in rows]
+
+    def claim(
+        self, *, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[Rotation]:
+        if limit <= 0:
+            return []
+        r = rotations_t.c
+        due = and_(
+            r.finished_at.is_(None),
+            or_(
+                r.request_action.is_not(None),
+                and_(
+                    r.paused.is_(False),
+                    r.halted_reason.is_(None),
+                    or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now),
+                ),
+            ),
+            or_(r.lease_expires_at.is_(None), r.lease_expires_at <= now),
+        )
+        # FOR UPDATE SKIP LOCKED is rendered on PostgreSQL; SQLite has no row locks and
+        # relies on the BEGIN IMMEDIATE write lock held by this transaction instead.
+        candidates = (
+            select(r.id)
+            .where(due)
+            .order_by(*_claim_order())
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        stmt = (
+            update(rotations_t)
+            .where(r.id.in_(candidates))
+            .values(lease_owner=owner, lease_expires_at=lease_until, version=r.version + 1)
+            .returning(rotations_t)
+        )
+        with self._tx() as conn:
+            rows = conn.execute(stmt).all()
+        return sorted((_rotation_from_row(row) for row in rows), key=claim_sort_key)
+
+    def commit(self, change: Change) -> Rotation:
+        values = rotation_update_values(change.updates)
+        now = self._now()
+        try:
+            with self._tx() as conn:
+                return self._commit(conn, change, values, now)
+        except IntegrityError as exc:
+            raise KeyturnError(
+                f"commit to rotation {change.rotation_id} refused by the database: "
+                f"{_integrity_reason(exc)}"
+            ) from None
+
+    def _commit(
+        self, conn: Connection, change: Change, values: dict[str, Any], now: datetime
+    ) -> Rotation:
+        r = rotations_t.c
+        row = conn.execute(
+            update(rotations_t)
+            .where(r.id == change.rotation_id, r.version == change.expected_version)
+            .values(**values, version=r.version + 1, updated_at=now)
+            .returning(rotations_t)
+        ).first()
+        if row is None:
+            self._require_rotation(conn, change.rotation_id)
+            raise StaleVersion(change.rotation_id, change.expected_version)
+        self._insert_secrets(conn, change.secrets, now)
+        if change.credential is not None:
+            self._replace_credential(conn, change.credential, now)
+        for secret_id, when in change.purge_after.items():
+            done = conn.execute(
+                update(secrets_t)
+                .where(secrets_t.c.id == secret_id)
+                .values(purge_after=when)
+                .returning(secrets_t.c.id)
+            ).first()
+            if done is None:
+                raise secret_not_found(secret_id)
+        if change.events:
+            conn.execute(insert(events_t), [_event_values(ev) for ev in change.events])
+        if change.action is not None:
+            self._upsert_action(conn, change.action)
+        return _rotation_from_row(row)
+
+    def request(self, rotation_id: str, request: OperatorRequest, event: Event) -> Rotation:
+        now = self._now()
+        with self._tx() as conn:
+            row = conn.execute(
+                update(rotations_t)
+                .where(rotations_t.c.id == rotation_id)
+                .values(**_request_values(request), next_attempt_at=request.at, updated_at=now)
+                .returning(rotations_t)
+            ).first()
+            if row is None:
+                raise rotation_not_found(rotation_id)
+            conn.execute(insert(events_t).values(**_event_values(event)))
+        return _rotation_from_row(row)
+
+    # ------------------------------------------------------------------------ sealed secrets
+
+    def get_secret(self, secret_id: str) -> SealedSecret:
+        with self._tx() as conn:
+            row = conn.execute(select(secrets_t).where(secrets_t.c.id == secret_id)).first()
+        if row is None:
+            raise secret_not_found(secret_id)
+        return _secret_from_row(row)
+
+    def all_secrets(self) -> list[SealedSecret]:
+        with self._tx() as conn:
+            rows = conn.execute(select(secrets_t).order_by(secrets_t.c.id)).all()
+        return [_secret_from_row(r) for r in rows]
+
+    def replace_secrets(self, sealed: Sequence[SealedSecret]) -> None:
+        with self._tx() as conn:
+            for secret in sealed:
+                done = conn.execute(
+                    update(secrets_t)
+                    .where(secrets_t.c.id == secret.id)
+                    .values(
+                        purpose=secret.purpose,
+                        master_key_id=secret.master_key_id,
+                        nonce=bytes(secret.nonce),
+                        ciphertext=bytes(secret.ciphertext),
+                    )
+                    .returning(secrets_t.c.id)
+                ).first()
+                if done is None:
+                    raise secret_not_found(secret.id)
+
+    def purge_secrets(self, now: datetime) -> list[str]:
+        s = secrets_t.c
+        with self._tx() as conn:
+            ids = conn.execute(
+                update(secrets_t)
+                .where(s.purge_after.is_not(None), s.purge_after <= now, s.purged_at.is_(None))
+                .values(ciphertext=None, purged_at=now)
+                .returning(s.id)
+            ).scalars()
+            return sorted(ids)
+
+    def master_key_ids(self) -> set[str]:
+        with self._tx() as conn:
+            ids = conn.execute(
+                select(secrets_t.c.master_key_id)
+                .where(secrets_t.c.ciphertext.is_not(None))
+                .distinct()
+            ).scalars()
+            return set(ids)
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _require_rotation(self, conn: Connection, rotation_id: str) -> None:
+        found = conn.execute(select(rotations_t.c.id).where(rotations_t.c.id == rotation_id))
+        if found.first() is None:
+            raise rotation_not_found(rotation_id)
+
+    def _insert_secrets(
+        self, conn: Connection, secrets: Sequence[SealedSecret], now: datetime
+    ) -> None:
+        if not secrets:
+            return
+        ids = [s.id for s in secrets]
+        taken = conn.execute(select(secrets_t.c.id).where(secrets_t.c.id.in_(ids))).scalars()
+        clash = sorted(taken)
+        if clash or len(set(ids)) != len(ids):
+            which = ", ".join(clash) or "the same id twice"
+            raise KeyturnError(f"secret ids already in use: {which}; generate fresh secret ids")
+        conn.execute(insert(secrets_t), [_secret_values(s, now) for s in secrets])
+
+    def _replace_credential(
+        self, conn: Connection, credential: ManagedCredential, now: datetime
+    ) -> None:
+        values = _credential_values(credential, now)
+        values.pop("created_at")
+        values["updated_at"] = now
+        done = conn.execute(
+            update(credentials_t)
+            .where(credentials_t.c.name == credential.name)
+            .values(**values)
+            .returning(credentials_t.c.name)
+        ).first()
+        if done is None:
+            raise credential_not_found(credential.name)
+
+    def _upsert_action(self, conn: Connection, action: ActionRecord) -> None:
+        a = actions_t.c
+        key = and_(
+            a.rotation_id == action.rotation_id,
+            a.phase == Phase(action.phase).value,
+            a.name == action.name,
+        )
+        values = {
+            "idempotency_key": action.idempotency_key,
+            "status": ActionStatus(action.status).value,
+            "intent_at": action.intent_at,
+            "outcome_at": action.outcome_at,
+            "attempts": action.attempts,
+            "detail": dict(action.detail),
+            "error": action.error,
+        }
+        # The rotation row is locked by this transaction's CAS update, so nobody else writes
+        # this rotation's actions concurrently: update-then-insert is race-free here.
+        done = conn.execute(update(actions_t).where(key).values(**values).returning(a.seq)).first()
+        if done is not None:
+            return
+        seq = conn.execute(
+            select(func.count()).select_from(actions_t).where(a.rotation_id == action.rotation_id)
+        ).scalar_one()
+        conn.execute(
+            insert(actions_t).values(
+                rotation_id=action.rotation_id,
+                phase=Phase(action.phase).value,
+                name=action.name,
+                seq=seq,
+                **values,
+            )
+        )
+
+
+def _integrity_reason(exc: IntegrityError) -> str:
+    """The first line of the driver's message: names the constraint, never the values' secrets."""
+    text = str(exc.orig) if exc.orig is not None else str(exc)
+    return text.strip().splitlines()[0] if text.strip() else "constraint violated"
