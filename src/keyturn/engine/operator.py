@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from keyturn.domain.errors import KeyturnError, TransitionRefused
 from keyturn.domain.lifecycle import GuardFacts, State, Trigger, check_guards
@@ -15,7 +17,7 @@ from keyturn.domain.model import (
     Rotation,
 )
 from keyturn.engine.kinds import kind_for
-from keyturn.engine.run import RotationRun, db
+from keyturn.engine.run import RotationRun, db, new_rotation_id
 from keyturn.ports import Change, Clock, Store
 
 
@@ -146,3 +148,42 @@ async def apply_request(run: RotationRun) -> Applied:
             ),
         )
     return Applied(request.action, "applied")
+
+
+def start_rotation(
+    store: Store,
+    clock: Clock,
+    *,
+    credential: str,
+    reason: str,
+    actor: str,
+    options: Mapping[str, Any],
+    rotation_id: str | None = None,
+) -> Rotation:
+    """Create a pending rotation of a managed credential, due now."""
+    managed = store.get_credential(credential)
+    kind = kind_for(managed.kind)
+    now = clock.now()
+    rotation = Rotation(
+        id=rotation_id or new_rotation_id(),
+        credential=managed.name,
+        kind=managed.kind,
+        state=State.PENDING,
+        version=1,
+        reason=reason,
+        created_at=now,
+        updated_at=now,
+        next_attempt_at=now,
+        data=kind.initial_data(managed, options),
+    )
+    event = Event(
+        rotation_id=rotation.id,
+        at=now,
+        kind="operator",
+        actor=actor,
+        trigger="create",
+        to_state=State.PENDING.value,
+        reason=reason,
+        detail={"options": dict(options)},
+    )
+    return store.create_rotation(rotation, event)

@@ -1,0 +1,442 @@
+"""The `keyturn` command line: the contract other tools rely on (keep these names)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+
+from keyturn.cli import render
+from keyturn.cli.wiring import Wiring, actor
+from keyturn.config import Config, load_config
+from keyturn.domain.errors import KeyturnError
+from keyturn.domain.lifecycle import State
+from keyturn.domain.model import CredentialKind, OperatorAction
+
+app = typer.Typer(
+    name="keyturn",
+    help="Durable, resumable rotation of Dfns credentials.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+rotations_app = typer.Typer(
+    help="See, resume, pause, cancel or roll back rotations.", no_args_is_help=True
+)
+credentials_app = typer.Typer(help="Managed credentials.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="The master key that encrypts stored keys and secrets.", no_args_is_help=True
+)
+app.add_typer(db_app, name="db")
+app.add_typer(rotations_app, name="rotations")
+app.add_typer(credentials_app, name="credentials")
+app.add_typer(keys_app, name="keys")
+
+out = Console(highlight=False, soft_wrap=True)
+
+
+class _State:
+    config_path: Path | None = None
+    log_format: str | None = None
+    _config: Config | None = None
+
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.config_path)
+            from keyturn import logs
+
+            logs.configure(
+                self.log_format or self._config.logging.format, self._config.logging.level
+            )
+        return self._config
+
+    def wiring(self) -> Wiring:
+        return Wiring(self.config())
+
+
+state = _State()
+
+
+@app.callback()
+def _main(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML config (or KEYTURN_CONFIG).")
+    ] = None,
+    log_format: Annotated[
+        str | None, typer.Option("--log-format", help="auto, console or json.")
+    ] = None,
+) -> None:
+    if log_format is not None and log_format not in ("auto", "console", "json"):
+        raise KeyturnError(f"--log-format {log_format!r} is not known; use auto, console or json")
+    state.config_path = config
+    state.log_format = log_format
+    from keyturn import logs
+
+    logs.configure(log_format or "auto")
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(render.dump(obj) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ db
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the database schema to the newest revision."""
+    from keyturn.adapters.store.migrate import upgrade
+
+    url = state.config().database.url
+    upgrade(url)
+    out.print("database is at the newest schema revision")
+
+
+# ------------------------------------------------------------------------------------- rotate
+
+
+@app.command()
+def rotate(
+    name: Annotated[str, typer.Argument(help="Managed credential name.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")] = "scheduled rotation",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Start a rotation of a managed credential; a worker carries it out."""
+    from keyturn.engine.operator import start_rotation
+
+    w = state.wiring()
+    cfg = w.config.credentials.get(name)
+    w.store.get_credential(name)  # an unknown name is a clear error before anything else
+    w.checked_vault()
+    options = {
+        "algorithm": cfg.algorithm if cfg else "ed25519",
+        "via": cfg.registration if cfg else "credentials",
+    }
+    rotation = start_rotation(
+        w.store, w.clock, credential=name, reason=reason, actor=actor(), options=options
+    )
+    if as_json:
+        _print_json({"id": rotation.id})
+    else:
+        out.print(rotation.id)
+
+
+# ---------------------------------------------------------------------------------- rotations
+
+
+@rotations_app.command("list")
+def rotations_list(
+    state_filter: Annotated[str | None, typer.Option("--state", help="Only this state.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Rotations, newest first."""
+    wanted: State | None = None
+    if state_filter is not None:
+        try:
+            wanted = State(state_filter)
+        except ValueError:
+            raise KeyturnError(
+                f"--state {state_filter!r} is not a state; use one of "
+                + ", ".join(s.value for s in State)
+            ) from None
+    rotations = state.wiring().store.list_rotations(state=wanted)
+    if as_json:
+        _print_json([render.rotation_dict(r) for r in rotations])
+    elif rotations:
+        out.print(render.rotations_table(rotations))
+    else:
+        out.print("no rotations")
+
+
+@rotations_app.command("show")
+def rotations_show(
+    rotation_id: Annotated[str, typer.Argument(metavar="ID")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """State, lease, attempts, halted reason, action records and the timeline."""
+    store = state.wiring().store
+    rotation = store.get_rotation(rotation_id)
+    events = store.events(rotation_id)
+    actions = store.actions(rotation_id)
+    if as_json:
+        _print_json(
+            {
+                **render.rotation_dict(rotation),
+                "actions": [render.action_dict(a) for a in actions],
+                "events": [render.event_dict(e) for e in events],
+            }
+        )
+    else:
+        render.show_rotation(out, rotation, events, actions)
+
+
+def _operator(action: OperatorAction, rotation_id: str, reason: str) -> None:
+    from keyturn.engine.operator import record_request
+
+    w = state.wiring()
+    w.checked_vault()
+    rotation = record_request(w.store, w.clock, rotation_id, action, actor(), reason)
+    applied = _apply_now_if_unleased(w, rotation_id)
+    if applied is not None:
+        out.print(
+            f"{action.value} {applied}; rotation {rotation_id} is now "
+            f"{applied_state(w, rotation_id)}"
+        )
+    else:
+        out.print(
+            f"{action.value} requested; the worker holding rotation {rotation_id} "
+            f"({rotation.lease_owner}) carries it out at its next action boundary"
+        )
+
+
+def applied_state(w: Wiring, rotation_id: str) -> str:
+    r = w.store.get_rotation(rotation_id)
+    return f"{r.state.value} ({render.status_of(r)})"
+
+
+def _apply_now_if_unleased(w: Wiring, rotation_id: str) -> str | None:
+    """When no worker holds the rotation, carry the request out now (as the next claimer)."""
+    from datetime import timedelta
+
+    from keyturn.domain.errors import StaleVersion
+    from keyturn.engine.operator import apply_request
+    from keyturn.engine.run import RotationRun
+    from keyturn.ports import Change
+
+    rotation = w.store.get_rotation(rotation_id)
+    now = w.clock.now()
+    if rotation.lease_owner and rotation.lease_expires_at and rotation.lease_expires_at > now:
+        return None
+    owner = f"cli:{actor()}:{os.getpid()}"
+    try:
+        leased = w.store.commit(
+            Change(
+                rotation.id,
+                rotation.version,
+                updates={"lease_owner": owner, "lease_expires_at": now + timedelta(seconds=30)},
+            )
+        )
+    except StaleVersion:
+        return None  # a worker claimed it meanwhile; it will carry the request out
+
+    deps = w.engine_deps()
+
+    async def go() -> str:
+        run = RotationRun(deps, leased, owner)
+        applied = await apply_request(run)
+        await run.commit(
+            Change(rotation.id, 0, updates={"lease_owner": None, "lease_expires_at": None})
+        )
+        return applied.outcome
+
+    return asyncio.run(go())
+
+
+@rotations_app.command("resume")
+def rotations_resume(
+    rotation_id: Annotated[str, typer.Argument(metavar="ID")],
+    reason: Annotated[str, typer.Option("--reason")],
+) -> None:
+    """Resume a halted or paused rotation with a fresh retry budget."""
+    _operator(OperatorAction.RESUME, rotation_id, reason)
+
+
+@rotations_app.command("rollback")
+def rotations_rollback(
+    rotation_id: Annotated[str, typer.Argument(metavar="ID")],
+    reason: Annotated[str, typer.Option("--reason")],
+) -> None:
+    """Undo a rotation: old credential active and deployed, new one inactive."""
+    _operator(OperatorAction.ROLLBACK, rotation_id, reason)
+
+
+@rotations_app.command("cancel")
+def rotations_cancel(
+    rotation_id: Annotated[str, typer.Argument(metavar="ID")],
+    reason: Annotated[str, typer.Option("--reason")],
+) -> None:
+    """Cancel a rotation that has not touched the provider yet."""
+    _operator(OperatorAction.CANCEL, rotation_id, reason)
+
+
+@rotations_app.command("pause")
+def rotations_pause(
+    rotation_id: Annotated[str, typer.Argument(metavar="ID")],
+    reason: Annotated[str, typer.Option("--reason")],
+) -> None:
+    """Stop working on a rotation at its next action boundary until resumed."""
+    _operator(OperatorAction.PAUSE, rotation_id, reason)
+
+
+# -------------------------------------------------------------------------------- credentials
+
+
+@credentials_app.command("list")
+def credentials_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Managed credentials and the credential each currently points at."""
+    creds = state.wiring().store.list_credentials()
+    if as_json:
+        _print_json([render.credential_dict(c) for c in creds])
+        return
+    if not creds:
+        out.print("no managed credentials; add one with `keyturn credentials import`")
+        return
+    for c in creds:
+        out.print(f"{c.name}  {c.kind.value}  {c.provider}  {c.credential_uuid}  {c.algorithm}")
+
+
+@credentials_app.command("import")
+def credentials_import(
+    name: Annotated[str, typer.Argument()],
+    kind: Annotated[str, typer.Option("--kind", help="service_account or pat.")],
+    provider: Annotated[str, typer.Option("--provider")],
+    private_key_file: Annotated[Path, typer.Option("--private-key-file")],
+    credential_id: Annotated[str, typer.Option("--credential-id")],
+    credential_uuid: Annotated[str, typer.Option("--credential-uuid")],
+    token_file: Annotated[
+        Path | None, typer.Option("--token-file", help="Bearer token to store encrypted.")
+    ] = None,
+) -> None:
+    """Start managing a credential that exists already (deploy targets come from the config)."""
+    from keyturn.cli.setup import import_credential
+
+    w = state.wiring()
+    try:
+        kind_value = CredentialKind(kind)
+    except ValueError:
+        raise KeyturnError(
+            f"--kind {kind!r} is not known; use one of {', '.join(k.value for k in CredentialKind)}"
+        ) from None
+    import_credential(
+        w,
+        name=name,
+        kind=kind_value,
+        provider=provider,
+        private_key_file=private_key_file,
+        credential_id=credential_id,
+        credential_uuid=credential_uuid,
+        token_file=token_file,
+    )
+    out.print(f"managing {name} ({kind_value.value}, {credential_uuid})")
+
+
+# ------------------------------------------------------------------------------------- keys
+
+
+@keys_app.command("new-master")
+def keys_new_master() -> None:
+    """Print a fresh master key (store it in a 0600 file or KEYTURN_MASTER_KEY)."""
+    from keyturn.adapters.vault import new_master_key
+
+    sys.stdout.write(new_master_key() + "\n")
+
+
+@keys_app.command("rotate-master")
+def keys_rotate_master(
+    new_key_file: Annotated[
+        Path, typer.Option("--new-key-file", help="File with the new key (0600).")
+    ],
+) -> None:
+    """Re-encrypt every stored key and secret under a new master key, in one transaction."""
+    from keyturn.cli.setup import rotate_master
+
+    count, new_id = rotate_master(state.wiring(), new_key_file)
+    out.print(
+        f"re-encrypted {count} secret(s) under master key {new_id}; now point "
+        f"keys.master_key_file (or KEYTURN_MASTER_KEY) at {new_key_file}"
+    )
+
+
+# ----------------------------------------------------------------------------------- worker
+
+
+@app.command()
+def worker(
+    until_idle: Annotated[
+        bool, typer.Option("--until-idle", help="Exit 0 when nothing is due.")
+    ] = False,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", help="Rotations in flight.")
+    ] = None,
+) -> None:
+    """Claim due rotations and advance them; SIGTERM/SIGINT stop cleanly."""
+    from keyturn.engine.worker import Worker
+
+    w = state.wiring()
+    deps = w.engine_deps()
+    n = concurrency if concurrency is not None else w.config.worker.concurrency
+    if n < 1:
+        raise KeyturnError("--concurrency must be at least 1")
+    runner = Worker(deps, concurrency=n)
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, runner.stop)
+        await runner.run(until_idle=until_idle)
+
+    asyncio.run(go())
+
+
+# ------------------------------------------------------------------------------- init, demo
+
+
+@app.command()
+def init(
+    workdir: Annotated[Path, typer.Argument(help="Directory for the config, key and database.")],
+    sandbox_bootstrap: Annotated[
+        Path, typer.Option("--sandbox-bootstrap", help="The sandbox's bootstrap.json.")
+    ],
+) -> None:
+    """Set up a working directory wired to a sandbox and manage its service account."""
+    from keyturn.cli.setup import init_workdir
+
+    config_path = init_workdir(workdir, sandbox_bootstrap)
+    out.print(f"initialised {workdir}; use `keyturn --config {config_path} ...`")
+
+
+@app.command()
+def demo() -> None:
+    """Rotate a service-account key against a local sandbox, end to end, and check the result."""
+    from keyturn.cli.demo import run_demo
+
+    ok = run_demo(out)
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _mount_sandbox() -> None:
+    from keyturn.sandbox.cli import app as sandbox_app
+
+    app.add_typer(sandbox_app, name="sandbox", help="A local Dfns-compatible sandbox.")
+
+
+_mount_sandbox()
+
+
+def main() -> None:
+    try:
+        rc = app(standalone_mode=False)
+    except KeyturnError as exc:
+        sys.stderr.write(f"keyturn: error: {exc}\n")
+        sys.exit(1)
+    except click.exceptions.Abort:
+        sys.stderr.write("keyturn: aborted\n")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except json.JSONDecodeError as exc:  # pragma: no cover - defensive
+        sys.stderr.write(f"keyturn: error: invalid JSON ({exc})\n")
+        sys.exit(1)
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)

@@ -1,0 +1,161 @@
+"""Human and JSON renderings of rotations, events and credentials (never secrets)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from keyturn.domain.model import ActionRecord, Event, ManagedCredential, Rotation
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return dt.isoformat() if dt else None
+
+
+def rotation_dict(r: Rotation) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "credential": r.credential,
+        "kind": r.kind.value,
+        "state": r.state.value,
+        "version": r.version,
+        "reason": r.reason,
+        "created_at": _iso(r.created_at),
+        "updated_at": _iso(r.updated_at),
+        "finished_at": _iso(r.finished_at),
+        "next_attempt_at": _iso(r.next_attempt_at),
+        "lease": {"owner": r.lease_owner, "expires_at": _iso(r.lease_expires_at)}
+        if r.lease_owner
+        else None,
+        "attempts": r.attempts,
+        "last_error": r.last_error,
+        "halted_reason": r.halted_reason,
+        "paused": r.paused,
+        "request": {
+            "action": r.request.action.value,
+            "actor": r.request.actor,
+            "reason": r.request.reason,
+            "at": _iso(r.request.at),
+        }
+        if r.request
+        else None,
+        "rollback_from": r.rollback_from.value if r.rollback_from else None,
+        "old_credential_uuid": r.data.get("old_credential_uuid"),
+        "new_credential_uuid": r.data.get("new_credential_uuid"),
+    }
+
+
+def event_dict(e: Event) -> dict[str, Any]:
+    return {
+        "at": _iso(e.at),
+        "kind": e.kind,
+        "actor": e.actor,
+        "from": e.from_state,
+        "to": e.to_state,
+        "trigger": e.trigger,
+        "reason": e.reason,
+        "detail": e.detail,
+    }
+
+
+def action_dict(a: ActionRecord) -> dict[str, Any]:
+    return {
+        "phase": a.phase.value,
+        "name": a.name,
+        "status": a.status.value,
+        "attempts": a.attempts,
+        "intent_at": _iso(a.intent_at),
+        "outcome_at": _iso(a.outcome_at),
+        "error": a.error,
+    }
+
+
+def credential_dict(c: ManagedCredential) -> dict[str, Any]:
+    return {
+        "name": c.name,
+        "kind": c.kind.value,
+        "provider": c.provider,
+        "credential_id": c.credential_id,
+        "credential_uuid": c.credential_uuid,
+        "algorithm": c.algorithm,
+        "updated_at": _iso(c.updated_at),
+    }
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False, default=str)
+
+
+def status_of(r: Rotation) -> str:
+    if r.request:
+        return f"{r.request.action.value} requested"
+    if r.paused:
+        return "paused"
+    if r.halted_reason:
+        return "HALTED"
+    if r.finished:
+        return "done"
+    if r.lease_owner:
+        return "running"
+    if r.attempts:
+        return f"retrying ({r.attempts})"
+    return "due"
+
+
+def rotations_table(rotations: list[Rotation]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for col in ("id", "credential", "state", "status", "attempts", "updated"):
+        table.add_column(col)
+    for r in rotations:
+        table.add_row(
+            r.id,
+            r.credential,
+            r.state.value,
+            status_of(r),
+            str(r.attempts),
+            r.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    return table
+
+
+def timeline_table(events: list[Event]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for col in ("at", "kind", "change", "actor", "reason"):
+        table.add_column(col)
+    for e in events:
+        if e.kind == "transition":
+            change = f"{e.from_state} -> {e.to_state} ({e.trigger})"
+        else:
+            status = e.detail.get("status", "")
+            change = f"{e.trigger} {status}".strip()
+        table.add_row(e.at.strftime("%H:%M:%S.%f")[:-3], e.kind, change, e.actor, e.reason or "")
+    return table
+
+
+def show_rotation(
+    console: Console, r: Rotation, events: list[Event], actions: list[ActionRecord]
+) -> None:
+    console.print(f"[bold]{r.id}[/bold]  credential {r.credential} ({r.kind.value})")
+    console.print(f"  state      {r.state.value}   status {status_of(r)}   version {r.version}")
+    console.print(f"  reason     {r.reason}")
+    lease = f"{r.lease_owner} until {_iso(r.lease_expires_at)}" if r.lease_owner else "none"
+    console.print(f"  lease      {lease}")
+    console.print(f"  attempts   {r.attempts}   next attempt {_iso(r.next_attempt_at) or '-'}")
+    if r.last_error:
+        console.print(f"  last error {r.last_error}", markup=False)
+    if r.halted_reason:
+        console.print(f"  [red]halted[/red]     {r.halted_reason}")
+    if r.request:
+        console.print(
+            f"  request    {r.request.action.value} by {r.request.actor}: {r.request.reason}"
+        )
+    if actions:
+        console.print("  actions:")
+        for a in actions:
+            console.print(f"    {a.phase.value}.{a.name}: {a.status.value} (attempts {a.attempts})")
+    console.print("  timeline:")
+    console.print(timeline_table(events))

@@ -1,0 +1,164 @@
+"""The composition root: the one place that wires adapters into the engine."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
+from pathlib import Path
+
+from keyturn.adapters.deploy import FileTarget
+from keyturn.adapters.keys import CryptoKeys
+from keyturn.adapters.store.migrate import open_store
+from keyturn.adapters.store.sql import SqlStore
+from keyturn.adapters.vault import AesGcmVault, load_master_key
+from keyturn.config import Config
+from keyturn.domain.errors import ConfigError, KeyturnError
+from keyturn.domain.retry import RetryPolicy
+from keyturn.engine.run import CrashHook, EngineDeps, EngineSettings, no_crash
+from keyturn.ports import DeployTarget, KeyProvider
+
+MASTER_KEY_ENV = "KEYTURN_MASTER_KEY"
+#: Fault injection for the crash tests: the worker SIGKILLs itself at this action boundary,
+#: after writing the boundary's name to the marker file (so a test can assert where it landed).
+CRASH_AT_ENV = "KEYTURN_TEST_CRASH_AT"
+CRASH_MARKER_ENV = "KEYTURN_TEST_CRASH_MARKER"
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+def actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def crash_hook_from_env() -> CrashHook:
+    target = os.environ.get(CRASH_AT_ENV)
+    marker = os.environ.get(CRASH_MARKER_ENV)
+    if not target:
+        return no_crash
+
+    def hook(boundary: str) -> None:
+        if boundary != target:
+            return
+        if marker:
+            with Path(marker).open("a") as f:
+                f.write(boundary + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+@dataclass
+class Wiring:
+    config: Config
+    clock: SystemClock = field(default_factory=SystemClock)
+
+    @cached_property
+    def store(self) -> SqlStore:
+        return open_store(self.config.database.url)
+
+    @cached_property
+    def keys(self) -> CryptoKeys:
+        return CryptoKeys()
+
+    @cached_property
+    def vault(self) -> AesGcmVault:
+        cfg = self.config.keys
+        current = load_master_key(os.environ.get(MASTER_KEY_ENV), cfg.master_key_file)
+        previous = [load_master_key(None, p) for p in cfg.previous_master_key_files]
+        return AesGcmVault(current, previous)
+
+    def checked_vault(self) -> AesGcmVault:
+        """The vault, after checking it can open what the database holds (a wrong master key is
+        a clear error before anything is written)."""
+        vault = self.vault
+        unknown = self.store.master_key_ids() - set(vault.key_ids)
+        if unknown:
+            raise ConfigError(
+                f"the configured master key (id {vault.key_id}) is not the one this database's "
+                f"secrets were encrypted with (id {', '.join(sorted(unknown))}); set "
+                f"{MASTER_KEY_ENV} or keys.master_key_file to the right key"
+            )
+        return vault
+
+    def token_for(self, name: str) -> str:
+        cfg = self.config.credentials.get(name)
+        if cfg is not None and cfg.token_env:
+            value = os.environ.get(cfg.token_env, "").strip()
+            if not value:
+                raise ConfigError(
+                    f"credential {name}: environment variable {cfg.token_env} (token_env) is empty "
+                    "or unset; export the bearer token there"
+                )
+            return value
+        if cfg is not None and cfg.token_file:
+            try:
+                return cfg.token_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"credential {name}: token_file {cfg.token_file} cannot be read "
+                    f"({exc.strerror}); fix the path"
+                ) from None
+        credential = self.store.get_credential(name)
+        if credential.token_ref is None:
+            raise ConfigError(
+                f"credential {name} has no bearer token: set token_env or token_file in "
+                f"[credentials.{name}], or import it with --token-file"
+            )
+        return self.vault.open(self.store.get_secret(credential.token_ref)).decode()
+
+    def provider_for(self, name: str) -> KeyProvider:
+        from keyturn.adapters.dfns.provider import provider_for
+
+        credential = self.store.get_credential(name)
+        provider = self.config.provider(credential.provider)
+        return provider_for(
+            provider.base_url, self.token_for(name), timeout=provider.timeout_seconds
+        )
+
+    def targets_for(self, name: str) -> list[DeployTarget]:
+        cfg = self.config.credentials.get(name)
+        if cfg is None:
+            raise KeyturnError(
+                f"credential {name} has no [credentials.{name}] section in the configuration; "
+                "its deploy targets are unknown"
+            )
+        return [FileTarget(t.name or f"file:{t.path}", t.path) for t in cfg.targets]
+
+    def engine_deps(self) -> EngineDeps:
+        w = self.config.worker
+        settings = EngineSettings(
+            lease_seconds=w.lease_seconds,
+            lease_margin_seconds=min(5.0, w.lease_seconds / 4),
+            retry=RetryPolicy(
+                max_attempts=w.max_attempts,
+                base_seconds=w.backoff_base_seconds,
+                max_seconds=w.backoff_max_seconds,
+            ),
+            retention=timedelta(days=self.config.keys.retention_days),
+            poll_seconds=w.poll_seconds,
+        )
+        hook = crash_hook_from_env()
+        return EngineDeps(
+            store=self.store,
+            vault=self.checked_vault(),
+            keys=self.keys,
+            clock=self.clock,
+            provider_for=self.provider_for,
+            targets_for=self.targets_for,
+            settings=settings,
+            crash_hook=hook,
+        )
