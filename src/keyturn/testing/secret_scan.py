@@ -138,7 +138,7 @@ def _encodings(form: bytes) -> Iterator[tuple[str, bytes]]:
     yield "base64-nopad", std.rstrip(b"=")
     yield "base64url", url
     yield "base64url-nopad", url.rstrip(b"=")
-    for shift in (1, 2):
+    for shift in (0, 1, 2):
         yield f"base64@{shift}", _shifted_base64(form, shift, urlsafe=False)
         yield f"base64url@{shift}", _shifted_base64(form, shift, urlsafe=True)
     hexed = form.hex().encode("ascii")
