@@ -1,0 +1,1088 @@
+"""The Dfns-compatible Starlette application.
+
+Every Dfns route goes through one pipeline (`Sandbox.handle`): count, inject faults, check the
+bearer token, parse the body, check the user action for signed calls, run the handler (which
+commits before returning), then maybe "apply then fail". The rules follow
+/work/shared/dfns-api.md ("the sandbox's rules" and "SDK differences").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import secrets
+import string
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from keyturn.sandbox.crypto import (
+    KeyError_,
+    b64url_decode,
+    generate_private_key,
+    load_public_key,
+    make_jwt,
+    new_id,
+    random_token,
+    read_jwt,
+    unverified_org,
+    verify_key_attestation,
+)
+from keyturn.sandbox.faults import DROP, FaultConfig, FaultConfigError, Faults
+from keyturn.sandbox.store import (
+    Conflict,
+    Credential,
+    Principal,
+    Store,
+    TokenRecord,
+    Webhook,
+)
+from keyturn.sandbox.webhooks import Deliveries, utc_now_iso
+
+T = TypeVar("T")
+
+RP = {"id": "sandbox.keyturn.local", "name": "keyturn Dfns sandbox"}
+ORIGIN = "http://sandbox.keyturn.local"
+WEBHOOK_LIMIT = 5
+CHALLENGE_TTL = 300.0
+USER_ACTION_TTL = 600.0
+DROP_SCOPE_KEY = "keyturn.sandbox.drop"
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, code: str, message: str, details: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+
+def error_response(
+    status: int, code: str, message: str, details: dict[str, Any] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {
+            "error": {
+                "id": new_id("err", 8),
+                "status": status,
+                "code": code,
+                "message": message,
+                "details": details or {},
+            }
+        },
+        status_code=status,
+    )
+
+
+def bad_request(message: str, code: str = "bad_request") -> ApiError:
+    return ApiError(400, code, message)
+
+
+# ---------------------------------------------------------------------------------- context
+
+
+@dataclass(frozen=True)
+class Caller:
+    token: TokenRecord
+    principal: Principal
+
+    @property
+    def org_id(self) -> str:
+        return self.principal.org_id
+
+
+@dataclass
+class Ctx:
+    request: Request
+    caller: Caller | None
+    body: Any
+    params: dict[str, str]
+
+    @property
+    def who(self) -> Caller:
+        assert self.caller is not None, "route requires authentication"
+        return self.caller
+
+    def field(self, name: str, kind: type[T], *, required: bool = True) -> T | None:
+        if not isinstance(self.body, dict):
+            if required:
+                raise bad_request(f"the request body must be a JSON object with {name!r}")
+            return None
+        value = self.body.get(name)
+        if value is None:
+            if required:
+                raise bad_request(f"missing required field {name!r} in the request body")
+            return None
+        if not isinstance(value, kind):
+            raise bad_request(f"field {name!r} must be a {kind.__name__}")
+        return value
+
+    def need(self, name: str, kind: type[T]) -> T:
+        value = self.field(name, kind)
+        assert value is not None
+        return value
+
+
+Handler = Callable[[Ctx], Awaitable[tuple[int, Any]]]
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    method: str
+    template: str
+    handler: Handler
+    auth: bool = True
+    signed: bool = False
+    mutating: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.method} {self.template}"
+
+
+@dataclass
+class ActionChallenge:
+    identifier: str
+    challenge: str
+    principal_id: str
+    method: str
+    path: str
+    payload: Any
+    expires: float
+
+
+@dataclass
+class UserActionGrant:
+    principal_id: str
+    method: str
+    path: str
+    payload: Any
+    expires: float
+
+
+@dataclass
+class CredentialChallenge:
+    identifier: str
+    challenge: str
+    org_id: str
+    principal_id: str
+    kind: str
+    via_code: bool
+    expires: float
+
+
+@dataclass
+class Counters:
+    requests: dict[str, dict[str, int]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(int))
+    )
+
+    def count(self, key: str, status: int) -> None:
+        self.requests[key][str(status)] += 1
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        return {k: dict(v) for k, v in self.requests.items()}
+
+
+_ABSENT = object()
+
+
+def normalise_payload(value: Any) -> Any:
+    """Parsed JSON for comparison: an empty object and an absent body are the same."""
+    if value is None or value == {}:
+        return _ABSENT
+    return value
+
+
+def parse_signed_payload(text: str) -> Any:
+    if text.strip() == "":
+        return _ABSENT
+    try:
+        return normalise_payload(json.loads(text))
+    except ValueError:
+        return ("unparsed", text)
+
+
+# ---------------------------------------------------------------------------------- sandbox
+
+
+@dataclass
+class SandboxSettings:
+    state_dir: Path
+    service_accounts: int = 1
+    event_rate: float = 0.0
+    time_scale: float = 1.0
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+
+class Sandbox:
+    def __init__(self, settings: SandboxSettings) -> None:
+        if settings.time_scale <= 0:
+            raise ValueError("--time-scale must be greater than 0")
+        if settings.service_accounts < 1:
+            raise ValueError("--service-accounts must be at least 1")
+        self.settings = settings
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(settings.state_dir / "sandbox.sqlite3")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                (settings.state_dir / f"sandbox.sqlite3{suffix}").chmod(0o600)
+        self._bootstrap_if_needed()
+        secret = self.store.get_meta("jwt_secret")
+        org = self.store.get_meta("org_id")
+        assert secret is not None and org is not None
+        self.jwt_secret = bytes.fromhex(secret)
+        self.org_id = org
+        self.tokens = self.store.tokens()
+        self.principals = self.store.principals()
+        self.faults = Faults(settings.faults)
+        self.counters = Counters()
+        self.deliveries = Deliveries(self.store, time_scale=settings.time_scale)
+        self.deliveries.webhooks = {w.id: w for w in self.store.webhooks()}
+        self.action_challenges: dict[str, ActionChallenge] = {}
+        self.user_actions: dict[str, UserActionGrant] = {}
+        self.spent_user_actions: dict[str, float] = {}
+        self.credential_challenges: dict[str, CredentialChallenge] = {}
+
+    # ------------------------------------------------------------------------------ bootstrap
+
+    def _bootstrap_if_needed(self) -> None:
+        if self.store.get_meta("org_id") is not None:
+            return
+        org_id = new_id("or", 8)
+        secret = secrets.token_bytes(32)
+        now = utc_now_iso()
+        principals: list[Principal] = []
+        tokens: list[TokenRecord] = []
+        credentials: list[Credential] = []
+        doc: dict[str, Any] = {"org_id": org_id}
+
+        def add(role: str, kind: str, token_kind: str, name: str, algorithm: str) -> dict[str, Any]:
+            principal = Principal(new_id("us", 8), org_id, kind, name)
+            token = TokenRecord(new_id("to", 8), org_id, token_kind, principal.id, name)
+            private_pem, public_pem = generate_private_key(algorithm)
+            credential = Credential(
+                uuid=new_id("cr", 10),
+                credential_id=random_token(24),
+                org_id=org_id,
+                principal_id=principal.id,
+                kind="Key",
+                name=f"{name} bootstrap key",
+                public_key=public_pem,
+                algorithm=algorithm,
+                is_active=True,
+                date_created=now,
+                origin=ORIGIN,
+                relying_party_id=RP["id"],
+            )
+            principals.append(principal)
+            tokens.append(token)
+            credentials.append(credential)
+            return {
+                "name": name,
+                "token": make_jwt(self._claims(token), secret),
+                "credential_id": credential.credential_id,
+                "credential_uuid": credential.uuid,
+                "private_key_pem": private_pem,
+                "principal_id": principal.id,
+                "token_id": token.id,
+                "algorithm": algorithm,
+            }
+
+        accounts = [
+            add("service_account", "ServiceAccount", "Service", f"sandbox-sa-{i + 1}", "ed25519")
+            for i in range(self.settings.service_accounts)
+        ]
+        doc["service_account"] = accounts[0]
+        doc["service_accounts"] = accounts
+        doc["pat"] = add("pat", "User", "Pat", "pat-owner@sandbox.local", "ecdsa-p256")
+        doc["user"] = add("user", "User", "User", "user@sandbox.local", "ed25519")
+        self.store.bootstrap(
+            meta={"org_id": org_id, "jwt_secret": secret.hex(), "bootstrap": json.dumps(doc)},
+            principals=principals,
+            tokens=tokens,
+            credentials=credentials,
+        )
+
+    @staticmethod
+    def _claims(token: TokenRecord) -> dict[str, Any]:
+        return {
+            "iss": "https://sandbox.keyturn.local/",
+            "aud": "https://api.dfns.io",
+            "sub": token.principal_id,
+            "jti": token.id,
+            "iat": int(time.time()),
+            "https://custom/username": token.name,
+            "https://custom/app_metadata": {
+                "orgId": token.org_id,
+                "tokenId": token.id,
+                "tokenKind": token.kind,
+                "userId": token.principal_id,
+            },
+        }
+
+    def bootstrap_document(self, base_url: str) -> dict[str, Any]:
+        stored = self.store.get_meta("bootstrap")
+        assert stored is not None
+        doc: dict[str, Any] = {"base_url": base_url}
+        doc.update(json.loads(stored))
+        return doc
+
+    # ---------------------------------------------------------------------------------- utils
+
+    async def db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args))
+
+    def authenticate(self, request: Request) -> Caller:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing bearer token; send Authorization: Bearer <service account or PAT token>",
+            )
+        payload = read_jwt(token.strip(), self.jwt_secret)
+        record = self.tokens.get(str(payload.get("jti"))) if payload else None
+        principal = self.principals.get(record.principal_id) if record else None
+        if record is None or principal is None:
+            raise ApiError(
+                401, "unauthorized", "invalid bearer token; use a token issued by this sandbox"
+            )
+        return Caller(record, principal)
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        for table in (self.action_challenges, self.user_actions, self.credential_challenges):
+            if len(table) > 1000:
+                for key in [k for k, v in table.items() if v.expires < now]:
+                    table.pop(key, None)
+        if len(self.spent_user_actions) > 10000:
+            for key in [k for k, v in self.spent_user_actions.items() if v < now]:
+                self.spent_user_actions.pop(key, None)
+
+    # ------------------------------------------------------------------------------ pipeline
+
+    async def handle(self, spec: RouteSpec, request: Request) -> Response:
+        try:
+            response = await self._pipeline(spec, request)
+        except ApiError as exc:
+            response = error_response(exc.status, exc.code, exc.message, exc.details)
+        self.counters.count(spec.key, response.status_code)
+        return response
+
+    async def _pipeline(self, spec: RouteSpec, request: Request) -> Response:
+        config = self.faults.config
+        concrete = f"{request.method} {request.url.path}"
+        faulty = self.faults.applies(spec.key, concrete)
+        if faulty and config.latency_ms > 0:
+            await asyncio.sleep(config.latency_ms / 1000.0)
+        header = request.headers.get("authorization", "")
+        org = unverified_org(header.partition(" ")[2].strip()) or "anonymous"
+        if self.faults.over_rate_limit(org):
+            self.faults.counters.rate_limited += 1
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"rate limit of {config.rate_limit_per_minute} requests per minute exceeded;"
+                " back off and retry",
+            )
+        if faulty:
+            if self.faults.roll(config.hang_rate):
+                self.faults.counters.hang += 1
+                await asyncio.sleep(config.hang_seconds)
+                raise ApiError(500, "internal_error", "injected fault: hung, then failed")
+            if self.faults.roll(config.error_rate):
+                self.faults.counters.error_500 += 1
+                raise ApiError(500, "internal_error", "injected fault: internal server error")
+            if self.faults.roll(config.rate_429):
+                self.faults.counters.rate_429 += 1
+                raise ApiError(429, "rate_limited", "injected fault: too many requests")
+
+        caller = self.authenticate(request) if spec.auth else None
+        raw = await request.body()
+        body: Any = None
+        if raw.strip():
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise bad_request("the request body is not valid JSON") from None
+        if spec.signed:
+            assert caller is not None
+            self._spend_user_action(request, caller, body)
+        ctx = Ctx(request, caller, body, dict(request.path_params))
+        status, payload = await spec.handler(ctx)
+
+        if (
+            spec.mutating
+            and faulty
+            and 200 <= status < 300
+            and self.faults.roll(self.faults.config.apply_then_fail_rate)
+        ):
+            self.faults.counters.apply_then_fail += 1
+            if self.faults.config.apply_then_fail_mode == DROP:
+                drop = request.scope.get(DROP_SCOPE_KEY)
+                if drop is not None:
+                    await drop()
+            raise ApiError(
+                500, "internal_error", "injected fault: the change was applied, then failed"
+            )
+        return JSONResponse(payload, status_code=status)
+
+    def _spend_user_action(self, request: Request, caller: Caller, body: Any) -> None:
+        token = request.headers.get("x-dfns-useraction", "").strip()
+        if not token:
+            raise ApiError(
+                403,
+                "forbidden",
+                "missing X-DFNS-USERACTION header; sign this request via /auth/action first",
+            )
+        if token in self.spent_user_actions:
+            raise ApiError(
+                400, "user_action_reused", "user action has already been used; sign again"
+            )
+        grant = self.user_actions.pop(token, None)
+        if grant is None or grant.expires < time.monotonic():
+            raise ApiError(
+                403, "forbidden", "invalid or expired X-DFNS-USERACTION; sign this request again"
+            )
+        self.spent_user_actions[token] = time.monotonic() + USER_ACTION_TTL * 2
+        if grant.principal_id != caller.principal.id:
+            raise ApiError(403, "forbidden", "the user action was signed for another caller")
+        if grant.method != request.method.upper() or grant.path != request.url.path:
+            raise ApiError(
+                403,
+                "forbidden",
+                f"the user action was signed for {grant.method} {grant.path},"
+                f" not {request.method.upper()} {request.url.path}",
+            )
+        if grant.payload != normalise_payload(body):
+            raise ApiError(
+                403, "forbidden", "the request body differs from the payload the user action signed"
+            )
+
+    # ------------------------------------------------------------------------- user actions
+
+    async def action_init(self, ctx: Ctx) -> tuple[int, Any]:
+        payload = ctx.field("userActionPayload", str, required=False)
+        method = ctx.need("userActionHttpMethod", str).upper()
+        path = ctx.need("userActionHttpPath", str)
+        if not path.startswith("/"):
+            raise bad_request("userActionHttpPath must be the request's pathname, e.g. /webhooks")
+        path = path.split("?", 1)[0]
+        self._prune()
+        challenge = ActionChallenge(
+            identifier=new_id("ch", 16),
+            challenge=random_token(32),
+            principal_id=ctx.who.principal.id,
+            method=method,
+            path=path,
+            payload=parse_signed_payload(payload or ""),
+            expires=time.monotonic() + CHALLENGE_TTL,
+        )
+        self.action_challenges[challenge.identifier] = challenge
+        credentials = await self.db(self.store.list_credentials, ctx.who.principal.id)
+        allowed = [
+            {"type": "public-key", "id": c.credential_id}
+            for c in credentials
+            if c.is_active and c.kind == "Key"
+        ]
+        return 200, {
+            "challenge": challenge.challenge,
+            "challengeIdentifier": challenge.identifier,
+            "supportedCredentialKinds": [
+                {"kind": "Key", "factor": "first", "requiresSecondFactor": False}
+            ],
+            "rp": RP,
+            "userVerification": "required",
+            "attestation": "direct",
+            "externalAuthenticationUrl": "",
+            "allowCredentials": {"key": allowed, "passwordProtectedKey": [], "webauthn": []},
+        }
+
+    async def action_sign(self, ctx: Ctx) -> tuple[int, Any]:
+        identifier = ctx.need("challengeIdentifier", str)
+        challenge = self.action_challenges.pop(identifier, None)
+        if challenge is None or challenge.expires < time.monotonic():
+            raise bad_request(
+                "unknown or already used challengeIdentifier; call /auth/action/init again"
+            )
+        if challenge.principal_id != ctx.who.principal.id:
+            raise bad_request("this challenge was issued to another caller")
+        first = ctx.need("firstFactor", dict)
+        if first.get("kind") != "Key":
+            raise bad_request('firstFactor.kind must be "Key" (the only kind the sandbox serves)')
+        assertion = first.get("credentialAssertion")
+        if not isinstance(assertion, dict):
+            raise bad_request("firstFactor.credentialAssertion must be an object")
+        cred_id, client_data_b64, signature_b64 = (
+            assertion.get("credId"),
+            assertion.get("clientData"),
+            assertion.get("signature"),
+        )
+        if not all(isinstance(v, str) for v in (cred_id, client_data_b64, signature_b64)):
+            raise bad_request("credentialAssertion needs credId, clientData and signature strings")
+        assert isinstance(cred_id, str) and isinstance(client_data_b64, str)
+        assert isinstance(signature_b64, str)
+        credential = await self.db(self.store.credential_by_cred_id, cred_id)
+        if credential is None or credential.principal_id != ctx.who.principal.id:
+            raise ApiError(401, "unauthorized", "unknown credential for this caller")
+        if not credential.is_active:
+            raise ApiError(
+                401, "unauthorized", "the credential is deactivated; sign with an active one"
+            )
+        try:
+            client_data = b64url_decode(client_data_b64)
+            parsed = json.loads(client_data)
+            signature = b64url_decode(signature_b64)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(
+                401, "unauthorized", "clientData or signature is not valid base64url/JSON"
+            ) from None
+        if (
+            not isinstance(parsed, dict)
+            or parsed.get("type") != "key.get"
+            or not secrets.compare_digest(str(parsed.get("challenge", "")), challenge.challenge)
+        ):
+            raise ApiError(
+                401, "unauthorized", 'clientData must have type "key.get" and this challenge'
+            )
+        public_key = load_public_key(credential.public_key)
+        if not public_key.verify(signature, client_data):
+            raise ApiError(401, "unauthorized", "the signature does not verify for this credential")
+        token = "ua-" + random_token(32)
+        self._prune()
+        self.user_actions[token] = UserActionGrant(
+            principal_id=challenge.principal_id,
+            method=challenge.method,
+            path=challenge.path,
+            payload=challenge.payload,
+            expires=time.monotonic() + USER_ACTION_TTL,
+        )
+        return 200, {"userAction": token}
+
+    # -------------------------------------------------------------------------- credentials
+
+    def _new_credential_challenge(
+        self, org_id: str, principal: Principal, kind: str, *, via_code: bool
+    ) -> dict[str, Any]:
+        if kind != "Key":
+            raise bad_request(f'credential kind {kind!r} is not served by the sandbox; use "Key"')
+        self._prune()
+        challenge = CredentialChallenge(
+            identifier=new_id("cc", 16),
+            challenge=random_token(32),
+            org_id=org_id,
+            principal_id=principal.id,
+            kind=kind,
+            via_code=via_code,
+            expires=time.monotonic() + CHALLENGE_TTL,
+        )
+        self.credential_challenges[challenge.identifier] = challenge
+        return {
+            "kind": kind,
+            "challengeIdentifier": challenge.identifier,
+            "challenge": challenge.challenge,
+            "rp": RP,
+            "user": {"id": principal.id, "name": principal.name, "displayName": principal.name},
+            "supportedCredentialKinds": {"firstFactor": ["Key"], "secondFactor": []},
+            "attestation": "direct",
+            "pubKeyCredParams": [
+                {"type": "public-key", "alg": -8},
+                {"type": "public-key", "alg": -7},
+            ],
+            "excludeCredentials": [],
+        }
+
+    async def credential_init(self, ctx: Ctx) -> tuple[int, Any]:
+        kind = ctx.need("kind", str)
+        return 200, self._new_credential_challenge(
+            ctx.who.org_id, ctx.who.principal, kind, via_code=False
+        )
+
+    async def _create_key_credential(
+        self, ctx: Ctx, *, via_code: bool, caller_principal: str | None
+    ) -> tuple[int, Any]:
+        identifier = ctx.need("challengeIdentifier", str)
+        challenge = self.credential_challenges.pop(identifier, None)
+        if (
+            challenge is None
+            or challenge.expires < time.monotonic()
+            or challenge.via_code != via_code
+            or (caller_principal is not None and challenge.principal_id != caller_principal)
+        ):
+            raise bad_request(
+                "unknown or already used challengeIdentifier; create a new credential challenge"
+            )
+        kind = ctx.field("credentialKind", str, required=False) or "Key"
+        if kind != "Key":
+            raise bad_request(f'credentialKind {kind!r} is not served by the sandbox; use "Key"')
+        name = ctx.field("credentialName", str, required=False) or "Key credential"
+        info = ctx.need("credentialInfo", dict)
+        cred_id = info.get("credId")
+        client_data = info.get("clientData")
+        attestation = info.get("attestationData")
+        if not all(isinstance(v, str) and v for v in (cred_id, client_data, attestation)):
+            raise bad_request("credentialInfo needs credId, clientData and attestationData strings")
+        assert isinstance(cred_id, str) and isinstance(client_data, str)
+        assert isinstance(attestation, str)
+        if not all(c in string.ascii_letters + string.digits + "-_" for c in cred_id):
+            raise bad_request("credentialInfo.credId must be base64url (A-Z a-z 0-9 - _)")
+        try:
+            pem, public_key = verify_key_attestation(
+                client_data_b64=client_data,
+                attestation_b64=attestation,
+                challenge=challenge.challenge,
+            )
+        except KeyError_ as exc:
+            raise bad_request(f"invalid key attestation: {exc}", "invalid_attestation") from None
+        credential = Credential(
+            uuid=new_id("cr", 10),
+            credential_id=cred_id,
+            org_id=challenge.org_id,
+            principal_id=challenge.principal_id,
+            kind="Key",
+            name=name,
+            public_key=pem,
+            algorithm=public_key.algorithm,
+            is_active=True,
+            date_created=utc_now_iso(),
+            origin=ORIGIN,
+            relying_party_id=RP["id"],
+        )
+        try:
+            await self.db(self.store.insert_credential, credential)
+        except Conflict as exc:
+            raise ApiError(409, "conflict", str(exc)) from None
+        return 200, credential.to_api()
+
+    async def credential_create(self, ctx: Ctx) -> tuple[int, Any]:
+        return await self._create_key_credential(
+            ctx, via_code=False, caller_principal=ctx.who.principal.id
+        )
+
+    async def service_account_credential_create(self, ctx: Ctx) -> tuple[int, Any]:
+        if ctx.who.principal.kind != "ServiceAccount":
+            raise ApiError(
+                403,
+                "forbidden",
+                "only service accounts may call /auth/service-accounts/credentials;"
+                " use POST /auth/credentials for users and PATs",
+            )
+        pem = ctx.need("publicKey", str)
+        name = ctx.field("name", str, required=False) or "Service account key"
+        try:
+            public_key = load_public_key(pem)
+        except KeyError_ as exc:
+            raise bad_request(str(exc)) from None
+        credential = Credential(
+            uuid=new_id("cr", 10),
+            credential_id=random_token(24),
+            org_id=ctx.who.org_id,
+            principal_id=ctx.who.principal.id,
+            kind="Key",
+            name=name,
+            public_key=pem,
+            algorithm=public_key.algorithm,
+            is_active=True,
+            date_created=utc_now_iso(),
+            origin=ORIGIN,
+            relying_party_id=RP["id"],
+        )
+        await self.db(self.store.insert_credential, credential)
+        return 200, credential.to_api()
+
+    async def credential_list(self, ctx: Ctx) -> tuple[int, Any]:
+        credentials = await self.db(self.store.list_credentials, ctx.who.principal.id)
+        return 200, {"items": [c.to_api() for c in credentials]}
+
+    async def _own_credential(self, ctx: Ctx, uuid: str) -> Credential:
+        credential = await self.db(self.store.credential_by_uuid, uuid)
+        if credential is None or credential.principal_id != ctx.who.principal.id:
+            raise ApiError(
+                404, "not_found", f"credential {uuid} not found; list credentials for valid uuids"
+            )
+        return credential
+
+    async def credential_activate(self, ctx: Ctx) -> tuple[int, Any]:
+        credential = await self._own_credential(ctx, ctx.need("credentialUuid", str))
+        await self.db(self.store.set_active, credential.uuid, True)
+        return 200, {"message": "success"}
+
+    async def credential_deactivate(self, ctx: Ctx) -> tuple[int, Any]:
+        credential = await self._own_credential(ctx, ctx.need("credentialUuid", str))
+        await self.db(self.store.set_active, credential.uuid, False)
+        return 200, {"message": "success"}
+
+    async def credential_delete(self, ctx: Ctx) -> tuple[int, Any]:
+        credential = await self._own_credential(ctx, ctx.params["credentialUuid"])
+        await self.db(self.store.delete_credential, credential.uuid)
+        return 200, {}
+
+    async def code_create(self, ctx: Ctx) -> tuple[int, Any]:
+        raw = ctx.need("expiration", str)
+        try:
+            expiration = datetime.fromisoformat(raw)
+        except ValueError:
+            raise bad_request("expiration must be an ISO 8601 date-time") from None
+        if expiration.tzinfo is None:
+            expiration = expiration.replace(tzinfo=UTC)
+        now = datetime.now(UTC)
+        if expiration <= now or expiration > now + timedelta(seconds=61):
+            raise bad_request("expiration must be in the future and at most 1 minute ahead")
+        alphabet = string.ascii_uppercase + string.digits
+        code = "-".join("".join(secrets.choice(alphabet) for _ in range(3)) for _ in range(3))
+        stamp = expiration.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        await self.db(self.store.insert_code, code, ctx.who.org_id, ctx.who.principal.id, stamp)
+        return 200, {"code": code, "expiration": stamp}
+
+    async def code_init(self, ctx: Ctx) -> tuple[int, Any]:
+        code = ctx.need("code", str)
+        kind = ctx.need("credentialKind", str)
+        found = await self.db(self.store.consume_code, code)
+        invalid = ApiError(401, "unauthorized", "invalid, used or expired code; create a new one")
+        if found is None:
+            raise invalid
+        org_id, principal_id, expiration = found
+        if datetime.fromisoformat(expiration) < datetime.now(UTC):
+            raise invalid
+        principal = self.principals[principal_id]
+        return 200, self._new_credential_challenge(org_id, principal, kind, via_code=True)
+
+    async def code_verify(self, ctx: Ctx) -> tuple[int, Any]:
+        return await self._create_key_credential(ctx, via_code=True, caller_principal=None)
+
+    # ------------------------------------------------------------------------------ webhooks
+
+    def _own_webhook(self, ctx: Ctx) -> Webhook:
+        webhook_id = ctx.params["webhookId"]
+        webhook = self.deliveries.webhooks.get(webhook_id)
+        if webhook is None or webhook.org_id != ctx.who.org_id:
+            raise ApiError(404, "not_found", f"webhook {webhook_id} not found")
+        return webhook
+
+    @staticmethod
+    def _webhook_fields(ctx: Ctx, *, creating: bool) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        url = ctx.field("url", str, required=creating)
+        if url is not None:
+            if not url.startswith(("http://", "https://")):
+                raise bad_request("url must be an http:// or https:// URL")
+            fields["url"] = url
+        events = ctx.field("events", list, required=creating)
+        if events is not None:
+            if not events or not all(isinstance(e, str) and e for e in events):
+                raise bad_request('events must be a non-empty list of event kinds, or ["*"]')
+            fields["events"] = events
+        if isinstance(ctx.body, dict) and "description" in ctx.body:
+            description = ctx.body["description"]
+            if description is not None and not isinstance(description, str):
+                raise bad_request("description must be a string")
+            fields["description"] = description
+        status = ctx.field("status", str, required=False)
+        if status is not None:
+            if status not in ("Enabled", "Disabled"):
+                raise bad_request('status must be "Enabled" or "Disabled"')
+            fields["status"] = status
+        return fields
+
+    async def webhook_create(self, ctx: Ctx) -> tuple[int, Any]:
+        fields = self._webhook_fields(ctx, creating=True)
+        now = utc_now_iso()
+        webhook = Webhook(
+            id=new_id("wh", 10),
+            org_id=ctx.who.org_id,
+            url=fields["url"],
+            events=fields["events"],
+            description=fields.get("description"),
+            status=fields.get("status", "Enabled"),
+            secret="whs-" + secrets.token_hex(20),
+            date_created=now,
+            date_updated=now,
+        )
+        if not await self.db(self.store.insert_webhook, webhook, WEBHOOK_LIMIT):
+            raise bad_request(
+                f"the organisation already has the maximum of {WEBHOOK_LIMIT} webhooks;"
+                " delete one before creating another",
+                "webhook_limit",
+            )
+        self.deliveries.webhooks[webhook.id] = webhook
+        return 200, {**webhook.to_api(), "secret": webhook.secret}
+
+    async def webhook_list(self, ctx: Ctx) -> tuple[int, Any]:
+        mine = [w for w in self.deliveries.webhooks.values() if w.org_id == ctx.who.org_id]
+        limit, start = _page_args(ctx.request)
+        page = mine[start : start + limit]
+        result: dict[str, Any] = {"items": [w.to_api() for w in page]}
+        if start + limit < len(mine):
+            result["nextPageToken"] = str(start + limit)
+        return 200, result
+
+    async def webhook_get(self, ctx: Ctx) -> tuple[int, Any]:
+        return 200, self._own_webhook(ctx).to_api()
+
+    async def webhook_update(self, ctx: Ctx) -> tuple[int, Any]:
+        webhook = self._own_webhook(ctx)
+        fields = self._webhook_fields(ctx, creating=False)
+        updated = Webhook(
+            id=webhook.id,
+            org_id=webhook.org_id,
+            url=fields.get("url", webhook.url),
+            events=fields.get("events", webhook.events),
+            description=fields.get("description", webhook.description),
+            status=fields.get("status", webhook.status),
+            secret=webhook.secret,
+            date_created=webhook.date_created,
+            date_updated=utc_now_iso(),
+        )
+        await self.db(self.store.update_webhook, updated)
+        self.deliveries.webhooks[webhook.id] = updated
+        return 200, updated.to_api()
+
+    async def webhook_delete(self, ctx: Ctx) -> tuple[int, Any]:
+        webhook = self._own_webhook(ctx)
+        await self.db(self.store.delete_webhook, webhook.id)
+        self.deliveries.webhooks.pop(webhook.id, None)
+        return 200, {"deleted": True}
+
+    async def webhook_ping(self, ctx: Ctx) -> tuple[int, Any]:
+        webhook = self._own_webhook(ctx)
+        status, error = await self.deliveries.ping(webhook)
+        result: dict[str, Any] = {"status": status}
+        if error is not None:
+            result["error"] = error
+        return 200, result
+
+    async def webhook_events(self, ctx: Ctx) -> tuple[int, Any]:
+        webhook = self._own_webhook(ctx)
+        await self.deliveries.flush()
+        limit, after = _page_args(ctx.request)
+        kind = ctx.request.query_params.get("kind")
+        failed_param = ctx.request.query_params.get("deliveryFailed")
+        failed = None if failed_param is None else failed_param.lower() == "true"
+        rows = await self.db(
+            functools.partial(
+                self.store.list_deliveries,
+                webhook.id,
+                limit=limit + 1,
+                after_seq=after,
+                kind=kind,
+                failed=failed,
+            )
+        )
+        result: dict[str, Any] = {"items": [r.to_api() for _, r in rows[:limit]]}
+        if len(rows) > limit:
+            result["nextPageToken"] = str(rows[limit - 1][0])
+        return 200, result
+
+    async def webhook_event(self, ctx: Ctx) -> tuple[int, Any]:
+        webhook = self._own_webhook(ctx)
+        await self.deliveries.flush()
+        event_id = ctx.params["eventId"]
+        record = await self.db(self.store.get_delivery, webhook.id, event_id)
+        if record is None:
+            raise ApiError(404, "not_found", f"webhook event {event_id} not found")
+        return 200, record.to_api()
+
+    # ------------------------------------------------------------------------------ control
+
+    async def control_state(self, request: Request) -> Response:
+        with_events = request.query_params.get("events") in ("1", "true", "yes")
+        counts = await self.db(self.store.credential_counts)
+        return JSONResponse(
+            {
+                "requests": self.counters.snapshot(),
+                "faults": vars(self.faults.counters).copy(),
+                "deliveries": self.deliveries.snapshot(with_events=with_events),
+                "events_emitted": self.deliveries.events_emitted,
+                "events_dropped": self.deliveries.events_dropped,
+                "retries_scheduled": self.deliveries.retries_scheduled,
+                "credentials": counts,
+                "principals": {
+                    p.id: {"kind": p.kind, "name": p.name} for p in self.principals.values()
+                },
+                "webhooks": len(self.deliveries.webhooks),
+                "org_id": self.org_id,
+                "pid": __import__("os").getpid(),
+            }
+        )
+
+    async def control_faults(self, request: Request) -> Response:
+        if request.method == "PUT":
+            try:
+                changes = json.loads(await request.body() or b"{}")
+                if not isinstance(changes, dict):
+                    raise FaultConfigError("the body must be a JSON object of fault fields")
+                self.faults.config = self.faults.config.updated(changes)
+            except (ValueError, TypeError) as exc:
+                return error_response(400, "bad_request", str(exc).splitlines()[0])
+        return JSONResponse(self.faults.config.to_json())
+
+    async def control_events(self, request: Request) -> Response:
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            return error_response(400, "bad_request", "the body must be JSON")
+        if not isinstance(body, dict):
+            return error_response(400, "bad_request", "the body must be a JSON object")
+        kind = body.get("kind", "wallet.created")
+        data = body.get("data", {})
+        count = int(body.get("count", 1))
+        if not isinstance(kind, str) or not isinstance(data, dict) or count < 1:
+            return error_response(
+                400, "bad_request", "send {kind: str, data: object, count: positive int}"
+            )
+        queued = sum(self.deliveries.emit(kind, data) for _ in range(count))
+        return JSONResponse({"queued": queued})
+
+    # ------------------------------------------------------------------------------- routes
+
+    def route_specs(self) -> list[RouteSpec]:
+        read = RouteSpec
+        signed = functools.partial(RouteSpec, signed=True, mutating=True)
+        cred_uuid = "{credentialUuid}"
+        return [
+            read("POST", "/auth/action/init", self.action_init),
+            read("POST", "/auth/action", self.action_sign),
+            read("POST", "/auth/credentials/init", self.credential_init),
+            read("POST", "/auth/credentials/code/init", self.code_init, auth=False),
+            read(
+                "POST", "/auth/credentials/code/verify", self.code_verify, auth=False, mutating=True
+            ),
+            signed("POST", "/auth/credentials/code", self.code_create),
+            signed("PUT", "/auth/credentials/activate", self.credential_activate),
+            signed("PUT", "/auth/credentials/deactivate", self.credential_deactivate),
+            read("GET", "/auth/credentials", self.credential_list),
+            signed("POST", "/auth/credentials", self.credential_create),
+            signed("DELETE", f"/auth/credentials/{cred_uuid}", self.credential_delete),
+            signed(
+                "POST", "/auth/service-accounts/credentials", self.service_account_credential_create
+            ),
+            signed(
+                "DELETE", f"/auth/service-accounts/credentials/{cred_uuid}", self.credential_delete
+            ),
+            signed("POST", "/webhooks", self.webhook_create),
+            read("GET", "/webhooks", self.webhook_list),
+            read("GET", "/webhooks/{webhookId}", self.webhook_get),
+            signed("PUT", "/webhooks/{webhookId}", self.webhook_update),
+            signed("DELETE", "/webhooks/{webhookId}", self.webhook_delete),
+            signed("POST", "/webhooks/{webhookId}/ping", self.webhook_ping),
+            read("GET", "/webhooks/{webhookId}/events", self.webhook_events),
+            read("GET", "/webhooks/{webhookId}/events/{eventId}", self.webhook_event),
+        ]
+
+
+def _page_args(request: Request) -> tuple[int, int]:
+    try:
+        limit = int(request.query_params.get("limit", "100"))
+        start = int(request.query_params.get("paginationToken", "0"))
+    except ValueError:
+        raise bad_request("limit and paginationToken must be whole numbers") from None
+    if not 1 <= limit <= 1000 or start < 0:
+        raise bad_request("limit must be between 1 and 1000")
+    return limit, start
+
+
+# ------------------------------------------------------------------------------ the ASGI app
+
+
+class DropConnection:
+    """Outermost ASGI layer: lets a handler close the client's connection with no response.
+
+    It exposes a coroutine in the scope; the handler calls it, every later `send` is swallowed,
+    and the TCP connection is closed under uvicorn (the client sees a connection error).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        dropped = False
+
+        async def drop() -> None:
+            nonlocal dropped
+            dropped = True
+            transport = getattr(getattr(send, "__self__", None), "transport", None)
+            if transport is not None:
+                transport.close()
+                await asyncio.sleep(0)  # let the server notice the closed connection
+            else:  # not under uvicorn's h11 cycle: start a response and abandon it
+                await send({"type": "http.response.start", "status": 500, "headers": []})
+
+        async def guarded_send(message: Message) -> None:
+            if not dropped:
+                await send(message)
+
+        scope[DROP_SCOPE_KEY] = drop
+        await self.app(scope, receive, guarded_send)
+
+
+def build_app(sandbox: Sandbox) -> ASGIApp:
+    routes: list[Route] = []
+    for spec in sandbox.route_specs():
+
+        async def endpoint(request: Request, spec: RouteSpec = spec) -> Response:
+            return await sandbox.handle(spec, request)
+
+        routes.append(Route(spec.template, endpoint, methods=[spec.method]))
+    routes.append(Route("/_sandbox/state", sandbox.control_state, methods=["GET"]))
+    routes.append(Route("/_sandbox/faults", sandbox.control_faults, methods=["GET", "PUT"]))
+    routes.append(Route("/_sandbox/events", sandbox.control_events, methods=["POST"]))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        key = f"{request.method} (no route)"
+        if exc.status_code == 404:
+            response = error_response(
+                404, "not_found", f"no such route: {request.method} {request.url.path}"
+            )
+        elif exc.status_code == 405:
+            response = error_response(
+                405,
+                "method_not_allowed",
+                f"method {request.method} is not allowed on {request.url.path}",
+            )
+        else:
+            response = error_response(exc.status_code, "http_error", str(exc.detail))
+        sandbox.counters.count(key, response.status_code)
+        return response
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return error_response(
+            500, "internal_error", f"the sandbox failed: {type(exc).__name__}; see its log"
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await sandbox.deliveries.start(event_rate=sandbox.settings.event_rate)
+        try:
+            yield
+        finally:
+            await sandbox.deliveries.stop()
+
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+        lifespan=lifespan,
+    )
+    return DropConnection(app)
