@@ -180,65 +180,26 @@ def rotations_show(
 
 
 def _operator(action: OperatorAction, rotation_id: str, reason: str) -> None:
-    from keyturn.engine.operator import record_request
+    from keyturn.engine.operator import request_action
 
     w = state.wiring()
-    w.checked_vault()
-    rotation = record_request(w.store, w.clock, rotation_id, action, actor(), reason)
-    applied = _apply_now_if_unleased(w, rotation_id)
-    if applied is not None:
-        out.print(
-            f"{action.value} {applied}; rotation {rotation_id} is now "
-            f"{applied_state(w, rotation_id)}"
-        )
-    else:
+    deps = w.engine_deps()
+    rotation, applied = asyncio.run(request_action(deps, rotation_id, action, actor(), reason))
+    if applied is None:
         out.print(
             f"{action.value} requested; the worker holding rotation {rotation_id} "
             f"({rotation.lease_owner}) carries it out at its next action boundary"
         )
-
-
-def applied_state(w: Wiring, rotation_id: str) -> str:
-    r = w.store.get_rotation(rotation_id)
-    return f"{r.state.value} ({render.status_of(r)})"
-
-
-def _apply_now_if_unleased(w: Wiring, rotation_id: str) -> str | None:
-    """When no worker holds the rotation, carry the request out now (as the next claimer)."""
-    from datetime import timedelta
-
-    from keyturn.domain.errors import StaleVersion
-    from keyturn.engine.operator import apply_request
-    from keyturn.engine.run import RotationRun
-    from keyturn.ports import Change
-
-    rotation = w.store.get_rotation(rotation_id)
-    now = w.clock.now()
-    if rotation.lease_owner and rotation.lease_expires_at and rotation.lease_expires_at > now:
-        return None
-    owner = f"cli:{actor()}:{os.getpid()}"
-    try:
-        leased = w.store.commit(
-            Change(
-                rotation.id,
-                rotation.version,
-                updates={"lease_owner": owner, "lease_expires_at": now + timedelta(seconds=30)},
-            )
-        )
-    except StaleVersion:
-        return None  # a worker claimed it meanwhile; it will carry the request out
-
-    deps = w.engine_deps()
-
-    async def go() -> str:
-        run = RotationRun(deps, leased, owner)
-        applied = await apply_request(run)
-        await run.commit(
-            Change(rotation.id, 0, updates={"lease_owner": None, "lease_expires_at": None})
-        )
-        return applied.outcome
-
-    return asyncio.run(go())
+        return
+    if applied.outcome != "applied":
+        raise KeyturnError(f"{action.value} of rotation {rotation_id} {applied.outcome}")
+    follow = ""
+    if not rotation.finished and not rotation.paused:
+        follow = "; a worker carries on from here"
+    out.print(
+        f"{action.value} applied; rotation {rotation_id} is now {rotation.state.value} "
+        f"({render.status_of(rotation)}){follow}"
+    )
 
 
 @rotations_app.command("resume")

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from keyturn.domain.errors import KeyturnError, TransitionRefused
+from keyturn.domain.errors import KeyturnError, StaleVersion, TransitionRefused
 from keyturn.domain.lifecycle import GuardFacts, State, Trigger, check_guards
 from keyturn.domain.model import (
     Event,
@@ -17,7 +17,7 @@ from keyturn.domain.model import (
     Rotation,
 )
 from keyturn.engine.kinds import kind_for
-from keyturn.engine.run import RotationRun, db, new_rotation_id
+from keyturn.engine.run import EngineDeps, RotationRun, db, new_rotation_id
 from keyturn.ports import Change, Clock, Store
 
 
@@ -79,6 +79,32 @@ def record_request(
         detail={"status": "requested"},
     )
     return store.request(rotation_id, OperatorRequest(action, actor, reason, now), event)
+
+
+async def request_action(
+    deps: EngineDeps,
+    rotation_id: str,
+    action: OperatorAction,
+    actor: str,
+    reason: str,
+) -> tuple[Rotation, Applied | None]:
+    """Record an operator request; if no worker holds the rotation, carry it out now (as the
+    next claimer would). Returns the rotation after the request and what was applied, if any."""
+    rotation = await db(record_request, deps.store, deps.clock, rotation_id, action, actor, reason)
+    now = deps.clock.now()
+    if rotation.lease_owner and rotation.lease_expires_at and rotation.lease_expires_at > now:
+        return rotation, None
+    owner = f"operator:{actor}"
+    run = RotationRun(deps, rotation, owner)
+    try:
+        await run.renew()
+    except StaleVersion:
+        return rotation, None  # a worker claimed it meanwhile; it carries the request out
+    applied = await apply_request(run)
+    await run.commit(
+        Change(rotation.id, 0, updates={"lease_owner": None, "lease_expires_at": None})
+    )
+    return run.rotation, applied
 
 
 @dataclass(frozen=True)

@@ -243,6 +243,8 @@ class RotationRun:
         }
         if dest in FINAL_STATES:
             change.updates.setdefault("finished_at", self.now())
+        else:  # a rollback of a finished rotation makes it unfinished again
+            change.updates.setdefault("finished_at", None)
         change.events = [
             *change.events,
             Event(
