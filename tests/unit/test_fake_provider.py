@@ -102,8 +102,15 @@ async def test_register_rejects_duplicate_credid_and_unknown_via(
     dup = _key(old.credential_id)
     await _refused(
         provider.register_key(signer=old, new_key=dup, name="x", via="credentials"),
-        400,
+        409,
         "already exists",
+    )
+    await _refused(
+        provider.register_key(
+            signer=old, new_key=_key("not/base64url"), name="x", via="credentials"
+        ),
+        400,
+        "must be base64url",
     )
     await _refused(
         provider.register_key(signer=old, new_key=_key("n"), name="x", via="carrier-pigeon"),
@@ -204,7 +211,7 @@ async def test_fail_next_apply_first_applies_then_raises(
     # A naive retry collides with it.
     await _refused(
         provider.register_key(signer=old, new_key=new, name="rot-9", via="credentials"),
-        400,
+        409,
         "already exists",
     )
 

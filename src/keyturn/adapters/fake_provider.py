@@ -14,6 +14,7 @@ every call by method name.
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 from collections import Counter, deque
 from dataclasses import dataclass, replace
@@ -32,6 +33,8 @@ from keyturn.ports import KeyProvider, ProviderCredential, SigningKey
 VIA_CREDENTIALS: Final = "credentials"
 VIA_SERVICE_ACCOUNT_ENDPOINT: Final = "service_account_endpoint"
 VIAS: Final = (VIA_CREDENTIALS, VIA_SERVICE_ACCOUNT_ENDPOINT)
+
+_BASE64URL_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
 
 METHODS: Final[tuple[str, ...]] = (
     "register_key",
@@ -229,35 +232,35 @@ class FakeKeyProvider(KeyProvider):
                 f"credential {signer.credential_id} is not registered with the provider; "
                 "it cannot sign",
                 401,
-                "Unauthorized",
+                "unauthorized",
             )
         if not cred.is_active:
             raise _refused(
                 f"credential {signer.credential_id} is inactive and cannot sign; activate it or "
                 "sign with an active credential",
                 401,
-                "Unauthorized",
+                "unauthorized",
             )
         try:
             key = load_private_key(signer.private_key_pem, what="the signer's private key")
             challenge = secrets.token_bytes(32)
             signature = _sign(key, challenge)
         except InvalidPrivateKey as exc:
-            raise _refused(str(exc), 401, "Unauthorized") from None
+            raise _refused(str(exc), 401, "unauthorized") from None
         public = serialization.load_pem_public_key(cred.public_key.encode("ascii"))
         if not _verify(public, signature, challenge):
             raise _refused(
                 f"signature by credential {signer.credential_id} does not verify with its "
                 "registered public key",
                 401,
-                "Unauthorized",
+                "unauthorized",
             )
         return cred
 
     def _get(self, credential_uuid: str) -> FakeCredential:
         cred = self._credentials.get(credential_uuid)
         if cred is None:
-            raise _refused(f"credential {credential_uuid} not found", 404, "NotFound")
+            raise _refused(f"credential {credential_uuid} not found", 404, "not_found")
         return cred
 
     # ----------------------------------------------------------------------------- the port
@@ -270,7 +273,7 @@ class FakeKeyProvider(KeyProvider):
             raise _refused(
                 f"unknown registration path {via!r}; use one of: {', '.join(VIAS)}",
                 400,
-                "BadRequest",
+                "bad_request",
             )
         self._check_signer(signer)
         try:
@@ -278,16 +281,18 @@ class FakeKeyProvider(KeyProvider):
                 load_private_key(new_key.private_key_pem, what="the new key's private key")
             )
         except InvalidPrivateKey as exc:
-            raise _refused(str(exc), 400, "BadRequest") from None
+            raise _refused(str(exc), 400, "bad_request") from None
         if via == VIA_CREDENTIALS:
             credential_id = new_key.credential_id
-            if not credential_id:
-                raise _refused("the new credential needs a credId", 400, "BadRequest")
+            if not credential_id or not _BASE64URL_RE.fullmatch(credential_id):
+                raise _refused(
+                    "credentialInfo.credId must be base64url (A-Z a-z 0-9 - _)", 400, "bad_request"
+                )
             if self._by_credential_id(credential_id) is not None:
                 raise _refused(
                     f"credential id {credential_id} already exists; choose a new credId",
-                    400,
-                    "BadRequest",
+                    409,
+                    "conflict",
                 )
         else:
             credential_id = _random_credential_id()
