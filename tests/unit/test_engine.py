@@ -24,7 +24,6 @@ from keyturn.domain.model import (
     CredentialKind,
     ManagedCredential,
     OperatorAction,
-    Phase,
 )
 from keyturn.domain.retry import RetryPolicy
 from keyturn.engine.operator import record_request, request_action, start_rotation

@@ -143,9 +143,7 @@ def check_sequence(store: Store, sequence: list[tuple[str, Any]]) -> None:
                     )
                 assert store.get_rotation(rotation.id) == before
             elif op == "request":
-                if expected in FINAL and arg != "rollback":
-                    ok = False
-                elif pending_request is not None:
+                if (expected in FINAL and arg != "rollback") or pending_request is not None:
                     ok = False
                 elif arg in REQUEST_OK:
                     ok = expected in REQUEST_OK[arg]
