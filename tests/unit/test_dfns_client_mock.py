@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from keyturn.adapters.dfns import (
     CredentialNotAllowed,
@@ -965,3 +968,28 @@ async def test_provider_rejects_unknown_path_and_bad_keys(fake: FakeDfns) -> Non
     assert fake.log == []
     assert "TOKEN" not in repr(provider) and TOKEN not in repr(provider)
     await provider.aclose()
+
+
+# ------------------------------------------------------------------- property: bytes == payload
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(description=st.text(max_size=60), events=st.lists(st.text(min_size=1, max_size=12)))
+def test_any_body_is_sent_exactly_as_signed(description: str, events: list[str]) -> None:
+    fake = FakeDfns()
+    cred_id, pem, _ = fake.seed()
+    fake.webhooks["wh-1"] = {"id": "wh-1", "url": "u", "events": ["*"], "status": "Enabled"}
+
+    async def run() -> None:
+        async with client_for(fake, KeySigner.from_pem(cred_id, pem)) as client:
+            updated = await client.update_webhook(
+                "wh-1", description=description, events=events or ["*"]
+            )
+        assert updated.description == description
+
+    anyio.run(run)
+    init = json.loads(fake.log[0].content)
+    method, path, sent, _ = fake.signed[-1]
+    assert (method, path) == ("PUT", "/webhooks/wh-1")
+    assert init["userActionPayload"].encode("utf-8") == sent
+    assert json.loads(sent) == {"description": description, "events": events or ["*"]}
