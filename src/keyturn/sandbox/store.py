@@ -415,7 +415,7 @@ class Store:
 
     # ------------------------------------------------------------------------------- webhooks
 
-    def insert_webhook(self, webhook: Webhook, *, limit: int) -> bool:
+    def insert_webhook(self, webhook: Webhook, limit: int) -> bool:
         """Insert unless the organisation already has `limit` webhooks (then False)."""
         with self._tx() as db:
             (count,) = db.execute(
