@@ -62,7 +62,12 @@ def principal(sandbox: Any, who: str) -> tuple[str, str, KeySigner, str]:
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("who", "algorithm"),
-    [("service_account", "ed25519"), ("pat", "ecdsa-p256"), ("user", "rsa-2048")],
+    [
+        ("service_account", "ed25519"),
+        ("service_account", "ecdsa-secp256k1"),
+        ("pat", "ecdsa-p256"),
+        ("user", "rsa-2048"),
+    ],
 )
 async def test_key_credential_rotation_round_trip(sandbox: Any, who: str, algorithm: str) -> None:
     base_url, token, old, old_uuid = principal(sandbox, who)
