@@ -6,7 +6,14 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from keyturn.adapters.keys import ALGORITHMS, CryptoKeys, InvalidPrivateKey
+from keyturn.adapters.keys import (
+    ALGORITHMS,
+    CryptoKeys,
+    InvalidPrivateKey,
+    load_private_key,
+    sign_message,
+    verify_message,
+)
 from keyturn.domain.errors import ConfigError, KeyturnError
 from keyturn.testing.secret_scan import scan_bytes
 
@@ -121,3 +128,23 @@ def test_encrypted_private_key_says_it_needs_no_passphrase() -> None:
     )
     with pytest.raises(InvalidPrivateKey, match="encrypted with a passphrase"):
         KEYS.algorithm_of(encrypted)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_sign_and_verify_message_as_dfns_expects(algorithm: str) -> None:
+    generated = KEYS.generate(algorithm)
+    key = load_private_key(generated.private_pem)
+    public = serialization.load_pem_public_key(generated.public_pem.encode())
+    signature = sign_message(key, b"challenge")
+    assert verify_message(public, signature, b"challenge")
+    assert not verify_message(public, signature, b"challengf")
+    other = serialization.load_pem_public_key(KEYS.generate(algorithm).public_pem.encode())
+    assert not verify_message(other, signature, b"challenge")
+    if algorithm == "ed25519":
+        # Ed25519 signs the raw bytes: a standard library verification agrees.
+        assert isinstance(public, ed25519.Ed25519PublicKey)
+        public.verify(signature, b"challenge")
+    elif algorithm == "ecdsa-p256":
+        assert signature[0] == 0x30  # DER SEQUENCE, not raw r||s
+    else:
+        assert len(signature) == 256

@@ -21,12 +21,15 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Final
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
+from cryptography.hazmat.primitives import serialization
 
-from keyturn.adapters.keys import InvalidPrivateKey, load_private_key
+from keyturn.adapters.keys import (
+    InvalidPrivateKey,
+    load_private_key,
+    public_pem_of,
+    sign_message,
+    verify_message,
+)
 from keyturn.domain.errors import ProviderError
 from keyturn.ports import KeyProvider, ProviderCredential, SigningKey
 
@@ -80,39 +83,6 @@ def _random_uuid() -> str:
     return "cr-" + secrets.token_hex(10)
 
 
-def _public_pem(key: PrivateKeyTypes) -> str:
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode("ascii")
-    )
-
-
-def _sign(key: PrivateKeyTypes, message: bytes) -> bytes:
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign(message)
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(message, ec.ECDSA(hashes.SHA256()))
-    if isinstance(key, rsa.RSAPrivateKey):
-        return key.sign(message, padding.PKCS1v15(), hashes.SHA256())
-    raise InvalidPrivateKey(f"unsupported signing key type {type(key).__name__}")
-
-
-def _verify(public: PublicKeyTypes, signature: bytes, message: bytes) -> bool:
-    try:
-        if isinstance(public, ed25519.Ed25519PublicKey):
-            public.verify(signature, message)
-        elif isinstance(public, ec.EllipticCurvePublicKey):
-            public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
-        elif isinstance(public, rsa.RSAPublicKey):
-            public.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
-        else:
-            return False
-    except InvalidSignature:
-        return False
-    return True
-
-
 def _refused(message: str, status: int, code: str) -> ProviderError:
     return ProviderError(message, retryable=False, status=status, code=code)
 
@@ -150,7 +120,7 @@ class FakeKeyProvider(KeyProvider):
         """Seed a credential from a private or public PEM key, bypassing every check; its uuid."""
         pem = key_pem.encode("ascii") if isinstance(key_pem, str) else bytes(key_pem)
         if b"PRIVATE KEY" in pem:
-            public_key = _public_pem(load_private_key(pem))
+            public_key = public_pem_of(load_private_key(pem))
         else:
             public_key = pem.decode("ascii")
             serialization.load_pem_public_key(pem)  # validate
@@ -244,11 +214,11 @@ class FakeKeyProvider(KeyProvider):
         try:
             key = load_private_key(signer.private_key_pem, what="the signer's private key")
             challenge = secrets.token_bytes(32)
-            signature = _sign(key, challenge)
+            signature = sign_message(key, challenge)
         except InvalidPrivateKey as exc:
             raise _refused(str(exc), 401, "unauthorized") from None
         public = serialization.load_pem_public_key(cred.public_key.encode("ascii"))
-        if not _verify(public, signature, challenge):
+        if not verify_message(public, signature, challenge):
             raise _refused(
                 f"signature by credential {signer.credential_id} does not verify with its "
                 "registered public key",
@@ -277,7 +247,7 @@ class FakeKeyProvider(KeyProvider):
             )
         self._check_signer(signer)
         try:
-            public_key = _public_pem(
+            public_key = public_pem_of(
                 load_private_key(new_key.private_key_pem, what="the new key's private key")
             )
         except InvalidPrivateKey as exc:

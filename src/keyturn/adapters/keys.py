@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Final
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
 from keyturn.domain.errors import ConfigError, KeyturnError
 from keyturn.ports import GeneratedKey
@@ -90,12 +90,40 @@ def algorithm_name(key: PrivateKeyTypes) -> str:
     )
 
 
-def _public_pem(key: PrivateKeyTypes) -> str:
+def public_pem_of(key: PrivateKeyTypes) -> str:
+    """The SubjectPublicKeyInfo PEM of a loaded private key."""
     return (
         key.public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         .decode("ascii")
     )
+
+
+def sign_message(key: PrivateKeyTypes, message: bytes) -> bytes:
+    """Sign as Dfns expects: Ed25519 raw; ECDSA over SHA-256, DER; RSA PKCS#1 v1.5 SHA-256."""
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(message)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(message, ec.ECDSA(hashes.SHA256()))
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(message, padding.PKCS1v15(), hashes.SHA256())
+    raise InvalidPrivateKey(f"unsupported signing key type {type(key).__name__}")
+
+
+def verify_message(public: PublicKeyTypes, signature: bytes, message: bytes) -> bool:
+    """True when `signature` (made as :func:`sign_message` makes it) verifies with `public`."""
+    try:
+        if isinstance(public, ed25519.Ed25519PublicKey):
+            public.verify(signature, message)
+        elif isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(public, rsa.RSAPublicKey):
+            public.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
 
 
 class CryptoKeys:
@@ -118,12 +146,12 @@ class CryptoKeys:
             serialization.NoEncryption(),
         )
         return GeneratedKey(
-            algorithm=algorithm, private_pem=private_pem, public_pem=_public_pem(key)
+            algorithm=algorithm, private_pem=private_pem, public_pem=public_pem_of(key)
         )
 
     def public_pem(self, private_pem: bytes) -> str:
         """The SubjectPublicKeyInfo PEM of a PEM private key."""
-        return _public_pem(load_private_key(private_pem))
+        return public_pem_of(load_private_key(private_pem))
 
     def algorithm_of(self, private_pem: bytes) -> str:
         """keyturn's algorithm name ("ed25519", "ecdsa-p256", "rsa-2048", ...) of a PEM key."""
