@@ -148,3 +148,10 @@ def test_sign_and_verify_message_as_dfns_expects(algorithm: str) -> None:
         assert signature[0] == 0x30  # DER SEQUENCE, not raw r||s
     else:
         assert len(signature) == 256
+
+
+def test_generated_key_repr_leaves_out_the_private_key() -> None:
+    generated = KEYS.generate("ecdsa-p256")
+    for shown in (repr(generated), str(generated), f"{generated!r}", repr([generated])):
+        assert "ecdsa-p256" in shown
+        assert scan_bytes(shown, {"private": generated.private_pem}) == []

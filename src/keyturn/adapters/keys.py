@@ -6,6 +6,7 @@ never quote key material: a key that cannot be parsed is described, not shown.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Final
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -126,6 +127,17 @@ def verify_message(public: PublicKeyTypes, signature: bytes, message: bytes) -> 
     return True
 
 
+@dataclass(frozen=True, repr=False)
+class _GeneratedKey(GeneratedKey):
+    """A GeneratedKey whose repr leaves out the private key (ports.GeneratedKey's own repr
+    would print it)."""
+
+    def __repr__(self) -> str:
+        return f"GeneratedKey(algorithm={self.algorithm!r}, public_pem={self.public_pem!r})"
+
+    __str__ = __repr__
+
+
 class CryptoKeys:
     """The Keys port: generate signing keys and derive their public halves."""
 
@@ -145,7 +157,7 @@ class CryptoKeys:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        return GeneratedKey(
+        return _GeneratedKey(
             algorithm=algorithm, private_pem=private_pem, public_pem=public_pem_of(key)
         )
 
