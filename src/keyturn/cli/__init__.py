@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 
@@ -389,12 +388,19 @@ def main() -> None:
     except KeyturnError as exc:
         sys.stderr.write(f"keyturn: error: {exc}\n")
         sys.exit(1)
-    except click.exceptions.Abort:
+    except typer.Abort:
         sys.stderr.write("keyturn: aborted\n")
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+    except Exception as exc:
+        # Usage errors (typer vendors its own click, so match by shape, not by class).
+        fmt = getattr(exc, "format_message", None)
+        code = getattr(exc, "exit_code", None)
+        if fmt is None or not isinstance(code, int):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        sys.stderr.write(f"keyturn: error: {fmt()}{where}\n")
+        sys.exit(code)
     except json.JSONDecodeError as exc:  # pragma: no cover - defensive
         sys.stderr.write(f"keyturn: error: invalid JSON ({exc})\n")
         sys.exit(1)

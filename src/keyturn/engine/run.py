@@ -164,6 +164,7 @@ class RotationRun:
         record = actions.get((phase, name))
         if record is not None and record.status is ActionStatus.DONE:
             return dict(record.detail)
+        self.deps.crash_hook(f"{phase.value}.{name}.before_intent")
         await self.check_boundary()
         bound = self.log.bind(step=phase.value, action=name)
         started = time.monotonic()

@@ -1,0 +1,5 @@
+"""`python -m keyturn` is the `keyturn` command."""
+
+from keyturn.cli import main
+
+main()
