@@ -103,10 +103,9 @@ def test_algorithm_of_accepts_traditional_pem_and_other_curves() -> None:
 
 def test_bad_private_keys_are_described_never_quoted() -> None:
     generated = KEYS.generate("ed25519")
-    # A PEM whose body is corrupted: the error must not quote any of it.
-    lines = generated.private_pem.split(b"\n")
-    corrupted = b"\n".join([lines[0], lines[1][:-8] + b"AAAAAAAA", *lines[2:]])
-    corrupted = corrupted.replace(b"MC4C", b"MC9C")  # break the DER length
+    # A PEM whose DER is corrupted (a wrong outer length): the error must not quote any of it.
+    assert generated.private_pem.startswith(b"-----BEGIN PRIVATE KEY-----\nMC4CAQAw")
+    corrupted = generated.private_pem.replace(b"MC4CAQAw", b"MC9CAQAw")
     for bad, expected in [
         (b"not a key at all, but long enough to be a secret", "is not PEM"),
         (corrupted, "is not a valid PEM private key"),

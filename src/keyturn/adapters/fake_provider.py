@@ -13,7 +13,6 @@ every call by method name.
 
 from __future__ import annotations
 
-import base64
 import re
 import secrets
 from collections import Counter, deque
@@ -76,7 +75,7 @@ class _Fault:
 
 
 def _random_credential_id() -> str:
-    return base64.urlsafe_b64encode(secrets.token_bytes(24)).rstrip(b"=").decode("ascii")
+    return secrets.token_urlsafe(24)  # base64url, no padding, like the provider's
 
 
 def _random_uuid() -> str:
