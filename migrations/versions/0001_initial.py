@@ -94,11 +94,11 @@ def upgrade() -> None:
         sqlite_where=sa.text(UNFINISHED),
         postgresql_where=sa.text(UNFINISHED),
     )
-    # Serves the claim query.
+    # Serves the claim query (its WHERE and its ORDER BY).
     op.create_index(
         "ix_rotations_due",
         "rotations",
-        ["next_attempt_at"],
+        ["next_attempt_at", "created_at", "id"],
         unique=False,
         sqlite_where=sa.text(UNFINISHED),
         postgresql_where=sa.text(UNFINISHED),

@@ -83,13 +83,13 @@ def test_a_claimed_rotation_is_not_claimed_again_until_its_lease_expired(
     assert store.commit(Change(rotation.id, 3, updates={"state": State.NEW_ADDED})).version == 4
 
 
-def test_limit_and_order_longest_waiting_first(store: Store, seed) -> None:
+def test_limit_and_order_longest_waiting_first_never_scheduled_last(store: Store, seed) -> None:
     late = seed.rotation(next_attempt_at=NOW - timedelta(minutes=1))
     early = seed.rotation(next_attempt_at=NOW - timedelta(minutes=5))
     never = seed.rotation(next_attempt_at=None)
     middle = seed.rotation(next_attempt_at=NOW - timedelta(minutes=3))
-    assert _claim(store, limit=2) == [never.id, early.id]
-    assert _claim(store, limit=2) == [middle.id, late.id]
+    assert _claim(store, limit=2) == [early.id, middle.id]
+    assert _claim(store, limit=2) == [late.id, never.id]
     assert _claim(store, limit=2) == []
     assert _claim(store, limit=0) == []
 

@@ -142,10 +142,12 @@ class RotationRow(Base):
             sqlite_where=text("finished_at IS NULL"),
             postgresql_where=text("finished_at IS NULL"),
         ),
-        # Serves the claim query: only unfinished rotations, by due time.
+        # Serves the claim query: only unfinished rotations, in the claim's order.
         Index(
             "ix_rotations_due",
             "next_attempt_at",
+            "created_at",
+            "id",
             sqlite_where=text("finished_at IS NULL"),
             postgresql_where=text("finished_at IS NULL"),
         ),

@@ -382,10 +382,14 @@ def secret_not_found(secret_id: str) -> NotFound:
     return NotFound(f"no secret with id {secret_id}")
 
 
-#: Claim order: the longest-waiting first, then the oldest rotations.
 def _claim_order() -> list[Any]:
+    """Claim order: the longest-waiting first (never-scheduled last), then the oldest rotation.
+
+    ``ASC NULLS LAST`` is PostgreSQL's native index order, so the claim walks the partial
+    ``ix_rotations_due`` index and stops after `limit` rows instead of sorting the queue.
+    """
     return [
-        rotations_t.c.next_attempt_at.asc().nulls_first(),
+        rotations_t.c.next_attempt_at.asc().nulls_last(),
         rotations_t.c.created_at.asc(),
         rotations_t.c.id.asc(),
     ]
@@ -395,7 +399,7 @@ def claim_sort_key(rotation: Rotation) -> tuple[int, datetime, datetime, str]:
     """The order claim() hands out rotations in (also used by the in-memory store)."""
     epoch = datetime.min.replace(tzinfo=UTC)
     nxt = rotation.next_attempt_at
-    return (0 if nxt is None else 1, nxt or epoch, rotation.created_at, rotation.id)
+    return (1 if nxt is None else 0, nxt or epoch, rotation.created_at, rotation.id)
 
 
 # ------------------------------------------------------------------------------------- store
