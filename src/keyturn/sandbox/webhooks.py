@@ -60,7 +60,7 @@ class Deliveries:
         store: Store,
         *,
         time_scale: float = 1.0,
-        concurrency: int = 48,
+        concurrency: int = 16,
         queue_size: int = 50_000,
         timeout: float = 5.0,
     ) -> None:
