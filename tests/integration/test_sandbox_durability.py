@@ -108,6 +108,7 @@ def test_restart_keeps_state_and_rewrites_bootstrap(
     )
     first_pid = sandbox.pid
     base_url = sandbox.base_url
+    assert sandbox.stop() == 0, "SIGTERM stops the sandbox cleanly"
     sandbox.restart()
     assert sandbox.pid != first_pid
     assert sandbox.base_url == base_url, "restart() keeps the port"

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,24 @@ def _public_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, but a SIGTERM/SIGINT ends in a clean exit (code 0) after the graceful
+    shutdown instead of re-raising the signal."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
 def serve(settings: SandboxSettings, *, host: str, port: int) -> None:
     """Serve in the foreground until SIGTERM/SIGINT."""
     sandbox = Sandbox(settings)
@@ -55,7 +77,7 @@ def serve(settings: SandboxSettings, *, host: str, port: int) -> None:
         timeout_graceful_shutdown=3,
         timeout_keep_alive=30,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
 
     async def main() -> None:
         task = asyncio.create_task(server.serve())
