@@ -83,3 +83,28 @@ def test_urls_are_normalized_and_passwords_never_shown() -> None:
     store = SqlStore("postgresql+psycopg://u:s3cret@127.0.0.1:1/db")
     assert "s3cret" not in repr(store) and "s3cret" not in store.url
     store.close()
+
+
+def test_driver_errors_never_carry_the_statement_values(db_url: str) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    from keyturn.adapters.store.sql import secrets_t
+
+    store = SqlStore(db_url)
+    row = {
+        "id": "dup",
+        "purpose": "p",
+        "master_key_id": "mk",
+        "nonce": b"n",
+        "ciphertext": b"TOPSECRET-CIPHER",
+        "created_at": NOW,
+    }
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(sa.insert(secrets_t).values(**row))
+        with pytest.raises(IntegrityError) as info, store.engine.begin() as conn:
+            conn.execute(sa.insert(secrets_t).values(**row))
+    finally:
+        store.close()
+    assert "TOPSECRET" not in str(info.value)
+    assert "hidden due to hide_parameters" in str(info.value)

@@ -134,13 +134,15 @@ def make_engine(url: str, *, pooled: bool = True) -> Engine:
     """
     url = normalize_url(url)
     parsed = make_url(url)
-    poolclass: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
+    # hide_parameters: a driver error's text never carries the statement's values (sealed
+    # material, ids) into a log line or an exception message.
+    options: dict[str, Any] = {"hide_parameters": True}
+    if not pooled:
+        options["poolclass"] = NullPool
     if parsed.get_backend_name() == "postgresql":
-        return create_engine(url, pool_pre_ping=True, **poolclass)
+        return create_engine(url, pool_pre_ping=True, **options)
 
-    engine = create_engine(
-        url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **poolclass
-    )
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **options)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
