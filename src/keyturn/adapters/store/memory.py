@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from keyturn.adapters.store.sql import (
+    UPDATABLE_FIELDS,
     claim_sort_key,
     credential_not_found,
     rotation_not_found,
@@ -38,24 +39,6 @@ from keyturn.domain.model import (
     SealedSecret,
 )
 from keyturn.ports import Change
-
-_UPDATABLE = frozenset(
-    {
-        "state",
-        "reason",
-        "data",
-        "next_attempt_at",
-        "lease_owner",
-        "lease_expires_at",
-        "attempts",
-        "last_error",
-        "halted_reason",
-        "paused",
-        "request",
-        "rollback_from",
-        "finished_at",
-    }
-)
 
 
 def _utcnow() -> datetime:
@@ -254,11 +237,11 @@ class MemoryStore:
             return copy.deepcopy(claimed)
 
     def commit(self, change: Change) -> Rotation:
-        unknown = sorted(set(change.updates) - _UPDATABLE)
+        unknown = sorted(set(change.updates) - UPDATABLE_FIELDS)
         if unknown:
             raise ValueError(
                 f"Change.updates has fields a commit cannot set: {', '.join(unknown)}; "
-                f"allowed: {', '.join(sorted(_UPDATABLE))}"
+                f"allowed: {', '.join(sorted(UPDATABLE_FIELDS))}"
             )
         now = self._now()
         with self._tx():
