@@ -1,5 +1,6 @@
 """End-to-end harness (imported by the e2e tests as `harness`): the real `keyturn` command
-in subprocesses, a real sandbox over HTTP, SQLite files or a fresh PostgreSQL database, workers killed with SIGKILL."""
+in subprocesses, a real sandbox over HTTP, SQLite files or a fresh PostgreSQL database,
+workers killed with SIGKILL."""
 
 from __future__ import annotations
 

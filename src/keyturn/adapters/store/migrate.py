@@ -6,6 +6,7 @@ file; the URL reaches ``migrations/env.py`` through ``Config.attributes["url"]``
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from alembic import command
@@ -57,6 +58,9 @@ def current_revision(url: str) -> str | None:
     url = normalize_url(url)
     if _sqlite_file_missing(url):
         return None
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return _sqlite_revision_read_only(Path(str(parsed.database)))
     engine = make_engine(url, pooled=False)
     try:
         with engine.connect() as conn:
@@ -65,6 +69,31 @@ def current_revision(url: str) -> str | None:
         raise _cannot_connect(url, exc) from None
     finally:
         engine.dispose()
+
+
+def _sqlite_revision_read_only(path: Path) -> str | None:
+    """Read the revision without writing to the file (a check must never change a database
+    that is not keyturn's, e.g. by switching it to WAL mode)."""
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error as exc:
+        raise ConfigError(
+            f"database file {path} cannot be opened ({exc}); check the path"
+        ) from None
+    try:
+        has_table = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+        ).fetchone()
+        if not has_table:
+            return None
+        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        return str(row[0]) if row else None
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(
+            f"database file {path} is not a keyturn SQLite database ({exc}); check database.url"
+        ) from None
+    finally:
+        conn.close()
 
 
 def upgrade(url: str, revision: str = "head") -> None:
