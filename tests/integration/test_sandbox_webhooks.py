@@ -37,7 +37,7 @@ def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
 def test_events_at_rate_are_signed_with_the_secret(
     sandbox_factory: Callable[..., SandboxProcess], webhook_receiver: Any
 ) -> None:
-    sandbox = sandbox_factory(event_rate=250)
+    sandbox = sandbox_factory(event_rate=300)
     client = sandbox.client()
     webhook = create_webhook(client, webhook_receiver.url)
     received_at_start = len(webhook_receiver.events())
@@ -146,3 +146,14 @@ def test_webhook_validation_errors(sandbox: SandboxProcess) -> None:
         assert response.status_code == 400
         assert message in response.json()["error"]["message"]
     assert client.request("GET", "/webhooks/wh-missing").status_code == 404
+
+
+def test_synthetic_load_reaches_every_enabled_webhook_in_a_kind_it_wants(
+    sandbox_factory: Callable[..., SandboxProcess], webhook_receiver: Any
+) -> None:
+    sandbox = sandbox_factory(event_rate=50)
+    client = sandbox.client()
+    create_webhook(client, webhook_receiver.url, events=["key.created"])
+    wait_for(lambda: len(webhook_receiver.events()) >= 20, timeout=5)
+    kinds = {json.loads(body)["kind"] for _, body in webhook_receiver.events()}
+    assert kinds == {"key.created"}

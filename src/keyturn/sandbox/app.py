@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import secrets
 import string
 import time
@@ -920,7 +921,7 @@ class Sandbox:
                 },
                 "webhooks": len(self.deliveries.webhooks),
                 "org_id": self.org_id,
-                "pid": __import__("os").getpid(),
+                "pid": os.getpid(),
             }
         )
 

@@ -117,18 +117,27 @@ class Deliveries:
 
     # ---------------------------------------------------------------------------------- emit
 
-    def emit(self, kind: str, data: dict[str, Any], *, org_id: str | None = None) -> int:
-        """Queue one event for every enabled webhook that wants `kind`; return how many."""
+    def emit(self, kind: str | None, data: dict[str, Any], *, org_id: str | None = None) -> int:
+        """Queue one event for every enabled webhook that wants `kind`; return how many.
+
+        `kind=None` (synthetic load) reaches every enabled webhook, as a kind it subscribed to.
+        """
         self.events_emitted += 1
         date = utc_now_iso()
         queued = 0
         for webhook in list(self.webhooks.values()):
-            if webhook.status != "Enabled" or not webhook.wants(kind):
+            if webhook.status != "Enabled":
+                continue
+            if kind is None:
+                event_kind = SYNTHETIC_KIND if webhook.wants(SYNTHETIC_KIND) else webhook.events[0]
+            elif webhook.wants(kind):
+                event_kind = kind
+            else:
                 continue
             if org_id is not None and webhook.org_id != org_id:
                 continue
             try:
-                self._queue.put_nowait(Job(webhook.id, kind, date, dict(data)))
+                self._queue.put_nowait(Job(webhook.id, event_kind, date, dict(data)))
             except asyncio.QueueFull:
                 self.events_dropped += 1
                 continue
@@ -258,7 +267,7 @@ class Deliveries:
             for _ in range(max(0, due)):
                 sequence += 1
                 self.emit(
-                    SYNTHETIC_KIND,
+                    None,
                     {"sequence": sequence, "walletId": "wa-sandbox", "synthetic": True},
                 )
                 emitted += 1
