@@ -6,12 +6,14 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from keyturn.sandbox.testing import SandboxError, SandboxProcess
+from keyturn.sandbox.testing import SandboxError, SandboxProcess, start_sandbox
 
 
 def public_pem() -> str:
@@ -120,3 +122,9 @@ def test_restart_keeps_state_and_rewrites_bootstrap(
     assert created.json()["credentialUuid"] in [c["credentialUuid"] for c in listed]
     # request counters are in memory and reset on restart
     assert "POST /auth/service-accounts/credentials" not in sandbox.state()["requests"]
+
+
+def test_unusable_state_is_reported_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "sandbox.sqlite3").write_text("not a database")
+    with pytest.raises(SandboxError, match="state database in .* is unusable"):
+        start_sandbox(tmp_path)

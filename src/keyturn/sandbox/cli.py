@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Annotated
 
@@ -97,4 +98,11 @@ def serve(
         pass
     except OSError as exc:
         typer.echo(f"error: cannot use state dir {state_dir}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+    except sqlite3.Error as exc:
+        typer.echo(
+            f"error: the state database in {state_dir} is unusable ({exc});"
+            " move the directory away to start fresh",
+            err=True,
+        )
         raise typer.Exit(1) from None
