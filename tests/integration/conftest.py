@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,9 @@ class WebhookReceiver:
                 self.wfile.write(payload)
 
             def handle(self) -> None:
-                try:
+                # the sandbox may close a keep-alive connection at any time
+                with contextlib.suppress(ConnectionError):
                     super().handle()
-                except ConnectionError:  # the sandbox closed a keep-alive connection
-                    pass
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

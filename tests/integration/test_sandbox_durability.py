@@ -126,5 +126,5 @@ def test_restart_keeps_state_and_rewrites_bootstrap(
 
 def test_unusable_state_is_reported_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "sandbox.sqlite3").write_text("not a database")
-    with pytest.raises(SandboxError, match="state database in .* is unusable"):
+    with pytest.raises(SandboxError, match=r"state database in .* is unusable"):
         start_sandbox(tmp_path)
