@@ -79,12 +79,21 @@ async def db(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 class RotationRun:
     """The worker's handle on one leased rotation. All writes go through :meth:`commit`."""
 
-    def __init__(self, deps: EngineDeps, rotation: Rotation, owner: str) -> None:
+    def __init__(
+        self,
+        deps: EngineDeps,
+        rotation: Rotation,
+        owner: str,
+        *,
+        leased_at: float | None = None,
+    ) -> None:
         self.deps = deps
         self.rotation = rotation
         self.owner = owner
         self._lock = asyncio.Lock()
-        self._lease_deadline = time.monotonic() + deps.settings.lease_seconds
+        #: The lease's end on the monotonic clock, counted from before the claim was sent.
+        start = leased_at if leased_at is not None else time.monotonic()
+        self._lease_deadline = start + deps.settings.lease_seconds
         self._actions: dict[tuple[Phase, str], ActionRecord] | None = None
         #: Set by the worker when it is asked to stop; checked at every action boundary.
         self.stopping: asyncio.Event | None = None
@@ -125,10 +134,11 @@ class RotationRun:
 
     async def check_boundary(self) -> None:
         """An action boundary: notice an operator request (and a lost lease) before acting."""
-        current = await db(self.deps.store.get_rotation, self.rotation.id)
-        if current.version != self.rotation.version:
-            raise StaleVersion(self.rotation.id, self.rotation.version)
-        self.rotation = current
+        async with self._lock:  # not while our own lease renewal is committing
+            current = await db(self.deps.store.get_rotation, self.rotation.id)
+            if current.version != self.rotation.version:
+                raise StaleVersion(self.rotation.id, self.rotation.version)
+            self.rotation = current
         if current.request is not None:
             raise OperatorInterrupt()
         if self.stopping is not None and self.stopping.is_set():

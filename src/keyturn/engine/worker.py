@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -64,6 +65,7 @@ class Worker:
             claimed: list[Rotation] = []
             free = self.concurrency - len(self._inflight)
             if free > 0:
+                claimed_at = time.monotonic()
                 now = self.deps.clock.now()
                 claimed = await db(
                     self.deps.store.claim,
@@ -73,7 +75,7 @@ class Worker:
                     limit=free,
                 )
                 for rotation in claimed:
-                    task = asyncio.create_task(self._drive(rotation), name=rotation.id)
+                    task = asyncio.create_task(self._drive(rotation, claimed_at), name=rotation.id)
                     self._inflight[rotation.id] = task
                     task.add_done_callback(self._forget)
             if until_idle and not claimed and not self._inflight and not await self._waiting():
@@ -113,8 +115,8 @@ class Worker:
 
     # ------------------------------------------------------------------ one rotation
 
-    async def _drive(self, rotation: Rotation) -> None:
-        run = RotationRun(self.deps, rotation, self.owner)
+    async def _drive(self, rotation: Rotation, claimed_at: float) -> None:
+        run = RotationRun(self.deps, rotation, self.owner, leased_at=claimed_at)
         run.stopping = self._stopping
         renewer = asyncio.create_task(self._renew(run))
         try:
