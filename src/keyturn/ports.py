@@ -122,7 +122,7 @@ class Store(Protocol):
 @dataclass(frozen=True)
 class GeneratedKey:
     algorithm: str  # "ed25519", "ecdsa-p256", "rsa-2048"
-    private_pem: bytes  # PKCS#8 PEM; never logged, stored only sealed
+    private_pem: bytes = field(repr=False)  # PKCS#8 PEM; never logged, stored only sealed
     public_pem: str  # SubjectPublicKeyInfo PEM
 
 

@@ -3,6 +3,7 @@ and in rollback, then restarted: the rotation ends right, exactly once, checked 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,24 @@ def test_forward_kill(kt: Kt, point: str, tmp_path: Path) -> None:
     assert meta["credentialUuid"] == new_uuid
     assert meta["credentialId"] == creds[new_uuid]["credentialId"]
     assert norm(public_pem_of(key)) == norm(creds[new_uuid]["publicKey"])
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "point",
+    [
+        "forward.register_new.after_intent",
+        "forward.register_new.after_call",
+        "forward.deactivate_old.after_call",
+        "transition.verify.after_commit",
+    ],
+)
+def test_forward_kill_on_postgres(
+    make_kt: Callable[..., Kt], fresh_pg_url: str, point: str, tmp_path: Path
+) -> None:
+    """A sample of the matrix on PostgreSQL (the whole matrix runs on SQLite above)."""
+    assert set(kill_points(rollback=False)) >= {point}
+    test_forward_kill(make_kt(db_url=fresh_pg_url), point, tmp_path)
 
 
 @pytest.mark.parametrize("point", kill_points(rollback=True))

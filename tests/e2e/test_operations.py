@@ -104,3 +104,33 @@ def test_lease_is_renewed_through_slow_calls(kt: Kt) -> None:
     assert done.returncode == 0, done.stderr
     assert "lease lost" not in done.stderr
     assert kt.show(rid)["state"] == "old_deactivated"
+
+
+def test_rsa_key_via_the_service_account_endpoint_and_token_from_a_file(kt: Kt) -> None:
+    """The other registration path and key algorithm, with the bearer token read from a file
+    named in the config instead of the encrypted copy."""
+    token_file = kt.workdir / "sa.token"
+    token_file.write_text(kt.bootstrap["service_account"]["token"])
+    text = kt.config.read_text()
+    text = text.replace('registration = "credentials"', 'registration = "service_account_endpoint"')
+    text = text.replace('algorithm = "ed25519"', 'algorithm = "rsa-2048"\ntoken_file = "sa.token"')
+    kt.config.write_text(text)
+    rid = kt.rotate()
+    assert kt.worker().returncode == 0
+    rotation = kt.show(rid)
+    assert rotation["state"] == "old_deactivated"
+    new = kt.provider_credentials()[rotation["new_credential_uuid"]]
+    assert new["isActive"] is True and "PUBLIC KEY" in new["publicKey"]
+    key, meta = kt.deployed()
+    assert b"PRIVATE KEY" in key and meta["credentialId"] == new["credentialId"]
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    assert isinstance(serialization.load_pem_private_key(key, None), rsa.RSAPrivateKey)
+    # a token file that goes missing is a clear, one-line error at the next rotation's worker
+    token_file.unlink()
+    rid2 = kt.rotate()
+    worker = kt.worker()
+    assert worker.returncode == 0
+    halted = kt.show(rid2)["halted_reason"]
+    assert halted and "token_file" in halted and "sa.token" in halted

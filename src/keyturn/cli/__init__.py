@@ -184,9 +184,11 @@ def _operator(action: OperatorAction, rotation_id: str, reason: str) -> None:
     deps = w.engine_deps()
     rotation, applied = asyncio.run(request_action(deps, rotation_id, action, actor(), reason))
     if applied is None:
+        until = rotation.lease_expires_at.isoformat() if rotation.lease_expires_at else "?"
         out.print(
             f"{action.value} requested; the worker holding rotation {rotation_id} "
-            f"({rotation.lease_owner}) carries it out at its next action boundary"
+            f"({rotation.lease_owner}, lease until {until}) carries it out at its next action "
+            "boundary, or the next worker does once that lease expires"
         )
         return
     if applied.outcome != "applied":
