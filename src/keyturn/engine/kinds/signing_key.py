@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from keyturn.domain.errors import KeyturnError, StepError
@@ -188,23 +189,12 @@ class SigningKeyKind:
         await run.external(
             F, "deactivate_old", call, reconcile, intent={"credential_uuid": old_uuid}
         )
-        credential = await db(run.deps.store.get_credential, run.rotation.credential)
         now = run.now()
-        await run.transition(
+        await self._finish(
+            run,
             Trigger.DEACTIVATE_OLD,
-            extra=Change(
-                run.rotation.id,
-                0,
-                credential=replace(
-                    credential,
-                    credential_id=data["new_credential_id"],
-                    credential_uuid=data["new_credential_uuid"],
-                    key_ref=data["new_key_ref"],
-                    algorithm=data["algorithm"],
-                    updated_at=now,
-                ),
-                purge_after={data["old_key_ref"]: now + run.deps.settings.retention},
-            ),
+            side="new",
+            purge_after={data["old_key_ref"]: now + run.deps.settings.retention},
         )
 
     async def _rollback(self, run: RotationRun, provider: KeyProvider) -> None:
@@ -250,25 +240,39 @@ class SigningKeyKind:
         # 4. Prove the old key, as the targets hold it, signs again.
         await self._prove(run, provider, R, "prove_old", material, old_public)
 
-        credential = await db(run.deps.store.get_credential, run.rotation.credential)
         now = run.now()
-        purge: dict[str, Any] = {data["old_key_ref"]: None}
+        purge: dict[str, datetime | None] = {data["old_key_ref"]: None}
         if "new_key_ref" in data:
             purge[data["new_key_ref"]] = now + run.deps.settings.retention
+        await self._finish(run, Trigger.FINISH_ROLLBACK, side="old", purge_after=purge)
+
+    async def _finish(
+        self,
+        run: RotationRun,
+        trigger: Trigger,
+        *,
+        side: str,
+        purge_after: dict[str, datetime | None],
+    ) -> None:
+        """The final transition: the managed credential points at the `side` key from now on,
+        in the same transaction, and key retention is scheduled."""
+        data = run.rotation.data
+        algorithm = data["algorithm"] if side == "new" else data["old_algorithm"]
+        credential = await db(run.deps.store.get_credential, run.rotation.credential)
         await run.transition(
-            Trigger.FINISH_ROLLBACK,
+            trigger,
             extra=Change(
                 run.rotation.id,
                 0,
                 credential=replace(
                     credential,
-                    credential_id=data["old_credential_id"],
-                    credential_uuid=old_uuid,
-                    key_ref=data["old_key_ref"],
-                    algorithm=data["old_algorithm"],
-                    updated_at=now,
+                    credential_id=data[f"{side}_credential_id"],
+                    credential_uuid=data[f"{side}_credential_uuid"],
+                    key_ref=data[f"{side}_key_ref"],
+                    algorithm=algorithm,
+                    updated_at=run.now(),
                 ),
-                purge_after=purge,
+                purge_after=purge_after,
             ),
         )
 
