@@ -45,7 +45,7 @@ class WorkerConfig(_Model):
     lease_seconds: float = Field(default=30.0, gt=1)
     concurrency: int = Field(default=8, ge=1, le=1000)
     poll_seconds: float = Field(default=1.0, gt=0)
-    max_attempts: int = Field(default=6, ge=1)
+    max_attempts: int = Field(default=8, ge=1)
     backoff_base_seconds: float = Field(default=1.0, gt=0)
     backoff_max_seconds: float = Field(default=60.0, gt=0)
 

@@ -73,7 +73,7 @@ retention_days = 30
 lease_seconds = 30
 concurrency = 8
 poll_seconds = 1.0
-max_attempts = 6
+max_attempts = 8
 backoff_base_seconds = 0.5
 backoff_max_seconds = 30
 

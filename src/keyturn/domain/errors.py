@@ -58,6 +58,16 @@ class AlreadyRotating(KeyturnError):
         )
 
 
+class StoreUnavailable(KeyturnError):
+    """The database cannot be reached right now (connection refused or lost, server restarting).
+
+    Whether the last write was applied is unknown; a worker abandons the rotation it was
+    working on (its lease expires and the rotation is claimed again) and backs off.
+    """
+
+    retryable = True
+
+
 class ConfigError(KeyturnError):
     """Configuration that cannot be used; the message names the file, the key and the fix."""
 

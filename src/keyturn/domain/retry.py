@@ -9,7 +9,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class RetryPolicy:
     #: Attempts of one step before the rotation is halted for a human.
-    max_attempts: int = 6
+    max_attempts: int = 8
     base_seconds: float = 1.0
     max_seconds: float = 60.0
 

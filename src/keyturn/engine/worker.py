@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from keyturn.domain.errors import KeyturnError, StaleVersion
+from keyturn.domain.errors import KeyturnError, StaleVersion, StoreUnavailable
 from keyturn.domain.lifecycle import FORWARD
 from keyturn.domain.model import Event, Rotation
 from keyturn.engine.kinds import kind_for
@@ -57,37 +57,50 @@ class Worker:
     async def run(self, *, until_idle: bool = False) -> None:
         settings = self.deps.settings
         log.info("worker started", owner=self.owner, concurrency=self.concurrency)
-        await self._purge()
         purge_every = 300.0
         loop = asyncio.get_running_loop()
-        last_purge = loop.time()
+        last_purge = loop.time() - purge_every  # purge expired keys at start
+        outage = 0
         while not self.stopping:
-            claimed: list[Rotation] = []
-            free = self.concurrency - len(self._inflight)
-            if free > 0:
-                claimed_at = time.monotonic()
-                now = self.deps.clock.now()
-                claimed = await db(
-                    self.deps.store.claim,
-                    owner=self.owner,
-                    now=now,
-                    lease_until=now + timedelta(seconds=settings.lease_seconds),
-                    limit=free,
-                )
-                for rotation in claimed:
-                    task = asyncio.create_task(self._drive(rotation, claimed_at), name=rotation.id)
-                    self._inflight[rotation.id] = task
-                    task.add_done_callback(self._forget)
-            if until_idle and not claimed and not self._inflight and not await self._waiting():
-                break
-            if loop.time() - last_purge > purge_every:
-                await self._purge()
-                last_purge = loop.time()
+            try:
+                claimed, free = await self._claim()
+                if until_idle and not claimed and not self._inflight and not await self._waiting():
+                    break
+                if loop.time() - last_purge > purge_every:
+                    await self._purge()
+                    last_purge = loop.time()
+            except StoreUnavailable as exc:
+                outage += 1
+                delay = min(10.0, 0.5 * 2 ** min(outage, 5))
+                log.warning("database unavailable; backing off", error=str(exc), retry_in=delay)
+                await self._sleep(delay)
+                continue
+            outage = 0
             if not claimed or free <= len(claimed):
                 await self._sleep(settings.poll_seconds if not claimed else 0.05)
         if self._inflight:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
         log.info("worker stopped", owner=self.owner, completed=self.completed)
+
+    async def _claim(self) -> tuple[list[Rotation], int]:
+        """Lease as many due rotations as there are free slots and start driving them."""
+        free = self.concurrency - len(self._inflight)
+        if free <= 0:
+            return [], free
+        claimed_at = time.monotonic()
+        now = self.deps.clock.now()
+        claimed = await db(
+            self.deps.store.claim,
+            owner=self.owner,
+            now=now,
+            lease_until=now + timedelta(seconds=self.deps.settings.lease_seconds),
+            limit=free,
+        )
+        for rotation in claimed:
+            task = asyncio.create_task(self._drive(rotation, claimed_at), name=rotation.id)
+            self._inflight[rotation.id] = task
+            task.add_done_callback(self._forget)
+        return claimed, free
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._inflight.pop(task.get_name(), None)
@@ -124,6 +137,13 @@ class Worker:
         except (StaleVersion, LeaseLost) as exc:
             run.log.warning("lease lost; abandoning the rotation to its new holder", error=str(exc))
             return
+        except StoreUnavailable as exc:
+            # The last write may or may not have landed: leave the rotation; when the lease
+            # expires it is claimed again and resumes from what the database holds.
+            run.log.warning(
+                "database unavailable; leaving the rotation to a later claim", error=str(exc)
+            )
+            return
         except WorkerStopping:
             run.log.info("stopping at an action boundary")
         except Exception as exc:  # a bug: halt the rotation for a human, keep the worker alive
@@ -158,7 +178,7 @@ class Worker:
                 await kind_for(rotation.kind).run_step(run, trigger)
             except OperatorInterrupt:
                 continue
-            except (StaleVersion, LeaseLost, WorkerStopping):
+            except (StaleVersion, LeaseLost, WorkerStopping, StoreUnavailable):
                 raise
             except KeyturnError as exc:
                 await self._failed(run, trigger.value, exc)
@@ -192,7 +212,7 @@ class Worker:
             rotation_id=rotation.id,
             at=now,
             kind="run",
-            actor="worker",
+            actor=self.owner,
             trigger=step,
             from_state=rotation.state.value,
             reason=message,

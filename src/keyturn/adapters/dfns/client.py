@@ -11,9 +11,11 @@ a credential code or key material; request bodies and response bodies are never 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -45,7 +47,7 @@ from keyturn.adapters.dfns.models import (
     WebhookSecret,
 )
 from keyturn.adapters.dfns.signing import KeySigner, compact_json
-from keyturn.domain.errors import ConfigError
+from keyturn.domain.errors import ConfigError, ProviderError
 
 log = logging.getLogger("keyturn.dfns")
 
@@ -124,8 +126,13 @@ class DfnsClient:
         signer: KeySigner | None = None,
         timeout: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        safe_retries: int = 3,
     ) -> None:
         self._base_url = _check_base_url(base_url)
+        #: Side-effect-free calls (reads, challenges, user-action signing) are retried this many
+        #: times on a retryable error before the error reaches the caller; state-changing calls
+        #: never are (the engine reconciles those).
+        self._safe_retries = max(0, int(safe_retries))
         _check_token(token)
         if not timeout or timeout <= 0:
             raise ConfigError(f"the Dfns client timeout must be positive seconds, got {timeout}")
@@ -157,6 +164,7 @@ class DfnsClient:
         derived._token = self._token
         derived._signer = signer
         derived._timeout = self._timeout
+        derived._safe_retries = self._safe_retries
         derived._http = self._http
         derived._owns_http = False
         return derived
@@ -273,6 +281,18 @@ class DfnsClient:
             status, code, message, error_id, method=method, path=path, mutating=mutating
         )
 
+    async def _safely(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run a side-effect-free exchange, retrying retryable failures with a short jittered
+        backoff (0.05 s, 0.1 s, 0.2 s, ...)."""
+        for n in range(self._safe_retries + 1):
+            try:
+                return await attempt()
+            except ProviderError as exc:
+                if not exc.retryable or n >= self._safe_retries:
+                    raise
+                await asyncio.sleep(0.05 * 2**n * (0.5 + random.random()))
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def _call(
         self,
         method: str,
@@ -283,9 +303,27 @@ class DfnsClient:
         mutating: bool | None = None,
         authenticated: bool = True,
         params: Mapping[str, str] | None = None,
+        retry: bool | None = None,
     ) -> Any:
-        """Send one request; sign it first when `signed`. Returns the parsed JSON body."""
+        """Send one request; sign it first when `signed`. Returns the parsed JSON body.
+
+        Requests without side effects are retried on retryable errors (unless `retry=False`)."""
         is_mutating = signed if mutating is None else mutating
+        if retry is None:
+            retry = not is_mutating and not signed
+        if retry:
+            return await self._safely(
+                lambda: self._call(
+                    method,
+                    path,
+                    body=body,
+                    signed=signed,
+                    mutating=mutating,
+                    authenticated=authenticated,
+                    params=params,
+                    retry=False,
+                )
+            )
         content = b"" if body is None else compact_json(body)
         headers: dict[str, str] = {}
         if authenticated:
@@ -339,7 +377,11 @@ class DfnsClient:
 
     async def sign_user_action(self, method: str, path: str, body: bytes | str = b"") -> str:
         """Get a user-action token for `method path` with exactly `body` (the bytes that will be
-        sent; empty for no body): init, sign the challenge, `POST /auth/action`."""
+        sent; empty for no body): init, sign the challenge, `POST /auth/action`. The exchange
+        has no effect until the token is used, so it is retried as a whole on retryable errors."""
+        return await self._safely(lambda: self._sign_user_action_once(method, path, body))
+
+    async def _sign_user_action_once(self, method: str, path: str, body: bytes | str) -> str:
         signer = self._signer
         if signer is None:
             raise MissingSigner(method=method, path=path)
@@ -363,6 +405,7 @@ class DfnsClient:
                 "userActionServerKind": "Api",
             },
             mutating=False,
+            retry=False,
         )
         if not isinstance(init, Mapping) or not init.get("challenge"):
             raise DfnsBadResponse(
@@ -397,6 +440,7 @@ class DfnsClient:
                 "firstFactor": signer.assertion(str(init["challenge"])),
             },
             mutating=False,
+            retry=False,
         )
         token = result.get("userAction") if isinstance(result, Mapping) else None
         if not isinstance(token, str) or not token:

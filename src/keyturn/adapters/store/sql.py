@@ -29,7 +29,14 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, StatementError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    StatementError,
+)
 from sqlalchemy.pool import NullPool
 
 from keyturn.adapters.store.models import (
@@ -45,6 +52,7 @@ from keyturn.domain.errors import (
     KeyturnError,
     NotFound,
     StaleVersion,
+    StoreUnavailable,
 )
 from keyturn.domain.lifecycle import State
 from keyturn.domain.model import (
@@ -444,6 +452,12 @@ class SqlStore:
         try:
             with self._engine.begin() as conn:
                 yield conn
+        except (OperationalError, InterfaceError) as exc:
+            raise _unavailable(self._url, exc) from None
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise _unavailable(self._url, exc) from None
+            raise
         except StatementError as exc:
             # A value the store refuses before it reaches the database (a naive datetime):
             # the same ValueError the in-memory store raises, without the SQL around it.
@@ -787,6 +801,11 @@ class SqlStore:
                 **values,
             )
         )
+
+
+def _unavailable(url: str, exc: DBAPIError) -> StoreUnavailable:
+    first = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+    return StoreUnavailable(f"database {redact_url(url)} is unavailable ({first}); will retry")
 
 
 def _integrity_reason(exc: IntegrityError) -> str:
