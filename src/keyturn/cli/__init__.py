@@ -290,6 +290,28 @@ def credentials_import(
     out.print(f"managing {name} ({kind_value.value}, {credential_uuid})")
 
 
+# -------------------------------------------------------------------------------- reconcile
+
+
+@app.command()
+def reconcile(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Compare the provider with the store (read only); exit 1 when anything disagrees."""
+    from keyturn.engine.reconcile import reconcile as run_reconcile
+
+    w = state.wiring()
+    w.checked_vault()
+    findings = asyncio.run(run_reconcile(w.store, w.provider_for))
+    if as_json:
+        _print_json([f.as_dict() for f in findings])
+    elif not findings:
+        out.print("provider and store agree: no orphans, no mismatches")
+    else:
+        for f in findings:
+            out.print(f"{f.kind:<11} {f.credential}: {f.message}", markup=False)
+    if findings:
+        raise typer.Exit(1)
+
+
 # ------------------------------------------------------------------------------------- keys
 
 

@@ -235,7 +235,10 @@ class SigningKeyKind:
                     await provider.deactivate(signer=old, credential_uuid=found.credential_uuid)
                 return {"found": True, "credential_uuid": found.credential_uuid, "is_active": False}
 
-            await run.external(R, "deactivate_new", deactivate_new)
+            found = await run.external(R, "deactivate_new", deactivate_new)
+            if found.get("found") and "new_credential_uuid" not in data:
+                # adopted after an unknown outcome: record which credential it was
+                data = {**data, "new_credential_uuid": found["credential_uuid"]}
 
         # 4. Prove the old key, as the targets hold it, signs again.
         await self._prove(run, provider, R, "prove_old", material, old_public)
@@ -244,7 +247,7 @@ class SigningKeyKind:
         purge: dict[str, datetime | None] = {data["old_key_ref"]: None}
         if "new_key_ref" in data:
             purge[data["new_key_ref"]] = now + run.deps.settings.retention
-        await self._finish(run, Trigger.FINISH_ROLLBACK, side="old", purge_after=purge)
+        await self._finish(run, Trigger.FINISH_ROLLBACK, side="old", purge_after=purge, data=data)
 
     async def _finish(
         self,
@@ -253,10 +256,11 @@ class SigningKeyKind:
         *,
         side: str,
         purge_after: dict[str, datetime | None],
+        data: dict[str, Any] | None = None,
     ) -> None:
         """The final transition: the managed credential points at the `side` key from now on,
         in the same transaction, and key retention is scheduled."""
-        data = run.rotation.data
+        data = data if data is not None else run.rotation.data
         algorithm = data["algorithm"] if side == "new" else data["old_algorithm"]
         credential = await db(run.deps.store.get_credential, run.rotation.credential)
         await run.transition(
@@ -273,6 +277,7 @@ class SigningKeyKind:
                     updated_at=run.now(),
                 ),
                 purge_after=purge_after,
+                updates={"data": data},
             ),
         )
 
