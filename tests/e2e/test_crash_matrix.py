@@ -14,6 +14,11 @@ from keyturn.domain.lifecycle import Trigger
 from keyturn.engine.kinds.signing_key import SERVICE_ACCOUNT
 
 
+#: Every boundary of an action: before its intent is recorded, after the intent commit, after
+#: the provider call (before the outcome commit), after the outcome commit.
+ACTION_BOUNDARIES = ("before_intent", "after_intent", "after_call", "after_outcome")
+
+
 def kill_points(rollback: bool) -> list[str]:
     """Generated from the kind's declared actions, so a new action gets its own kill points."""
     points = []
@@ -21,7 +26,7 @@ def kill_points(rollback: bool) -> list[str]:
         if (trigger is Trigger.FINISH_ROLLBACK) != rollback:
             continue
         for phase, name in actions:
-            points += [f"{phase.value}.{name}.after_intent", f"{phase.value}.{name}.after_call"]
+            points += [f"{phase.value}.{name}.{moment}" for moment in ACTION_BOUNDARIES]
         points.append(f"transition.{trigger.value}.after_commit")
     return points
 

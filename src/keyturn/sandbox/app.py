@@ -936,6 +936,21 @@ class Sandbox:
                 return error_response(400, "bad_request", str(exc).splitlines()[0])
         return JSONResponse(self.faults.config.to_json())
 
+    async def control_event_rate(self, request: Request) -> Response:
+        """GET or PUT {"rate": N}: synthetic events per second to every enabled webhook."""
+        if request.method == "PUT":
+            try:
+                body = json.loads(await request.body() or b"{}")
+                rate = float(body["rate"])
+                if rate < 0 or rate > 100_000:
+                    raise ValueError
+            except (ValueError, TypeError, KeyError):
+                return error_response(
+                    400, "bad_request", 'send {"rate": N} with 0 <= N <= 100000 events per second'
+                )
+            self.deliveries.set_event_rate(rate)
+        return JSONResponse({"rate": self.deliveries.event_rate})
+
     async def control_events(self, request: Request) -> Response:
         try:
             body = json.loads(await request.body() or b"{}")
@@ -1049,6 +1064,9 @@ def build_app(sandbox: Sandbox) -> ASGIApp:
     routes.append(Route("/_sandbox/state", sandbox.control_state, methods=["GET"]))
     routes.append(Route("/_sandbox/faults", sandbox.control_faults, methods=["GET", "PUT"]))
     routes.append(Route("/_sandbox/events", sandbox.control_events, methods=["POST"]))
+    routes.append(
+        Route("/_sandbox/events/rate", sandbox.control_event_rate, methods=["GET", "PUT"])
+    )
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

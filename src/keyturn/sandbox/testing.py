@@ -223,6 +223,10 @@ class SandboxProcess:
         result: dict[str, Any] = self._control("GET", "/_sandbox/faults")
         return result
 
+    def set_event_rate(self, rate: float) -> float:
+        """Synthetic webhook events per second from now on (0 stops them)."""
+        return float(self._control("PUT", "/_sandbox/events/rate", {"rate": rate})["rate"])
+
     def clear_faults(self) -> dict[str, Any]:
         return self.set_faults(
             latency_ms=0,

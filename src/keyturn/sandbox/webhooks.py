@@ -79,6 +79,8 @@ class Deliveries:
         self._retry_wakeup = asyncio.Event()
         self._buffer: list[DeliveryRecord] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._generator_task: asyncio.Task[None] | None = None
+        self.event_rate = 0.0
         self._client: httpx.AsyncClient | None = None
 
     # ------------------------------------------------------------------------------- lifecycle
@@ -95,10 +97,19 @@ class Deliveries:
             self._tasks.append(asyncio.create_task(self._worker()))
         self._tasks.append(asyncio.create_task(self._retry_scheduler()))
         self._tasks.append(asyncio.create_task(self._flusher()))
-        if event_rate > 0:
-            self._tasks.append(asyncio.create_task(self._generator(event_rate)))
+        self.set_event_rate(event_rate)
+
+    def set_event_rate(self, rate: float) -> None:
+        """Emit `rate` synthetic events per second from now on (0 stops the stream)."""
+        if self._generator_task is not None:
+            self._generator_task.cancel()
+            self._generator_task = None
+        self.event_rate = rate
+        if rate > 0:
+            self._generator_task = asyncio.create_task(self._generator(rate))
 
     async def stop(self) -> None:
+        self.set_event_rate(0)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
