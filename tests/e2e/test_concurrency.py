@@ -5,6 +5,7 @@ it is continued."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -89,6 +90,13 @@ def _writes(requests: dict[str, dict[str, int]]) -> dict[str, int]:
     }
 
 
+def _requests(requests: dict[str, dict[str, int]]) -> Counter[str]:
+    """Requests the sandbox answered on its Dfns routes, per route and status."""
+    return Counter(
+        {f"{r} {status}": n for r, codes in requests.items() for status, n in codes.items()}
+    )
+
+
 def _in_transaction(url: str, own_pid: int) -> list[str]:
     """Other backends of this database inside a transaction (holding locks) right now."""
     with psycopg.connect(_libpq(url), autocommit=True) as conn:
@@ -152,6 +160,7 @@ def test_frozen_worker_loses_its_rotation_and_writes_nothing(
         fleet.check_provider(rows)
         before = (reader.rotation(rid), reader.events(rid), reader.query("SELECT * FROM actions"))
         writes_before = _writes(fleet.sandbox.state()["requests"])
+        requests_before = _requests(fleet.sandbox.state()["requests"])
 
         a.thaw()
         deadline = time.monotonic() + 20
@@ -172,6 +181,13 @@ def test_frozen_worker_loses_its_rotation_and_writes_nothing(
         fleet.check_provider(rows)
         assert owner_b != owner_a
         assert a.stop() == 0, a.tail()
+        # The lease is checked on the monotonic clock before each external call, so the worker,
+        # continued long after its lease ran out, sends the provider no further request at all.
+        late_requests = _requests(fleet.sandbox.state()["requests"]) - requests_before
+        assert not late_requests, (
+            f"the frozen worker, continued after losing its lease, still sent the provider "
+            f"{dict(late_requests)}: {a.tail()}"
+        )
     finally:
         fleet.kill_workers()
         fleet.sandbox.stop()
