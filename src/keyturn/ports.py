@@ -213,3 +213,62 @@ class DeployTarget(Protocol):
 
 class Clock(Protocol):
     def now(self) -> datetime: ...
+
+
+# ----------------------------------------------------------------------------------- webhooks
+
+
+@dataclass(frozen=True)
+class WebhookInfo:
+    id: str
+    url: str
+    events: tuple[str, ...]
+    status: str  # "Enabled" or "Disabled"
+    description: str | None = None
+
+
+class WebhookProvider(Protocol):
+    """What a webhook-secret rotation needs from the provider (calls signed by the managed
+    credential configured as the webhook's signer). Errors are ProviderError."""
+
+    async def get_webhook(self, webhook_id: str) -> WebhookInfo | None:
+        """None when it does not exist."""
+
+    async def list_webhooks(self) -> list[WebhookInfo]: ...
+
+    async def create_webhook(
+        self, *, url: str, events: Sequence[str], description: str, enabled: bool
+    ) -> tuple[WebhookInfo, str]:
+        """The new webhook and its secret (returned only here; never logged)."""
+
+    async def set_enabled(self, webhook_id: str, enabled: bool) -> None: ...
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        """Idempotent: a webhook that is already gone is not an error."""
+
+    async def ping(self, webhook_id: str) -> str:
+        """The receiver's HTTP status for a test delivery, as a string ("200")."""
+
+    async def aclose(self) -> None: ...
+
+
+class SecretsTarget(Protocol):
+    """Where webhook secrets are deployed for a receiver (e.g. a secrets file it reloads)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def deploy(self, secrets: Sequence[str]) -> str:
+        """Write the set of accepted secrets atomically; return its version id."""
+
+    def read_back(self) -> tuple[str, tuple[str, ...]]:
+        """(version, secrets) as a receiver would load them now."""
+
+
+class SecretsProbe(Protocol):
+    """Asks a receiver which secrets version it has loaded."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def loaded_version(self) -> str | None: ...

@@ -15,9 +15,20 @@ import structlog
 
 from keyturn.domain.errors import KeyturnError, ProviderError, StaleVersion
 from keyturn.domain.lifecycle import FINAL_STATES, State, Trigger, fire
-from keyturn.domain.model import ActionRecord, ActionStatus, Event, Phase, Rotation
+from keyturn.domain.model import ActionRecord, ActionStatus, Event, Phase, Rotation, SealedSecret
 from keyturn.domain.retry import RetryPolicy
-from keyturn.ports import Change, Clock, DeployTarget, KeyProvider, Keys, Store, Vault
+from keyturn.ports import (
+    Change,
+    Clock,
+    DeployTarget,
+    KeyProvider,
+    Keys,
+    SecretsProbe,
+    SecretsTarget,
+    Store,
+    Vault,
+    WebhookProvider,
+)
 
 log = structlog.get_logger("keyturn.engine")
 
@@ -45,6 +56,10 @@ class EngineSettings:
     poll_seconds: float = 1.0
 
 
+def _not_configured(name: str) -> Any:
+    raise KeyturnError(f"credential {name}: this kind of rotation is not configured here")
+
+
 @dataclass
 class EngineDeps:
     store: Store
@@ -57,6 +72,23 @@ class EngineDeps:
     targets_for: Callable[[str], list[DeployTarget]]
     settings: EngineSettings = field(default_factory=EngineSettings)
     crash_hook: CrashHook = no_crash
+    #: Webhook rotations: the provider session (signed by the webhook's signer credential),
+    #: the receivers' secret stores, and the probes that confirm what a receiver has loaded.
+    webhooks_for: Callable[[str], WebhookProvider] = _not_configured
+    secret_targets_for: Callable[[str], list[SecretsTarget]] = _not_configured
+    probes_for: Callable[[str], list[SecretsProbe]] = _not_configured
+    #: How long to wait after removing a webhook for deliveries already in flight.
+    grace_for: Callable[[str], float] = lambda _name: 5.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an action returns when its outcome carries more than a detail: sealed secrets the
+    provider generated (stored in the same commit as the outcome) and rotation data."""
+
+    detail: dict[str, Any]
+    secrets: tuple[SealedSecret, ...] = ()
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 class OperatorInterrupt(Exception):
@@ -160,7 +192,7 @@ class RotationRun:
         self,
         phase: Phase,
         name: str,
-        call: Callable[[], Awaitable[Detail]],
+        call: Callable[[], Awaitable[Detail | Outcome]],
         reconcile: Callable[[], Awaitable[Detail | None]] | None = None,
         intent: Mapping[str, Any] | None = None,
     ) -> Detail:
@@ -204,7 +236,7 @@ class RotationRun:
         actions[(phase, name)] = record
         self.deps.crash_hook(f"{phase.value}.{name}.after_intent")
         try:
-            detail = await call()
+            result = await call()
         except ProviderError as exc:
             bound.warning(
                 "action",
@@ -218,16 +250,28 @@ class RotationRun:
                 await self._outcome(record, ActionStatus.FAILED, dict(record.detail), str(exc))
             raise
         self.deps.crash_hook(f"{phase.value}.{name}.after_call")
-        await self._outcome(record, ActionStatus.DONE, detail)
+        outcome = result if isinstance(result, Outcome) else Outcome(result)
+        detail = outcome.detail
+        await self._outcome(record, ActionStatus.DONE, detail, outcome=outcome)
         bound.info("action", outcome="done", duration_ms=_ms(started))
         self.deps.crash_hook(f"{phase.value}.{name}.after_outcome")
         return detail
 
     async def _outcome(
-        self, record: ActionRecord, status: ActionStatus, detail: Detail, error: str | None = None
+        self,
+        record: ActionRecord,
+        status: ActionStatus,
+        detail: Detail,
+        error: str | None = None,
+        outcome: Outcome | None = None,
     ) -> None:
         done = replace(record, status=status, outcome_at=self.now(), detail=detail, error=error)
-        await self.commit(Change(self.rotation.id, 0, action=done))
+        change = Change(self.rotation.id, 0, action=done)
+        if outcome is not None:
+            change.secrets = outcome.secrets
+            if outcome.data:
+                change.updates = {"data": {**self.rotation.data, **outcome.data}}
+        await self.commit(change)
         (await self.actions())[(record.phase, record.name)] = done
 
     # ------------------------------------------------------------------ transitions

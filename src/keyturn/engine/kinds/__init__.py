@@ -1,13 +1,16 @@
-"""Credential kinds: each declares its steps, their actions and compensations.
+"""Credential kinds: each declares its steps, their actions and compensations, and which of
+its actions make the rotation irreversible.
 
-Adding a kind means adding a module here and one entry in :data:`KINDS`; no other kind changes.
+Adding a kind means adding a module here and one entry in :func:`kinds`; no other kind changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import cache
 from typing import Any, Protocol
 
+from keyturn.domain.errors import KeyturnError
 from keyturn.domain.lifecycle import Trigger
 from keyturn.domain.model import ActionRecord, CredentialKind, ManagedCredential, Phase, Rotation
 from keyturn.engine.run import RotationRun
@@ -18,6 +21,8 @@ class RotationKind(Protocol):
     #: The external actions each step performs, in order. Crash tests generate kill points
     #: from this declaration, so it must match what the step does.
     steps: Mapping[Trigger, Sequence[tuple[Phase, str]]]
+    #: Once the intent of one of these actions is recorded, rollback is refused.
+    irreversible_actions: frozenset[tuple[Phase, str]]
 
     def initial_data(
         self, credential: ManagedCredential, options: Mapping[str, Any]
@@ -33,16 +38,33 @@ class RotationKind(Protocol):
         """Why rollback is no longer possible, or None."""
 
 
+def irreversible_reason(
+    declared: frozenset[tuple[Phase, str]], actions: Sequence[ActionRecord]
+) -> str | None:
+    """The shared rule: irreversible from the first recorded intent of a declared action."""
+    for a in actions:
+        if (a.phase, a.name) in declared:
+            return (
+                f"it is irreversible from action {a.name} on (intent recorded "
+                f"{a.intent_at.isoformat(timespec='seconds')})"
+            )
+    return None
+
+
+@cache
+def kinds() -> dict[CredentialKind, RotationKind]:
+    from keyturn.engine.kinds.signing_key import PAT, SERVICE_ACCOUNT
+    from keyturn.engine.kinds.webhook import WEBHOOK
+
+    return {k.kind: k for k in (SERVICE_ACCOUNT, PAT, WEBHOOK)}
+
+
 def kind_for(kind: CredentialKind | str) -> RotationKind:
-    from keyturn.engine.kinds.signing_key import SERVICE_ACCOUNT
-
-    kinds: dict[CredentialKind, RotationKind] = {CredentialKind.SERVICE_ACCOUNT: SERVICE_ACCOUNT}
+    registry = kinds()
     try:
-        return kinds[CredentialKind(kind)]
+        return registry[CredentialKind(kind)]
     except (KeyError, ValueError):
-        supported = ", ".join(sorted(k.value for k in kinds))
-        from keyturn.domain.errors import KeyturnError
-
+        supported = ", ".join(sorted(k.value for k in registry))
         raise KeyturnError(
             f"credential kind {kind} cannot be rotated yet; supported kinds: {supported}"
         ) from None

@@ -45,7 +45,14 @@ def _norm(pem: str) -> str:
 
 
 class SigningKeyKind:
-    kind = CredentialKind.SERVICE_ACCOUNT
+    """Service-account keys, and PAT keys (registered on the PAT's linked user; the holders get
+    the new private key and the new credential id together, in one deployment)."""
+
+    def __init__(self, kind: CredentialKind) -> None:
+        self.kind = kind
+
+    #: No action of a signing-key rotation is irreversible: an old key can be reactivated.
+    irreversible_actions: frozenset[tuple[Phase, str]] = frozenset()
     steps: Mapping[Trigger, Sequence[tuple[Phase, str]]] = {
         Trigger.ADD_NEW: [(F, "register_new")],
         Trigger.VERIFY: [(F, "deploy_new"), (F, "prove_new")],
@@ -66,19 +73,27 @@ class SigningKeyKind:
                 f"credential {credential.name} has no private key stored; import it with "
                 "`keyturn credentials import` first"
             )
+        via = str(options.get("via", "credentials"))
+        if self.kind is CredentialKind.PAT and via != "credentials":
+            raise KeyturnError(
+                f"credential {credential.name} is a PAT: its keys are registered on the linked "
+                'user with Create Credential; set registration = "credentials"'
+            )
         return {
             "old_credential_id": credential.credential_id,
             "old_credential_uuid": credential.credential_uuid,
             "old_key_ref": credential.key_ref,
             "old_algorithm": credential.algorithm,
             "algorithm": str(options.get("algorithm", "ed25519")),
-            "via": str(options.get("via", "credentials")),
+            "via": via,
         }
 
     def irreversible_reason(
         self, rotation: Rotation, actions: Sequence[ActionRecord]
     ) -> str | None:
-        return None
+        from keyturn.engine.kinds import irreversible_reason
+
+        return irreversible_reason(self.irreversible_actions, actions)
 
     # ------------------------------------------------------------------ steps
 
@@ -364,4 +379,5 @@ def _by_uuid(creds: Sequence[ProviderCredential], uuid: str) -> ProviderCredenti
     return next((c for c in creds if c.credential_uuid == uuid), None)
 
 
-SERVICE_ACCOUNT = SigningKeyKind()
+SERVICE_ACCOUNT = SigningKeyKind(CredentialKind.SERVICE_ACCOUNT)
+PAT = SigningKeyKind(CredentialKind.PAT)
