@@ -6,7 +6,7 @@ Every datetime crossing a port is timezone-aware UTC.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -213,6 +213,20 @@ class DeployTarget(Protocol):
 
 class Clock(Protocol):
     def now(self) -> datetime: ...
+
+
+#: Called before every request an adapter sends on a rotation's behalf; raises when the
+#: worker's lease is no longer safely held (so a worker that was frozen past its lease never
+#: reaches the provider again).
+Fence = Callable[[], None]
+
+
+class KeyProviderFactory(Protocol):
+    def __call__(self, name: str, *, fence: Fence | None = None) -> KeyProvider: ...
+
+
+class WebhookProviderFactory(Protocol):
+    def __call__(self, name: str, *, fence: Fence | None = None) -> WebhookProvider: ...
 
 
 # ----------------------------------------------------------------------------------- webhooks

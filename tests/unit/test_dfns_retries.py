@@ -83,3 +83,28 @@ async def test_retries_are_bounded() -> None:
         with pytest.raises(DfnsApiError):
             await client.list_credentials()
     assert calls["GET /auth/credentials"] == 3
+
+
+class LeaseGone(Exception):
+    pass
+
+
+@pytest.mark.anyio
+async def test_fence_is_checked_before_every_request() -> None:
+    """A caller whose fence trips (a worker that lost its lease) sends nothing more, not even
+    the in-client retries or the remaining requests of a signed call."""
+    transport, calls = flaky({})
+    allowed = {"n": 2}
+
+    def fence() -> None:
+        if allowed["n"] <= 0:
+            raise LeaseGone()
+        allowed["n"] -= 1
+
+    async with DfnsClient(
+        "http://dfns.test", TOKEN, signer=_signer(), transport=transport, fence=fence
+    ) as client:
+        with pytest.raises(LeaseGone):
+            await client.deactivate_credential("cr-1")  # init, action, then the call: 3 requests
+    assert sum(calls.values()) == 2
+    assert calls["PUT /auth/credentials/deactivate"] == 0

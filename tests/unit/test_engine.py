@@ -79,7 +79,7 @@ class Env:
             vault=self.vault,
             keys=self.keys,
             clock=Clock(),
-            provider_for=lambda _n: self.provider,
+            provider_for=lambda _n, fence=None: self.provider,
             targets_for=lambda _n: [self.target],
             settings=EngineSettings(
                 lease_seconds=10,

@@ -20,7 +20,7 @@ from keyturn.config import Config
 from keyturn.domain.errors import ConfigError, KeyturnError
 from keyturn.domain.retry import RetryPolicy
 from keyturn.engine.run import CrashHook, EngineDeps, EngineSettings, no_crash
-from keyturn.ports import DeployTarget, KeyProvider
+from keyturn.ports import DeployTarget, Fence, KeyProvider
 
 MASTER_KEY_ENV = "KEYTURN_MASTER_KEY"
 #: Fault injection for the crash tests: the worker SIGKILLs itself at this action boundary,
@@ -120,13 +120,13 @@ class Wiring:
             )
         return self.vault.open(self.store.get_secret(credential.token_ref)).decode()
 
-    def provider_for(self, name: str) -> KeyProvider:
+    def provider_for(self, name: str, *, fence: Fence | None = None) -> KeyProvider:
         from keyturn.adapters.dfns.provider import provider_for
 
         credential = self.store.get_credential(name)
         provider = self.config.provider(credential.provider)
         return provider_for(
-            provider.base_url, self.token_for(name), timeout=provider.timeout_seconds
+            provider.base_url, self.token_for(name), timeout=provider.timeout_seconds, fence=fence
         )
 
     def targets_for(self, name: str) -> list[DeployTarget]:

@@ -8,7 +8,6 @@ rotations whose recorded provider state disagrees with the provider.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ from keyturn.domain.errors import KeyturnError
 from keyturn.domain.lifecycle import State
 from keyturn.domain.model import ActionStatus, Phase, Rotation
 from keyturn.engine.run import db
-from keyturn.ports import KeyProvider, ProviderCredential, Store
+from keyturn.ports import KeyProviderFactory, ProviderCredential, Store
 
 _CREATED_BY = re.compile(r"^(?:keyturn-|kt-)(rot_[A-Za-z0-9]+)$")
 
@@ -42,7 +41,7 @@ def created_by(c: ProviderCredential) -> str | None:
     return None
 
 
-async def reconcile(store: Store, provider_for: Callable[[str], KeyProvider]) -> list[Finding]:
+async def reconcile(store: Store, provider_for: KeyProviderFactory) -> list[Finding]:
     findings: list[Finding] = []
     for managed in await db(store.list_credentials):
         name = managed.name

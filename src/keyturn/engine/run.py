@@ -21,13 +21,13 @@ from keyturn.ports import (
     Change,
     Clock,
     DeployTarget,
-    KeyProvider,
+    KeyProviderFactory,
     Keys,
     SecretsProbe,
     SecretsTarget,
     Store,
     Vault,
-    WebhookProvider,
+    WebhookProviderFactory,
 )
 
 log = structlog.get_logger("keyturn.engine")
@@ -56,7 +56,7 @@ class EngineSettings:
     poll_seconds: float = 1.0
 
 
-def _not_configured(name: str) -> Any:
+def _not_configured(name: str, **_kw: Any) -> Any:
     raise KeyturnError(f"credential {name}: this kind of rotation is not configured here")
 
 
@@ -67,14 +67,14 @@ class EngineDeps:
     keys: Keys
     clock: Clock
     #: The provider session for a managed credential (its token bound in).
-    provider_for: Callable[[str], KeyProvider]
+    provider_for: KeyProviderFactory
     #: The deploy targets of a managed credential, from the configuration.
     targets_for: Callable[[str], list[DeployTarget]]
     settings: EngineSettings = field(default_factory=EngineSettings)
     crash_hook: CrashHook = no_crash
     #: Webhook rotations: the provider session (signed by the webhook's signer credential),
     #: the receivers' secret stores, and the probes that confirm what a receiver has loaded.
-    webhooks_for: Callable[[str], WebhookProvider] = _not_configured
+    webhooks_for: WebhookProviderFactory = _not_configured
     secret_targets_for: Callable[[str], list[SecretsTarget]] = _not_configured
     probes_for: Callable[[str], list[SecretsProbe]] = _not_configured
     #: How long to wait after removing a webhook for deliveries already in flight.
@@ -163,6 +163,15 @@ class RotationRun:
             await self.renew()
         if self._lease_deadline - time.monotonic() < self.deps.settings.lease_margin_seconds:
             raise LeaseLost(f"rotation {self.rotation.id}: lease too close to expiry to act")
+
+    def fence(self) -> None:
+        """Before every request to the outside world: the lease must still have its safety
+        margin on the monotonic clock (renewals extend it; a frozen worker's has run out)."""
+        if self._lease_deadline - time.monotonic() < self.deps.settings.lease_margin_seconds:
+            raise LeaseLost(
+                f"rotation {self.rotation.id}: the lease is no longer safely held; "
+                "not contacting the provider"
+            )
 
     async def check_boundary(self) -> None:
         """An action boundary: notice an operator request (and a lost lease) before acting."""

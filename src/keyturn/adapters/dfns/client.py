@@ -127,12 +127,16 @@ class DfnsClient:
         timeout: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
         safe_retries: int = 3,
+        fence: Callable[[], None] | None = None,
     ) -> None:
         self._base_url = _check_base_url(base_url)
         #: Side-effect-free calls (reads, challenges, user-action signing) are retried this many
         #: times on a retryable error before the error reaches the caller; state-changing calls
         #: never are (the engine reconciles those).
         self._safe_retries = max(0, int(safe_retries))
+        #: Called before every request; it raises to stop a caller that may no longer act
+        #: (a worker whose lease ran out). Its exception propagates unchanged.
+        self._fence = fence
         _check_token(token)
         if not timeout or timeout <= 0:
             raise ConfigError(f"the Dfns client timeout must be positive seconds, got {timeout}")
@@ -165,6 +169,7 @@ class DfnsClient:
         derived._signer = signer
         derived._timeout = self._timeout
         derived._safe_retries = self._safe_retries
+        derived._fence = self._fence
         derived._http = self._http
         derived._owns_http = False
         return derived
@@ -210,6 +215,8 @@ class DfnsClient:
         params: Mapping[str, str] | None,
         mutating: bool,
     ) -> httpx.Response:
+        if self._fence is not None:
+            self._fence()
         started = time.monotonic()
         try:
             response = await self._http.request(

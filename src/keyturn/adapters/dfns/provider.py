@@ -6,6 +6,8 @@ signing key of each call is passed in (the old key, then the new one once regist
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 
 from keyturn.adapters.dfns.client import DfnsClient
@@ -90,6 +92,10 @@ def provider_for(
     *,
     timeout: float = 10.0,
     transport: httpx.AsyncBaseTransport | None = None,
+    fence: Callable[[], None] | None = None,
 ) -> DfnsKeyProvider:
-    """A DfnsKeyProvider owning its own client; close it with `aclose()`."""
-    return DfnsKeyProvider(DfnsClient(base_url, token, timeout=timeout, transport=transport))
+    """A DfnsKeyProvider owning its own client; close it with `aclose()`. `fence` is called
+    before every request (see DfnsClient)."""
+    return DfnsKeyProvider(
+        DfnsClient(base_url, token, timeout=timeout, transport=transport, fence=fence)
+    )

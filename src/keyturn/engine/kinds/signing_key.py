@@ -98,7 +98,7 @@ class SigningKeyKind:
     # ------------------------------------------------------------------ steps
 
     async def run_step(self, run: RotationRun, trigger: Trigger) -> None:
-        provider = run.deps.provider_for(run.rotation.credential)
+        provider = run.deps.provider_for(run.rotation.credential, fence=run.fence)
         try:
             if trigger is Trigger.ADD_NEW:
                 await self._add_new(run, provider)
@@ -305,6 +305,7 @@ class SigningKeyKind:
 
         async def call() -> Detail:
             for target in targets:
+                run.fence()
                 target.deploy(material)
             return {"targets": [t.name for t in targets], "fingerprint": fp}
 

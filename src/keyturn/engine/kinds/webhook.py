@@ -77,7 +77,7 @@ class WebhookKind:
         return None
 
     async def run_step(self, run: RotationRun, trigger: Trigger) -> None:
-        provider = run.deps.webhooks_for(run.rotation.credential)
+        provider = run.deps.webhooks_for(run.rotation.credential, fence=run.fence)
         try:
             if trigger is Trigger.ADD_NEW:
                 await self._add_new(run, provider)
@@ -254,7 +254,10 @@ class WebhookKind:
             )
 
         async def call() -> Detail:
-            versions = {t.name: t.deploy(secrets) for t in targets}
+            versions = {}
+            for t in targets:
+                run.fence()
+                versions[t.name] = t.deploy(secrets)
             return {"versions": versions, "count": len(secrets)}
 
         detail = await run.external(phase, name, call, intent={"count": len(secrets)})
