@@ -12,8 +12,15 @@ import pytest
 
 from keyturn.adapters.secrets_file import ReceiverStateProbe, WebhookSecretsFileTarget
 from keyturn.domain.errors import KeyturnError
+from keyturn.ports import SecretsProbe, SecretsTarget
 from keyturn.testing.secret_scan import scan_bytes
 from keyturn.webhooks import SecretsFile
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
 
 OLD = "whs-" + "5e" * 20
 NEW = "whs-" + "7f" * 20
@@ -191,7 +198,8 @@ def state_transport(versions: list[str | None], status: int = 200) -> httpx.Mock
 
 def test_probe_reads_the_loaded_version() -> None:
     probe = ReceiverStateProbe("rcv", "http://receiver/", transport=state_transport(["abc"]))
-    assert probe.loaded_version() == "abc"
+    assert probe.loaded_version_sync() == "abc"
+    assert probe.name == "rcv"
 
 
 def test_probe_waits_for_a_version() -> None:
@@ -209,7 +217,7 @@ def test_probe_gives_up_with_one_line() -> None:
 def test_probe_of_something_that_is_not_a_receiver() -> None:
     probe = ReceiverStateProbe("rcv", "http://receiver", transport=state_transport(["x"], 404))
     with pytest.raises(KeyturnError, match="answered 404"):
-        probe.loaded_version()
+        probe.loaded_version_sync()
 
 
 def test_probe_of_a_receiver_that_is_down() -> None:
@@ -218,4 +226,34 @@ def test_probe_of_a_receiver_that_is_down() -> None:
 
     probe = ReceiverStateProbe("rcv", "http://receiver", transport=httpx.MockTransport(refuse))
     with pytest.raises(KeyturnError, match="did not answer"):
-        probe.loaded_version()
+        probe.loaded_version_sync()
+
+
+@pytest.mark.anyio
+async def test_probe_implements_the_async_port() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"secrets_version": "v-async"})
+
+    probe: SecretsProbe = ReceiverStateProbe(
+        "rcv", "http://receiver", async_transport=httpx.MockTransport(handler)
+    )
+    assert await probe.loaded_version() == "v-async"
+
+
+@pytest.mark.anyio
+async def test_async_probe_of_a_receiver_that_is_down() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    probe = ReceiverStateProbe(
+        "rcv", "http://receiver", async_transport=httpx.MockTransport(refuse)
+    )
+    with pytest.raises(KeyturnError, match="probe rcv: the receiver at http://receiver/_receiver"):
+        await probe.loaded_version()
+
+
+def test_the_target_satisfies_the_secrets_target_port(tmp_path: Path) -> None:
+    target: SecretsTarget = WebhookSecretsFileTarget("hooks", tmp_path / "secrets.json")
+    assert target.name == "hooks"
+    version = target.deploy([OLD])
+    assert target.read_back() == (version, (OLD,))

@@ -16,12 +16,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import httpx
 
 from keyturn.adapters.deploy import DIRECTORY_MODE, FILE_MODE, write_atomically
 from keyturn.domain.errors import KeyturnError
+from keyturn.ports import SecretsProbe, SecretsTarget
 from keyturn.webhooks import (
     SecretsFileError,
     parse_secrets_document,
@@ -34,7 +35,7 @@ __all__ = ["ReceiverStateProbe", "WebhookSecretsFileTarget", "secrets_version"]
 RECEIVER_STATE_PATH: Final = "/_receiver/state"
 
 
-class WebhookSecretsFileTarget:
+class WebhookSecretsFileTarget(SecretsTarget):
     """Deploys the set of webhook secrets a receiver accepts, as one JSON file at `path`."""
 
     def __init__(self, name: str, path: Path | str) -> None:
@@ -126,54 +127,89 @@ class WebhookSecretsFileTarget:
         return version, secrets
 
 
-class ReceiverStateProbe:
+class ReceiverStateProbe(SecretsProbe):
     """Asks a reference receiver (``keyturn receiver serve``) which secrets version it loaded.
 
-    `base_url` is the receiver's root URL (e.g. ``http://127.0.0.1:8080``).
+    `base_url` is the receiver's root URL (e.g. ``http://127.0.0.1:8080``). Implements the
+    :class:`~keyturn.ports.SecretsProbe` port (async); ``*_sync`` variants serve scripts and
+    tests. A receiver that does not answer is a KeyturnError.
     """
 
     def __init__(
-        self, name: str, base_url: str, *, timeout: float = 5.0, transport: Any = None
+        self,
+        name: str,
+        base_url: str,
+        *,
+        timeout: float = 5.0,
+        transport: httpx.BaseTransport | None = None,
+        async_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.name = name
+        self._name = name
         self.base_url = base_url.rstrip("/")
         self._timeout = timeout
         self._transport = transport
+        self._async_transport = async_transport
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def state_url(self) -> str:
+        return self.base_url + RECEIVER_STATE_PATH
 
     def __repr__(self) -> str:
-        return f"ReceiverStateProbe(name={self.name!r}, base_url={self.base_url!r})"
+        return f"ReceiverStateProbe(name={self._name!r}, base_url={self.base_url!r})"
 
-    def loaded_version(self) -> str | None:
-        """The secrets version the receiver has in force; KeyturnError if it does not answer."""
-        url = self.base_url + RECEIVER_STATE_PATH
+    def _no_answer(self, exc: Exception) -> KeyturnError:
+        return KeyturnError(
+            f"probe {self._name}: the receiver at {self.state_url} did not answer"
+            f" ({type(exc).__name__}); check it is running and the URL is right"
+        )
+
+    def _version(self, response: httpx.Response) -> str | None:
         try:
-            with httpx.Client(timeout=self._timeout, transport=self._transport) as client:
-                response = client.get(url)
             document = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise KeyturnError(
-                f"probe {self.name}: the receiver at {url} did not answer ({type(exc).__name__});"
-                " check it is running and the URL is right"
-            ) from None
+        except ValueError:
+            document = None
         if response.status_code != 200 or not isinstance(document, dict):
             raise KeyturnError(
-                f"probe {self.name}: {url} answered {response.status_code}; is it a keyturn"
-                " receiver?"
+                f"probe {self._name}: {self.state_url} answered {response.status_code}; is it"
+                " a keyturn receiver?"
             )
         version = document.get("secrets_version")
         return version if isinstance(version, str) else None
 
+    async def loaded_version(self) -> str | None:
+        """The secrets version the receiver has in force (None if it has none loaded)."""
+        try:
+            async with httpx.AsyncClient(
+                timeout=self._timeout, transport=self._async_transport
+            ) as client:
+                response = await client.get(self.state_url)
+        except httpx.HTTPError as exc:
+            raise self._no_answer(exc) from None
+        return self._version(response)
+
+    def loaded_version_sync(self) -> str | None:
+        """:meth:`loaded_version`, blocking."""
+        try:
+            with httpx.Client(timeout=self._timeout, transport=self._transport) as client:
+                response = client.get(self.state_url)
+        except httpx.HTTPError as exc:
+            raise self._no_answer(exc) from None
+        return self._version(response)
+
     def wait_for_version(self, version: str, *, timeout: float = 10.0) -> None:
-        """Return once the receiver reports `version`; KeyturnError after `timeout` seconds."""
+        """Block until the receiver reports `version`; KeyturnError after `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        seen: str | None = None
         while True:
-            seen = self.loaded_version()
+            seen = self.loaded_version_sync()
             if seen == version:
                 return
             if time.monotonic() >= deadline:
                 raise KeyturnError(
-                    f"probe {self.name}: the receiver still has secrets version {seen} after"
+                    f"probe {self._name}: the receiver still has secrets version {seen} after"
                     f" {timeout:.0f} s, not {version}; check it reads the deployed secrets file"
                 )
             time.sleep(0.05)
