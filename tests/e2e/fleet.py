@@ -130,8 +130,8 @@ class DbReader:
                 return list(conn.execute(sql, params).fetchall())
             finally:
                 conn.close()
-        with psycopg.connect(_libpq(self.url), connect_timeout=5, autocommit=True) as conn:
-            return list(conn.execute(sql.replace("?", "%s"), params).fetchall())  # type: ignore[arg-type]
+        with psycopg.connect(_libpq(self.url), connect_timeout=5, autocommit=True) as pg:
+            return list(pg.execute(sql.replace("?", "%s"), params).fetchall())
 
     def rotations(self) -> dict[str, RotationRow]:
         rows = self.query(f"SELECT {_ROTATION_COLUMNS} FROM rotations")  # noqa: S608 (constants)
@@ -485,8 +485,8 @@ def make_fleet(
         kt = Kt(base / "work", sandbox, db_url)
         kt.run("init", str(kt.workdir), "--sandbox-bootstrap", str(sandbox.bootstrap_path))
         text = kt.config.read_text()
-        for key, value in (worker or {}).items():
-            text = _replace_setting(text, key, value)
+        for setting, value in (worker or {}).items():
+            text = _replace_setting(text, setting, value)
         if timeout_seconds is not None:
             text = _replace_setting(text, "timeout_seconds", timeout_seconds)
         kt.config.write_text(text)

@@ -170,6 +170,9 @@ def test_frozen_worker_loses_its_rotation_and_writes_nothing(
             time.sleep(0.1)
         time.sleep(1.5)  # room for any late write A might still try
 
+        assert a.stop() == 0, a.tail()
+        requests_after = fleet.sandbox.state()["requests"]  # before the test's own requests
+
         after = (reader.rotation(rid), reader.events(rid), reader.query("SELECT * FROM actions"))
         assert after[0] == before[0], "the rotation changed after A was continued"
         assert after[1] == before[1], "the event log changed after A was continued"
@@ -177,17 +180,16 @@ def test_frozen_worker_loses_its_rotation_and_writes_nothing(
         late = [e for e in after[1] if e.actor == owner_a and e.at >= froze_wall]
         assert not late, f"events by the frozen worker after its freeze: {late}"
         # nothing state-changing A sent after it was continued was accepted by the sandbox
-        assert _writes(fleet.sandbox.state()["requests"]) == writes_before
-        fleet.check_provider(rows)
-        assert owner_b != owner_a
-        assert a.stop() == 0, a.tail()
+        assert _writes(requests_after) == writes_before
         # The lease is checked on the monotonic clock before each external call, so the worker,
         # continued long after its lease ran out, sends the provider no further request at all.
-        late_requests = _requests(fleet.sandbox.state()["requests"]) - requests_before
+        late_requests = _requests(requests_after) - requests_before
         assert not late_requests, (
             f"the frozen worker, continued after losing its lease, still sent the provider "
             f"{dict(late_requests)}: {a.tail()}"
         )
+        fleet.check_provider(rows)
+        assert owner_b != owner_a
     finally:
         fleet.kill_workers()
         fleet.sandbox.stop()
