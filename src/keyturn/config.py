@@ -63,9 +63,18 @@ class ProviderConfig(_Model):
 
 
 class TargetConfig(_Model):
-    type: Literal["file"] = "file"
-    #: Directory that receives private_key.pem and credential.json.
+    #: "file": a directory that receives private_key.pem and credential.json (signing keys).
+    #: "secrets_file": a JSON file listing the webhook secrets a receiver accepts.
+    type: Literal["file", "secrets_file"] = "file"
     path: Path
+    name: str | None = None
+
+
+class ProbeConfig(_Model):
+    #: A keyturn-compatible receiver that reports the secrets version it has loaded
+    #: (GET {url}/_receiver/state).
+    type: Literal["receiver"] = "receiver"
+    url: str
     name: str | None = None
 
 
@@ -80,6 +89,11 @@ class CredentialConfig(_Model):
     token_env: str | None = None
     token_file: Path | None = None
     targets: list[TargetConfig] = Field(default_factory=list)
+    #: Webhooks only: the managed credential (service account or PAT) whose token and current
+    #: key sign the webhook calls; the receivers to confirm; the wait for in-flight deliveries.
+    signer: str | None = None
+    probes: list[ProbeConfig] = Field(default_factory=list)
+    grace_seconds: float = Field(default=5.0, ge=0)
 
 
 class LoggingConfig(_Model):
@@ -195,9 +209,39 @@ def load_config(path: Path | None) -> Config:
             msg = "unknown key; check its spelling against config/keyturn.example.toml"
         raise ConfigError(f"config file {where}: key {key}: {msg}{more}") from None
     for name, cred in config.credentials.items():
+        _check_credential(path, config, name, cred)
         if cred.provider not in config.providers:
             raise ConfigError(
                 f"config file {path}: key credentials.{name}.provider: no provider named "
                 f"{cred.provider!r}; define [providers.{cred.provider}]"
             )
     return config
+
+
+def _check_credential(path: Path | None, config: Config, name: str, cred: CredentialConfig) -> None:
+    where = f"config file {path}: " if path else ""
+    key = f"credentials.{name}"
+    wanted = "secrets_file" if cred.kind is CredentialKind.WEBHOOK else "file"
+    for i, target in enumerate(cred.targets):
+        if target.type != wanted:
+            raise ConfigError(
+                f"{where}key {key}.targets[{i}].type: a {cred.kind.value} deploys to "
+                f'type = "{wanted}" targets, not "{target.type}"'
+            )
+    if cred.kind is CredentialKind.WEBHOOK:
+        signer = config.credentials.get(cred.signer or "")
+        if signer is None or signer.kind not in (
+            CredentialKind.SERVICE_ACCOUNT,
+            CredentialKind.PAT,
+        ):
+            raise ConfigError(
+                f"{where}key {key}.signer: a webhook needs signer = the name of a service_account"
+                " or pat credential configured here, whose key signs the webhook calls"
+            )
+    elif cred.signer or cred.probes:
+        raise ConfigError(f"{where}key {key}: signer and probes apply to webhooks only")
+    if cred.kind is CredentialKind.PAT and cred.registration != "credentials":
+        raise ConfigError(
+            f'{where}key {key}.registration: a PAT registers keys with "credentials" '
+            "(Create Credential on its linked user)"
+        )

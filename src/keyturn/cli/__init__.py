@@ -379,11 +379,19 @@ def init(
     sandbox_bootstrap: Annotated[
         Path, typer.Option("--sandbox-bootstrap", help="The sandbox's bootstrap.json.")
     ],
+    receiver_url: Annotated[
+        str,
+        typer.Option(
+            "--receiver-url", help="Base URL of the webhook receiver (keyturn receiver serve)."
+        ),
+    ] = "http://127.0.0.1:8091",
 ) -> None:
-    """Set up a working directory wired to a sandbox and manage its service account."""
+    """Set up a working directory wired to a sandbox: its service account, its PAT, and a
+    webhook pointing at a receiver, managed as sandbox-service-account, sandbox-pat and
+    sandbox-webhook."""
     from keyturn.cli.setup import init_workdir
 
-    config_path = init_workdir(workdir, sandbox_bootstrap)
+    config_path = init_workdir(workdir, sandbox_bootstrap, receiver_url)
     out.print(f"initialised {workdir}; use `keyturn --config {config_path} ...`")
 
 
@@ -403,7 +411,14 @@ def _mount_sandbox() -> None:
     app.add_typer(sandbox_app, name="sandbox", help="A local Dfns-compatible sandbox.")
 
 
+def _mount_receiver() -> None:
+    from keyturn.receiver import app as receiver_app
+
+    app.add_typer(receiver_app, name="receiver", help="The reference webhook receiver.")
+
+
 _mount_sandbox()
+_mount_receiver()
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ Each validates all of its input before it writes anything, so bad input changes 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import uuid
@@ -22,6 +23,8 @@ from keyturn.domain.model import CredentialKind, ManagedCredential, SealedSecret
 from keyturn.ports import DeployedMaterial
 
 SANDBOX_SA = "sandbox-service-account"
+SANDBOX_PAT = "sandbox-pat"
+SANDBOX_WEBHOOK = "sandbox-webhook"
 
 
 def _secret_id() -> str:
@@ -38,16 +41,15 @@ def _read_bootstrap(path: Path) -> dict[str, Any]:
         ) from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"sandbox bootstrap {path} cannot be read as JSON ({exc})") from None
-    sa = data.get("service_account") if isinstance(data, dict) else None
     needed = ("token", "credential_id", "credential_uuid", "private_key_pem")
     if not isinstance(data, dict) or not isinstance(data.get("base_url"), str):
         raise ConfigError(
             f"sandbox bootstrap {path} has no base_url; is it a sandbox bootstrap.json?"
         )
-    if not isinstance(sa, dict) or any(not isinstance(sa.get(k), str) for k in needed):
-        raise ConfigError(
-            f"sandbox bootstrap {path}: service_account must have {', '.join(needed)}"
-        )
+    for role in ("service_account", "pat"):
+        entry = data.get(role)
+        if not isinstance(entry, dict) or any(not isinstance(entry.get(k), str) for k in needed):
+            raise ConfigError(f"sandbox bootstrap {path}: {role} must have {', '.join(needed)}")
     return data
 
 
@@ -81,54 +83,128 @@ backoff_max_seconds = 30
 base_url = "{base_url}"
 timeout_seconds = 10
 
-[credentials.{name}]
+[credentials.{sa}]
 kind = "service_account"
 provider = "sandbox"
 registration = "credentials"
 algorithm = "ed25519"
 
-[[credentials.{name}.targets]]
+[[credentials.{sa}.targets]]
 type = "file"
-path = "deploy/{name}"
+path = "deploy/{sa}"
+
+[credentials.{pat}]
+kind = "pat"
+provider = "sandbox"
+registration = "credentials"
+algorithm = "ecdsa-p256"
+
+[[credentials.{pat}.targets]]
+type = "file"
+path = "deploy/{pat}"
+
+# The webhook's secret rotates by replacing the webhook; calls are signed by {sa}.
+[credentials.{webhook}]
+kind = "webhook"
+provider = "sandbox"
+signer = "{sa}"
+grace_seconds = 2
+
+[[credentials.{webhook}.targets]]
+type = "secrets_file"
+path = "deploy/{webhook}/secrets.json"
+
+[[credentials.{webhook}.probes]]
+type = "receiver"
+url = "{receiver_url}"
 """
 
+DEFAULT_RECEIVER_URL = "http://127.0.0.1:8091"
 
-def init_workdir(workdir: Path, bootstrap_path: Path) -> Path:
+
+def init_workdir(
+    workdir: Path, bootstrap_path: Path, receiver_url: str = DEFAULT_RECEIVER_URL
+) -> Path:
+    """Config, master key, migrated database; the sandbox's service account and PAT managed as
+    sandbox-service-account and sandbox-pat; a webhook created on the sandbox pointing at the
+    receiver at `receiver_url` (POST {receiver_url}/webhooks), managed as sandbox-webhook."""
     boot = _read_bootstrap(bootstrap_path)
+    receiver_url = receiver_url.rstrip("/")
+    if not receiver_url.startswith(("http://", "https://")):
+        raise ConfigError(f"--receiver-url {receiver_url!r} must be an http:// or https:// URL")
     config_path = workdir / "keyturn.toml"
     if config_path.exists():
         raise KeyturnError(f"{config_path} exists already; choose an empty directory")
     keys = CryptoKeys()
-    sa = boot["service_account"]
-    private_pem = sa["private_key_pem"].encode()
-    algorithm = keys.algorithm_of(private_pem)  # validates the key before anything is written
+    sa, pat = boot["service_account"], boot["pat"]
+    sa_pem, pat_pem = sa["private_key_pem"].encode(), pat["private_key_pem"].encode()
+    sa_alg = keys.algorithm_of(sa_pem)  # validates both keys before anything is written
+    pat_alg = keys.algorithm_of(pat_pem)
 
     workdir.mkdir(parents=True, exist_ok=True)
     _write_new(workdir / "master.key", new_master_key() + "\n", 0o600)
-    _write_new(
-        config_path, CONFIG_TEMPLATE.format(base_url=boot["base_url"], name=SANDBOX_SA), 0o600
+    text = CONFIG_TEMPLATE.format(
+        base_url=boot["base_url"],
+        sa=SANDBOX_SA,
+        pat=SANDBOX_PAT,
+        webhook=SANDBOX_WEBHOOK,
+        receiver_url=receiver_url,
     )
+    _write_new(config_path, text, 0o600)
     config = load_config(config_path)
     upgrade(config.database.url)
     w = Wiring(config)
-    _add(
-        w,
-        ManagedCredential(
-            name=SANDBOX_SA,
-            kind=CredentialKind.SERVICE_ACCOUNT,
-            provider="sandbox",
-            credential_id=sa["credential_id"],
-            credential_uuid=sa["credential_uuid"],
-            key_ref=None,
-            algorithm=algorithm,
-        ),
-        private_pem,
-        sa["token"].encode(),
-    )
-    material = DeployedMaterial(private_pem, sa["credential_id"], sa["credential_uuid"])
-    for target in w.targets_for(SANDBOX_SA):
-        target.deploy(material)
+    for name, kind, entry, pem, alg in (
+        (SANDBOX_SA, CredentialKind.SERVICE_ACCOUNT, sa, sa_pem, sa_alg),
+        (SANDBOX_PAT, CredentialKind.PAT, pat, pat_pem, pat_alg),
+    ):
+        _add(
+            w,
+            ManagedCredential(
+                name=name,
+                kind=kind,
+                provider="sandbox",
+                credential_id=entry["credential_id"],
+                credential_uuid=entry["credential_uuid"],
+                key_ref=None,
+                algorithm=alg,
+            ),
+            pem,
+            entry["token"].encode(),
+        )
+        material = DeployedMaterial(pem, entry["credential_id"], entry["credential_uuid"])
+        for target in w.targets_for(name):
+            target.deploy(material)
+    asyncio.run(_create_webhook(w, boot, sa_pem, f"{receiver_url}/webhooks"))
     return config_path
+
+
+async def _create_webhook(w: Wiring, boot: dict[str, Any], sa_pem: bytes, url: str) -> None:
+    from keyturn.adapters.dfns.client import DfnsClient
+    from keyturn.adapters.dfns.signing import KeySigner
+
+    sa = boot["service_account"]
+    signer = KeySigner.from_pem(sa["credential_id"], sa_pem)
+    async with DfnsClient(boot["base_url"], sa["token"], signer=signer) as client:
+        webhook, secret = await client.create_webhook(
+            url, ["*"], description=f"managed by keyturn as {SANDBOX_WEBHOOK}"
+        )
+    vault = w.checked_vault()
+    ref = _secret_id()
+    w.store.add_credential(
+        ManagedCredential(
+            name=SANDBOX_WEBHOOK,
+            kind=CredentialKind.WEBHOOK,
+            provider="sandbox",
+            credential_id=webhook.id,
+            credential_uuid=webhook.id,
+            key_ref=ref,
+            algorithm="hmac-sha256",
+        ),
+        [vault.seal(ref, "webhook_secret", secret.reveal().encode())],
+    )
+    for target in w.secret_targets_for(SANDBOX_WEBHOOK):
+        target.deploy([secret.reveal()])
 
 
 def _add(w: Wiring, credential: ManagedCredential, private_pem: bytes, token: bytes | None) -> None:

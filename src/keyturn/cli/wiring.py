@@ -16,11 +16,18 @@ from keyturn.adapters.keys import CryptoKeys
 from keyturn.adapters.store.migrate import open_store
 from keyturn.adapters.store.sql import SqlStore
 from keyturn.adapters.vault import AesGcmVault, load_master_key
-from keyturn.config import Config
+from keyturn.config import Config, CredentialConfig
 from keyturn.domain.errors import ConfigError, KeyturnError
 from keyturn.domain.retry import RetryPolicy
 from keyturn.engine.run import CrashHook, EngineDeps, EngineSettings, no_crash
-from keyturn.ports import DeployTarget, Fence, KeyProvider
+from keyturn.ports import (
+    DeployTarget,
+    Fence,
+    KeyProvider,
+    SecretsProbe,
+    SecretsTarget,
+    WebhookProvider,
+)
 
 MASTER_KEY_ENV = "KEYTURN_MASTER_KEY"
 #: Fault injection for the crash tests: the worker SIGKILLs itself at this action boundary,
@@ -136,7 +143,57 @@ class Wiring:
                 f"credential {name} has no [credentials.{name}] section in the configuration; "
                 "its deploy targets are unknown"
             )
-        return [FileTarget(t.name or f"file:{t.path}", t.path) for t in cfg.targets]
+        return [
+            FileTarget(t.name or f"file:{t.path}", t.path) for t in cfg.targets if t.type == "file"
+        ]
+
+    def _cred_config(self, name: str) -> CredentialConfig:
+        cfg = self.config.credentials.get(name)
+        if cfg is None:
+            raise KeyturnError(
+                f"credential {name} has no [credentials.{name}] section in the configuration"
+            )
+        return cfg
+
+    def webhooks_for(self, name: str, *, fence: Fence | None = None) -> WebhookProvider:
+        from keyturn.adapters.dfns.webhook_provider import webhook_provider_for
+
+        cfg = self._cred_config(name)
+        signer_name = cfg.signer or ""
+        signer = self.store.get_credential(signer_name)
+        if signer.key_ref is None:
+            raise KeyturnError(f"the webhook signer {signer_name} has no stored key")
+        key = self.vault.open(self.store.get_secret(signer.key_ref))
+        provider = self.config.provider(cfg.provider)
+        return webhook_provider_for(
+            provider.base_url,
+            self.token_for(signer_name),
+            signer.credential_id,
+            key,
+            timeout=provider.timeout_seconds,
+            fence=fence,
+        )
+
+    def secret_targets_for(self, name: str) -> list[SecretsTarget]:
+        from keyturn.adapters.secrets_file import WebhookSecretsFileTarget
+
+        cfg = self._cred_config(name)
+        return [
+            WebhookSecretsFileTarget(t.name or f"secrets_file:{t.path}", t.path)
+            for t in cfg.targets
+            if t.type == "secrets_file"
+        ]
+
+    def probes_for(self, name: str) -> list[SecretsProbe]:
+        from keyturn.adapters.secrets_file import ReceiverStateProbe
+
+        return [
+            ReceiverStateProbe(p.name or f"receiver:{p.url}", p.url)
+            for p in self._cred_config(name).probes
+        ]
+
+    def grace_for(self, name: str) -> float:
+        return self._cred_config(name).grace_seconds
 
     def engine_deps(self) -> EngineDeps:
         w = self.config.worker
@@ -161,4 +218,8 @@ class Wiring:
             targets_for=self.targets_for,
             settings=settings,
             crash_hook=hook,
+            webhooks_for=self.webhooks_for,
+            secret_targets_for=self.secret_targets_for,
+            probes_for=self.probes_for,
+            grace_for=self.grace_for,
         )

@@ -273,7 +273,10 @@ class WebhookKind:
             seen: dict[str, str | None] = {}
             while pending:
                 for pname, probe in list(pending.items()):
-                    seen[pname] = await probe.loaded_version()
+                    try:
+                        seen[pname] = await probe.loaded_version()
+                    except KeyturnError as exc:  # not answering yet: keep asking until the deadline
+                        seen[pname] = f"no answer ({exc})"
                     if seen[pname] == version:
                         del pending[pname]
                 if not pending:
