@@ -1,41 +1,60 @@
-"""`keyturn demo`: a real rotation against a local sandbox, checked end to end."""
+"""`keyturn demo`: real rotations of all three kinds against a local sandbox that emits webhook
+events throughout, checked end to end through the sandbox and the receiver."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
 from keyturn import logs
 from keyturn.cli import render
-from keyturn.cli.setup import SANDBOX_SA, init_workdir
+from keyturn.cli.setup import SANDBOX_PAT, SANDBOX_SA, SANDBOX_WEBHOOK, init_workdir
 from keyturn.cli.wiring import Wiring, actor
 from keyturn.config import load_config
 from keyturn.domain.lifecycle import State
+from keyturn.domain.model import Rotation
 from keyturn.engine.operator import start_rotation
 from keyturn.engine.worker import Worker
 
 STEPS = [State.PENDING, State.NEW_ADDED, State.VERIFIED, State.OLD_DEACTIVATED]
+NAMES = [SANDBOX_SA, SANDBOX_PAT, SANDBOX_WEBHOOK]
+EVENT_RATE = 50.0
+
+Check = tuple[bool, str]
 
 
-def _progress(state: State, elapsed: float, status: str) -> Text:
-    text = Text()
-    reached = STEPS.index(state) if state in STEPS else -1
-    for i, s in enumerate(STEPS):
-        style = "bold green" if i <= reached else "dim"
-        text.append(f" {'●' if i <= reached else '○'} {s.value}", style=style)
-        if i < len(STEPS) - 1:
-            text.append(" →", style="dim")
-    text.append(f"   {status}  {elapsed:4.1f}s")
-    return text
+def _progress(rotations: list[Rotation], elapsed: float, events: str) -> Group:
+    lines = []
+    for r in rotations:
+        text = Text(f"{r.credential:<24}")
+        reached = STEPS.index(r.state) if r.state in STEPS else -1
+        for i, s in enumerate(STEPS):
+            style = "bold green" if i <= reached else "dim"
+            text.append(f" {'●' if i <= reached else '○'} {s.value}", style=style)
+            if i < len(STEPS) - 1:
+                text.append(" →", style="dim")
+        text.append(f"   {render.status_of(r)}")
+        lines.append(text)
+    lines.append(Text(f"{elapsed:5.1f}s   {events}", style="dim"))
+    return Group(*lines)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def run_demo(console: Console) -> bool:
+    from keyturn.receiver import start_receiver
     from keyturn.sandbox.testing import start_sandbox
 
     logs.configure("console", "warning")
@@ -44,80 +63,160 @@ def run_demo(console: Console) -> bool:
         root = Path(tmp)
         console.print("[bold]keyturn demo[/bold]: starting a local Dfns sandbox ...")
         with start_sandbox(root / "sandbox") as sandbox:
-            console.print(f"  sandbox at {sandbox.base_url}")
-            config_path = init_workdir(root / "work", sandbox.state_dir / "bootstrap.json")
-            console.print(f"  initialised {config_path.parent} (SQLite, master key, {SANDBOX_SA})")
+            port = _free_port()
+            config_path = init_workdir(
+                root / "work", sandbox.state_dir / "bootstrap.json", f"http://127.0.0.1:{port}"
+            )
+            console.print(f"  sandbox at {sandbox.base_url}; initialised {config_path.parent}")
             w = Wiring(load_config(config_path))
-            before = w.store.get_credential(SANDBOX_SA)
-            cfg = w.config.credential(SANDBOX_SA)
-            rotation = start_rotation(
-                w.store,
-                w.clock,
-                credential=SANDBOX_SA,
-                reason="keyturn demo",
-                actor=actor(),
-                options={"algorithm": cfg.algorithm, "via": cfg.registration},
-            )
-            console.print(f"  rotation {rotation.id} of {SANDBOX_SA} created; running a worker")
-            worker = Worker(w.engine_deps(), concurrency=4)
+            secrets_file = w.config.credential(SANDBOX_WEBHOOK).targets[0].path
+            with start_receiver(secrets_file, port=port) as receiver:
+                console.print(
+                    f"  webhook receiver at {receiver.url}; the sandbox emits "
+                    f"{EVENT_RATE:.0f} events/s"
+                )
+                sandbox.set_event_rate(EVENT_RATE)
+                before = {n: w.store.get_credential(n) for n in NAMES}
+                ids = [
+                    start_rotation(
+                        w.store,
+                        w.clock,
+                        credential=name,
+                        reason="keyturn demo",
+                        actor=actor(),
+                        options=_options(w, name),
+                    ).id
+                    for name in NAMES
+                ]
+                worker = Worker(w.engine_deps(), concurrency=4)
 
-            async def go() -> None:
-                task = asyncio.create_task(worker.run(until_idle=True))
-                with Live(console=console, refresh_per_second=12, transient=False) as live:
-                    while True:
-                        current = await asyncio.to_thread(w.store.get_rotation, rotation.id)
-                        live.update(
-                            _progress(
-                                current.state,
-                                time.monotonic() - started,
-                                render.status_of(current),
+                async def go() -> None:
+                    task = asyncio.create_task(worker.run(until_idle=True))
+                    with Live(console=console, refresh_per_second=10) as live:
+                        while True:
+                            rotations = [
+                                await asyncio.to_thread(w.store.get_rotation, i) for i in ids
+                            ]
+                            state = await asyncio.to_thread(receiver.state)
+                            live.update(
+                                _progress(
+                                    rotations,
+                                    time.monotonic() - started,
+                                    f"receiver: {state['accepted']} accepted, "
+                                    f"{state['rejected']} rejected",
+                                )
                             )
-                        )
-                        if task.done():
-                            break
-                        await asyncio.sleep(0.08)
-                await task
+                            if task.done():
+                                break
+                            await asyncio.sleep(0.1)
+                    await task
 
-            asyncio.run(go())
-            final = w.store.get_rotation(rotation.id)
-            checks = asyncio.run(_check(w, before.credential_uuid, final.data))
-            checks.insert(
-                0, (final.state is State.OLD_DEACTIVATED, f"rotation ended in {final.state.value}")
-            )
-            console.print("\n[bold]timeline[/bold]")
-            console.print(render.timeline_table(w.store.events(rotation.id)))
-            console.print("\n[bold]checks through the sandbox[/bold]")
+                asyncio.run(go())
+                sandbox.set_event_rate(0)
+                time.sleep(1.0)  # deliveries already in flight
+                finals = [w.store.get_rotation(i) for i in ids]
+                checks: list[Check] = [
+                    (
+                        r.state is State.OLD_DEACTIVATED,
+                        f"{r.credential}: rotation ended in {r.state}",
+                    )
+                    for r in finals
+                ]
+                checks += asyncio.run(_check_keys(w, finals[:2]))
+                checks += asyncio.run(
+                    _check_webhook(w, before[SANDBOX_WEBHOOK].credential_id, finals[2])
+                )
+                checks += _check_traffic(sandbox.state(), receiver.state())
+            console.print("\n[bold]timelines[/bold]")
+            for r in finals:
+                console.print(f"[bold]{r.credential}[/bold] {r.id}")
+                console.print(render.timeline_table(w.store.events(r.id)))
+            console.print("\n[bold]checks through the sandbox and the receiver[/bold]")
             for ok, what in checks:
                 console.print(f"  {'[green]✔[/green]' if ok else '[red]✘[/red]'} {what}")
             ok = all(ok for ok, _ in checks)
-            elapsed = time.monotonic() - started
             verdict = "[green]demo passed[/green]" if ok else "[red]demo FAILED[/red]"
-            console.print(f"\n{verdict} in {elapsed:.1f}s; cleaning up")
+            console.print(f"\n{verdict} in {time.monotonic() - started:.1f}s; cleaning up")
             return ok
 
 
-async def _check(w: Wiring, old_uuid: str, data: dict[str, object]) -> list[tuple[bool, str]]:
-    new_uuid = str(data.get("new_credential_uuid"))
-    provider = w.provider_for(SANDBOX_SA)
+def _options(w: Wiring, name: str) -> dict[str, str]:
+    cfg = w.config.credential(name)
+    return {"algorithm": cfg.algorithm, "via": cfg.registration}
+
+
+async def _check_keys(w: Wiring, finals: list[Rotation]) -> list[Check]:
+    checks: list[Check] = []
+    for r in finals:
+        name = r.credential
+        old_uuid = str(r.data.get("old_credential_uuid"))
+        new_uuid = str(r.data.get("new_credential_uuid"))
+        provider = w.provider_for(name)
+        try:
+            creds = {c.credential_uuid: c for c in await provider.list_credentials()}
+        finally:
+            await provider.aclose()
+        old, new = creds.get(old_uuid), creds.get(new_uuid)
+        checks.append(
+            (old is not None and not old.is_active, f"{name}: old credential {old_uuid} inactive")
+        )
+        checks.append(
+            (new is not None and new.is_active, f"{name}: new credential {new_uuid} active")
+        )
+        expected = "".join(str(r.data.get("new_public_key", "")).split())
+        for target in w.targets_for(name):
+            held = target.read_back()
+            same = "".join(w.keys.public_pem(held.private_key_pem).split()) == expected
+            checks.append(
+                (
+                    same and held.credential_uuid == new_uuid,
+                    f"{name}: {target.name} holds the new key and credential id",
+                )
+            )
+    return checks
+
+
+async def _check_webhook(w: Wiring, old_id: str, r: Rotation) -> list[Check]:
+    new_id = str(r.data.get("new_webhook_id"))
+    provider = w.webhooks_for(SANDBOX_WEBHOOK)
     try:
-        creds = {c.credential_uuid: c for c in await provider.list_credentials()}
+        old = await provider.get_webhook(old_id)
+        new = await provider.get_webhook(new_id)
     finally:
         await provider.aclose()
-    old, new = creds.get(old_uuid), creds.get(new_uuid)
-    checks = [
-        (old is not None and not old.is_active, f"old credential {old_uuid} is inactive"),
-        (new is not None and new.is_active, f"new credential {new_uuid} is active"),
+    checks: list[Check] = [
+        (old is None, f"{SANDBOX_WEBHOOK}: old webhook {old_id} deleted"),
+        (
+            new is not None and new.status == "Enabled",
+            f"{SANDBOX_WEBHOOK}: new webhook {new_id} enabled",
+        ),
     ]
-    now = w.store.get_credential(SANDBOX_SA)
-    checks.append((now.credential_uuid == new_uuid, f"{SANDBOX_SA} now points at {new_uuid}"))
-    expected_public = "".join(str(data.get("new_public_key", "")).split())
-    for target in w.targets_for(SANDBOX_SA):
-        held = target.read_back()
-        held_public = "".join(w.keys.public_pem(held.private_key_pem).split())
-        checks.append(
-            (
-                held_public == expected_public and held.credential_uuid == new_uuid,
-                f"deploy target {target.name} holds the new key and credential id",
-            )
-        )
+    for target in w.secret_targets_for(SANDBOX_WEBHOOK):
+        _version, secrets = target.read_back()
+        checks.append((len(secrets) == 1, f"{SANDBOX_WEBHOOK}: {target.name} holds one secret"))
     return checks
+
+
+def _check_traffic(
+    sandbox_state: dict[str, object], receiver_state: dict[str, object]
+) -> list[Check]:
+    deliveries = sandbox_state.get("deliveries")
+    assert isinstance(deliveries, dict)
+    delivered = sum(int(d["delivered"]) for d in deliveries.values())
+    failed = sum(int(d["failed"]) for d in deliveries.values())
+    accepted = int(str(receiver_state["accepted"]))
+    rejected = int(str(receiver_state["rejected"]))
+    return [
+        (
+            delivered > 0 and failed == 0,
+            f"events: {delivered} delivered by the sandbox, {failed} failed",
+        ),
+        (
+            rejected == 0 and accepted >= delivered,
+            f"events: {accepted} accepted by the receiver, {rejected} rejected",
+        ),
+        (
+            len(deliveries) >= 2,
+            f"events reached {len(deliveries)} webhooks (the old, then the new)",
+        ),
+    ]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import os
 import signal
 import socket
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
+from typing import TypeVar
 
 from keyturn.adapters.deploy import FileTarget
 from keyturn.adapters.keys import CryptoKeys
@@ -17,7 +20,7 @@ from keyturn.adapters.store.migrate import open_store
 from keyturn.adapters.store.sql import SqlStore
 from keyturn.adapters.vault import AesGcmVault, load_master_key
 from keyturn.config import Config, CredentialConfig
-from keyturn.domain.errors import ConfigError, KeyturnError
+from keyturn.domain.errors import ConfigError, KeyturnError, ProviderError
 from keyturn.domain.retry import RetryPolicy
 from keyturn.engine.run import CrashHook, EngineDeps, EngineSettings, no_crash
 from keyturn.ports import (
@@ -26,9 +29,12 @@ from keyturn.ports import (
     KeyProvider,
     SecretsProbe,
     SecretsTarget,
+    Store,
+    WebhookInfo,
     WebhookProvider,
 )
 
+T = TypeVar("T")
 MASTER_KEY_ENV = "KEYTURN_MASTER_KEY"
 #: Fault injection for the crash tests: the worker SIGKILLs itself at this action boundary,
 #: after writing the boundary's name to the marker file (so a test can assert where it landed).
@@ -165,7 +171,7 @@ class Wiring:
             raise KeyturnError(f"the webhook signer {signer_name} has no stored key")
         key = self.vault.open(self.store.get_secret(signer.key_ref))
         provider = self.config.provider(cfg.provider)
-        return webhook_provider_for(
+        inner = webhook_provider_for(
             provider.base_url,
             self.token_for(signer_name),
             signer.credential_id,
@@ -173,6 +179,7 @@ class Wiring:
             timeout=provider.timeout_seconds,
             fence=fence,
         )
+        return _SignerAwareWebhooks(inner, self.store, signer_name, signer.key_ref)
 
     def secret_targets_for(self, name: str) -> list[SecretsTarget]:
         from keyturn.adapters.secrets_file import WebhookSecretsFileTarget
@@ -223,3 +230,65 @@ class Wiring:
             probes_for=self.probes_for,
             grace_for=self.grace_for,
         )
+
+
+class _SignerAwareWebhooks:
+    """A webhook provider whose signing credential is itself managed by keyturn. When the
+    provider refuses the signer while keyturn is rotating that signer (its old key deactivated
+    a moment before the store points at the new one), the refusal is transient: it becomes a
+    retryable error, and the next attempt signs with the signer's new key."""
+
+    _REFUSED = frozenset({401, 403})
+
+    def __init__(self, inner: WebhookProvider, store: Store, signer: str, key_ref: str) -> None:
+        self._inner = inner
+        self._store = store
+        self._signer = signer
+        self._key_ref = key_ref
+
+    def _moving(self) -> bool:
+        latest = self._store.latest_rotation(self._signer)
+        current = self._store.get_credential(self._signer).key_ref
+        return current != self._key_ref or (latest is not None and not latest.finished)
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except ProviderError as exc:
+            refused = exc.code == "credential_not_allowed" or exc.status in self._REFUSED
+            if exc.retryable or not refused or not await asyncio.to_thread(self._moving):
+                raise
+            raise ProviderError(
+                f"{exc} (the signer {self._signer} is being rotated; retrying with its new key)",
+                retryable=True,
+                status=exc.status,
+                code=exc.code,
+                outcome_unknown=exc.outcome_unknown,
+            ) from None
+
+    async def get_webhook(self, webhook_id: str) -> WebhookInfo | None:
+        return await self._call(lambda: self._inner.get_webhook(webhook_id))
+
+    async def list_webhooks(self) -> list[WebhookInfo]:
+        return await self._call(self._inner.list_webhooks)
+
+    async def create_webhook(
+        self, *, url: str, events: Sequence[str], description: str, enabled: bool
+    ) -> tuple[WebhookInfo, str]:
+        return await self._call(
+            lambda: self._inner.create_webhook(
+                url=url, events=events, description=description, enabled=enabled
+            )
+        )
+
+    async def set_enabled(self, webhook_id: str, enabled: bool) -> None:
+        await self._call(lambda: self._inner.set_enabled(webhook_id, enabled))
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        await self._call(lambda: self._inner.delete_webhook(webhook_id))
+
+    async def ping(self, webhook_id: str) -> str:
+        return await self._call(lambda: self._inner.ping(webhook_id))
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
