@@ -121,7 +121,8 @@ def test_frozen_worker_loses_its_rotation_and_writes_nothing(
     try:
         (rid,) = fleet.start_rotations()
         reader = fleet.reader
-        fleet.sandbox.set_faults(latency_ms=700)  # slow provider: a holder is mid-rotation
+        # a slow provider (1.5 s per request), so that a holder is mid-rotation for long
+        fleet.sandbox.set_faults(latency_ms=1500)
         a = fleet.start_worker(concurrency=1)
         owner_a = a.owner()
 
@@ -133,9 +134,12 @@ def test_frozen_worker_loses_its_rotation_and_writes_nothing(
                 break
             assert time.monotonic() < deadline, f"A never got mid-rotation: {a.tail()}"
             time.sleep(0.05)
-        # freeze A outside any database transaction (a frozen open transaction would hold its
-        # row lock and block everyone: that is not what this test is about)
-        for _ in range(50):
+        # A sent its first request of register_new right after committing the intent; freeze it
+        # while it waits for the answer (a request already on the wire when the process stops is
+        # not one it starts after being continued), and outside any database transaction (a
+        # frozen open transaction would hold its row lock and block everyone)
+        time.sleep(0.3)
+        for _ in range(8):
             a.freeze()
             with psycopg.connect(_libpq(fresh_pg_url), autocommit=True) as conn:
                 own = conn.execute("SELECT pg_backend_pid()").fetchone()
