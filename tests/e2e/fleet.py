@@ -173,6 +173,11 @@ class DbReader:
             for r in rows
         ]
 
+    def actions(self) -> list[tuple[str, str, str, str, dict[str, Any]]]:
+        """(rotation id, phase, name, status, detail) of every action record."""
+        rows = self.query("SELECT rotation_id, phase, name, status, detail FROM actions")
+        return [(r[0], r[1], r[2], r[3], dict(_json(r[4]) or {})) for r in rows]
+
     def action_status(self, rotation_id: str, name: str) -> str | None:
         rows = self.query(
             "SELECT status FROM actions WHERE rotation_id = ? AND name = ?", (rotation_id, name)

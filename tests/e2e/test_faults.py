@@ -81,9 +81,14 @@ def test_hundred_rotations_under_provider_faults(tmp_path: Path) -> None:
         assert faults["hang"] > 0, faults
         assert by_mode["500"] > 0 and by_mode["drop"] > 0, (faults, by_mode)
         failed_steps = [e for e in fleet.reader.events() if e.kind == "run"]
+        # every change that was applied and then reported as failed (or dropped) was found at
+        # the provider and adopted afterwards, rather than made a second time
+        adopted = [a for a in fleet.reader.actions() if a[4].get("reconciled") is True]
+        assert len(adopted) == faults["apply_then_fail"], (adopted, faults)
         print(
             f"\n100 rotations under faults: {elapsed:.1f}s; injected {faults}; "
-            f"apply-then-fail by mode {by_mode}; {len(failed_steps)} failed step attempts retried"
+            f"apply-then-fail by mode {by_mode}; {len(failed_steps)} failed step attempts retried; "
+            f"{len(adopted)} outcomes adopted after an unknown outcome"
         )
     finally:
         fleet.kill_workers()
