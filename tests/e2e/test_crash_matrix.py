@@ -13,7 +13,6 @@ from harness import Kt
 from keyturn.domain.lifecycle import Trigger
 from keyturn.engine.kinds.signing_key import SERVICE_ACCOUNT
 
-
 #: Every boundary of an action: before its intent is recorded, after the intent commit, after
 #: the provider call (before the outcome commit), after the outcome commit.
 ACTION_BOUNDARIES = ("before_intent", "after_intent", "after_call", "after_outcome")

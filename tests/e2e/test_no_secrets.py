@@ -4,6 +4,7 @@ encodings a leak takes (PEM, DER, base64, base64url, hex, raw key bytes)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -20,7 +21,11 @@ def rotate_twice_collecting_secrets(kt: Kt, tmp_path: Path) -> dict[str, bytes |
         "old private key": boot["private_key_pem"],
         "bearer token": boot["token"],
         "master key": (kt.workdir / "master.key").read_text().strip(),
+        "pat private key": kt.bootstrap["pat"]["private_key_pem"],
+        "pat token": kt.bootstrap["pat"]["token"],
     }
+    secrets_file = kt.workdir / "deploy" / "sandbox-webhook" / "secrets.json"
+    (secrets["webhook secret"],) = json.loads(secrets_file.read_text())["secrets"]
     # First rotation: killed mid-way (so the SQLite -wal is left as a crash leaves it), with
     # JSON logs; the snapshot of the files taken right after the kill is scanned too.
     rid = kt.rotate()

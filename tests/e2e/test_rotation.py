@@ -24,8 +24,8 @@ def test_rotation_on_postgres(make_kt: Callable[..., Kt], fresh_pg_url: str) -> 
     creds = kt.provider_credentials()
     assert creds[old_uuid]["isActive"] is False
     assert creds[rotation["new_credential_uuid"]]["isActive"] is True
-    managed = json.loads(kt.run("credentials", "list", "--json").stdout)
-    assert managed[0]["credential_uuid"] == rotation["new_credential_uuid"]
+    managed = {c["name"]: c for c in json.loads(kt.run("credentials", "list", "--json").stdout)}
+    assert managed[SA]["credential_uuid"] == rotation["new_credential_uuid"]
     # The SQLite file of `init` was not used: everything went to PostgreSQL.
     assert json.loads(kt.run("rotations", "list", "--json", env=kt.env()).stdout)[0]["id"] == rid
 
@@ -129,7 +129,10 @@ def test_demo_command() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "demo passed" in proc.stdout
-    assert proc.stdout.count("✔") >= 5 and "✘" not in proc.stdout
+    assert proc.stdout.count("✔") >= 15 and "✘" not in proc.stdout
+    for kind in ("sandbox-service-account", "sandbox-pat", "sandbox-webhook"):
+        assert f"✔ {kind}: rotation ended in old_deactivated" in proc.stdout
+    assert "0 rejected" in proc.stdout and ", 0 failed" in proc.stdout
 
 
 def test_init_refuses_an_initialised_directory(kt: Kt) -> None:

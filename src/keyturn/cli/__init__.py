@@ -300,7 +300,7 @@ def reconcile(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
     w = state.wiring()
     w.checked_vault()
-    findings = asyncio.run(run_reconcile(w.store, w.provider_for))
+    findings = asyncio.run(run_reconcile(w.store, w.provider_for, w.webhooks_for))
     if as_json:
         _print_json([f.as_dict() for f in findings])
     elif not findings:

@@ -13,9 +13,15 @@ from typing import Any
 
 from keyturn.domain.errors import KeyturnError
 from keyturn.domain.lifecycle import State
-from keyturn.domain.model import ActionStatus, Phase, Rotation
+from keyturn.domain.model import ActionStatus, CredentialKind, ManagedCredential, Phase, Rotation
 from keyturn.engine.run import db
-from keyturn.ports import KeyProviderFactory, ProviderCredential, Store
+from keyturn.ports import (
+    KeyProviderFactory,
+    ProviderCredential,
+    Store,
+    WebhookInfo,
+    WebhookProviderFactory,
+)
 
 _CREATED_BY = re.compile(r"^(?:keyturn-|kt-)(rot_[A-Za-z0-9]+)$")
 
@@ -41,10 +47,18 @@ def created_by(c: ProviderCredential) -> str | None:
     return None
 
 
-async def reconcile(store: Store, provider_for: KeyProviderFactory) -> list[Finding]:
+async def reconcile(
+    store: Store,
+    provider_for: KeyProviderFactory,
+    webhooks_for: WebhookProviderFactory | None = None,
+) -> list[Finding]:
     findings: list[Finding] = []
     for managed in await db(store.list_credentials):
         name = managed.name
+        if managed.kind is CredentialKind.WEBHOOK:
+            if webhooks_for is not None:
+                findings.extend(await _reconcile_webhook(store, webhooks_for, managed))
+            continue
         try:
             provider = provider_for(name)
             try:
@@ -155,3 +169,77 @@ def _check_latest(name: str, r: Rotation, by_uuid: dict[str, ProviderCredential]
         if new is not None and new.is_active:
             bad(f"the new credential {new.credential_uuid} is still active", new.credential_uuid)
     return out
+
+
+_WEBHOOK_BY = re.compile(r"^keyturn rotation (rot_[A-Za-z0-9]+)$")
+
+
+async def _reconcile_webhook(
+    store: Store, webhooks_for: WebhookProviderFactory, managed: ManagedCredential
+) -> list[Finding]:
+    name = managed.name
+    try:
+        provider = webhooks_for(name)
+        try:
+            hooks = await provider.list_webhooks()
+        finally:
+            await provider.aclose()
+    except KeyturnError as exc:
+        return [Finding("unreachable", name, f"cannot list webhooks: {exc}")]
+    findings: list[Finding] = []
+    rotations = {r.id: r for r in await db(store.list_rotations, credential=name)}
+    all_rotations = {r.id for r in await db(store.list_rotations)}
+    by_id: dict[str, WebhookInfo] = {w.id: w for w in hooks}
+    for w in hooks:
+        m = _WEBHOOK_BY.match(w.description or "")
+        if m is None:
+            continue
+        rid = m.group(1)
+        rotation = rotations.get(rid)
+        if rotation is None:
+            if rid not in all_rotations:  # another managed webhook's rotation reports its own
+                findings.append(
+                    Finding(
+                        "orphan",
+                        name,
+                        f"webhook {w.id} was created by rotation {rid}, which this store does "
+                        "not know",
+                        rid,
+                        w.id,
+                    )
+                )
+            continue
+        if rotation.data.get("new_webhook_id") != w.id and not rotation.finished:
+            continue  # its creation is still being reconciled by the rotation itself
+        if rotation.data.get("new_webhook_id") != w.id or rotation.state.value == "rolled_back":
+            findings.append(
+                Finding(
+                    "orphan",
+                    name,
+                    f"webhook {w.id} was created by rotation {rid} ({rotation.state.value}) and "
+                    "no rotation keeps it",
+                    rid,
+                    w.id,
+                )
+            )
+    current = by_id.get(managed.credential_id)
+    in_flight = any(not r.finished for r in rotations.values())
+    if current is None:
+        findings.append(
+            Finding(
+                "mismatch",
+                name,
+                f"the current webhook {managed.credential_id} does not exist at the provider",
+                provider_credential_uuid=managed.credential_id,
+            )
+        )
+    elif current.status != "Enabled" and not in_flight:
+        findings.append(
+            Finding(
+                "mismatch",
+                name,
+                f"the current webhook {managed.credential_id} is {current.status}",
+                provider_credential_uuid=managed.credential_id,
+            )
+        )
+    return findings

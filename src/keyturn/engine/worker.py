@@ -63,12 +63,12 @@ class Worker:
         outage = 0
         while not self.stopping:
             try:
-                claimed, free = await self._claim()
-                if until_idle and not claimed and not self._inflight and not await self._waiting():
-                    break
                 if loop.time() - last_purge > purge_every:
                     await self._purge()
                     last_purge = loop.time()
+                claimed, free = await self._claim()
+                if until_idle and not claimed and not self._inflight and not await self._waiting():
+                    break
             except StoreUnavailable as exc:
                 outage += 1
                 delay = min(10.0, 0.5 * 2 ** min(outage, 5))
