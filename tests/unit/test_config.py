@@ -70,3 +70,30 @@ def test_errors_name_file_and_key(tmp_path: Path, text: str, needles: list[str])
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (
+            '[credentials.w]\nkind = "webhook"\nprovider = "p"\n',
+            ["credentials.w.signer", "service_account or pat"],
+        ),
+        (
+            '[credentials.k]\nkind = "pat"\nprovider = "p"\nregistration = "service_account_endpoint"\n',
+            ["credentials.k.registration", "PAT"],
+        ),
+        (
+            '[credentials.s]\nkind = "service_account"\nprovider = "p"\n'
+            '[[credentials.s.targets]]\ntype = "secrets_file"\npath = "x"\n',
+            ["credentials.s.targets[0].type", '"file"'],
+        ),
+    ],
+)
+def test_kind_specific_rules(tmp_path: Path, extra: str, needles: list[str]) -> None:
+    cfg = tmp_path / "k.toml"
+    cfg.write_text('[providers.p]\nbase_url = "http://h:1"\n' + extra)
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    for needle in needles:
+        assert needle in str(info.value)
