@@ -80,7 +80,8 @@ def test_missing_file(tmp_path: Path) -> None:
             ["credentials.w.signer", "service_account or pat"],
         ),
         (
-            '[credentials.k]\nkind = "pat"\nprovider = "p"\nregistration = "service_account_endpoint"\n',
+            '[credentials.k]\nkind = "pat"\nprovider = "p"\n'
+            'registration = "service_account_endpoint"\n',
             ["credentials.k.registration", "PAT"],
         ),
         (
