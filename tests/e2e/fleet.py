@@ -56,7 +56,7 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 # ------------------------------------------------------------------------------ the database
 
 
-def _libpq(url: str) -> str:
+def libpq_url(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
@@ -130,7 +130,7 @@ class DbReader:
                 return list(conn.execute(sql, params).fetchall())
             finally:
                 conn.close()
-        with psycopg.connect(_libpq(self.url), connect_timeout=5, autocommit=True) as pg:
+        with psycopg.connect(libpq_url(self.url), connect_timeout=5, autocommit=True) as pg:
             return list(pg.execute(sql.replace("?", "%s"), params).fetchall())
 
     def rotations(self) -> dict[str, RotationRow]:
