@@ -13,7 +13,7 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from keyturn.domain.errors import KeyturnError, ProviderError, StaleVersion
+from keyturn.domain.errors import KeyturnError, StaleVersion, StoreUnavailable
 from keyturn.domain.lifecycle import FINAL_STATES, State, Trigger, fire
 from keyturn.domain.model import ActionRecord, ActionStatus, Event, Phase, Rotation, SealedSecret
 from keyturn.domain.retry import RetryPolicy
@@ -246,16 +246,19 @@ class RotationRun:
         self.deps.crash_hook(f"{phase.value}.{name}.after_intent")
         try:
             result = await call()
-        except ProviderError as exc:
+        except (LeaseLost, StaleVersion, StoreUnavailable):
+            raise  # not ours to record any more (or not recordable now)
+        except KeyturnError as exc:
+            unknown = bool(getattr(exc, "outcome_unknown", False))
             bound.warning(
                 "action",
                 outcome="error",
                 duration_ms=_ms(started),
                 error=str(exc),
-                retryable=exc.retryable,
-                outcome_unknown=exc.outcome_unknown,
+                retryable=bool(getattr(exc, "retryable", False)),
+                outcome_unknown=unknown,
             )
-            if not exc.outcome_unknown:
+            if not unknown:  # known not applied: say so; an unknown outcome keeps its intent
                 await self._outcome(record, ActionStatus.FAILED, dict(record.detail), str(exc))
             raise
         self.deps.crash_hook(f"{phase.value}.{name}.after_call")
