@@ -84,3 +84,38 @@ def test_irreversible_reason_refuses_rollback_with_that_reason() -> None:
     facts = GuardFacts(any_intent=True, irreversible_reason="the old webhook is being deleted")
     with pytest.raises(TransitionRefused, match="old webhook is being deleted"):
         check_guards(State.VERIFIED, Trigger.ROLLBACK, facts)
+
+
+@pytest.mark.parametrize(
+    "status, retry",
+    [
+        (400, False),
+        (401, False),
+        (403, False),
+        (404, False),
+        (409, False),
+        (429, True),
+        (500, True),
+        (502, True),
+        (503, True),
+    ],
+)
+def test_status_classification(status: int, retry: bool) -> None:
+    from keyturn.domain.retry import retryable_status
+
+    assert retryable_status(status) is retry
+
+
+def test_backoff_grows_with_jitter_and_is_bounded() -> None:
+    import random
+
+    from keyturn.domain.retry import RetryPolicy
+
+    policy = RetryPolicy(max_attempts=4, base_seconds=1.0, max_seconds=5.0)
+    rng = random.Random(7)
+    delays = [policy.delay(n, rng) for n in range(1, 8)]
+    assert all(
+        0.1 * min(5.0, 2 ** (n - 1)) <= d <= min(5.0, 2 ** (n - 1)) for n, d in enumerate(delays, 1)
+    )
+    assert max(delays) <= 5.0
+    assert not policy.exhausted(3) and policy.exhausted(4)

@@ -23,3 +23,11 @@ class RetryPolicy:
 
     def exhausted(self, attempts: int) -> bool:
         return attempts >= self.max_attempts
+
+
+def retryable_status(status: int) -> bool:
+    """The classification of provider answers: 429 (rate limited) and 5xx (server trouble) are
+    safe to retry; every other 4xx (validation, auth, permission, a rejected signature, a
+    reused user action) fails the same way again and needs a human. Timeouts and connection
+    errors, which have no status, are retryable too (the adapters say so)."""
+    return status == 429 or status >= 500

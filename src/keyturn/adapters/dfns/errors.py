@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from keyturn.domain.errors import ProviderError
+from keyturn.domain.retry import retryable_status
 
 _MAX_SERVER_MESSAGE = 200
 _WS = re.compile(r"\s+")
@@ -93,7 +94,7 @@ class DfnsApiError(DfnsError):
     ) -> None:
         self.server_message = message
         self.error_id = error_id
-        retryable = status == 429 or status >= 500
+        retryable = retryable_status(status)
         outcome_unknown = status >= 500 and mutating
         details = []
         if code:
