@@ -15,10 +15,13 @@ from typing import Any
 
 import httpx
 
+from keyturn.receiver import ReceiverProcess
 from keyturn.sandbox.testing import SandboxProcess
 
 KEYTURN = [sys.executable, "-m", "keyturn"]
 SA = "sandbox-service-account"
+PAT = "sandbox-pat"
+WEBHOOK = "sandbox-webhook"
 LEASE_PATCH = [
     ("lease_seconds = 30", "lease_seconds = 2"),
     ("backoff_base_seconds = 0.5", "backoff_base_seconds = 0.1"),
@@ -34,10 +37,23 @@ class Kt:
     sandbox: SandboxProcess
     db_url: str | None = None
     logs: list[Path] = field(default_factory=list)
+    #: The reference receiver `sandbox-webhook` points at (``make_kt(receiver=True)``), else None.
+    receiver: ReceiverProcess | None = None
 
     @property
     def config(self) -> Path:
         return self.workdir / "keyturn.toml"
+
+    @property
+    def secrets_file(self) -> Path:
+        """The receiver's secrets file, the deploy target of sandbox-webhook."""
+        return self.workdir / "deploy" / WEBHOOK / "secrets.json"
+
+    def patch_config(self, old: str, new: str) -> None:
+        """Replace one exact line of keyturn.toml (AssertionError if it is not there once)."""
+        text = self.config.read_text()
+        assert text.count(old) == 1, f"{old!r} is not in {self.config} exactly once"
+        self.config.write_text(text.replace(old, new))
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYTURN_")}
@@ -95,10 +111,72 @@ class Kt:
         r.raise_for_status()
         return {c["credentialUuid"]: c for c in r.json()["items"]}
 
-    def deployed(self) -> tuple[bytes, dict[str, Any]]:
-        d = self.workdir / "deploy" / SA
+    def pat_credentials(self) -> dict[str, dict[str, Any]]:
+        """The credentials of the PAT's linked user, as the PAT's token lists them."""
+        token = self.bootstrap["pat"]["token"]
+        r = httpx.get(
+            f"{self.sandbox.base_url}/auth/credentials",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        r.raise_for_status()
+        return {c["credentialUuid"]: c for c in r.json()["items"]}
+
+    def provider_webhooks(self) -> dict[str, dict[str, Any]]:
+        """Every webhook of the sandbox's organisation, by id."""
+        token = self.bootstrap["service_account"]["token"]
+        r = httpx.get(
+            f"{self.sandbox.base_url}/webhooks",
+            params={"limit": 100},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        r.raise_for_status()
+        return {w["id"]: w for w in r.json()["items"]}
+
+    def deployed_secrets(self) -> list[str]:
+        """The secrets the receiver's secrets file lists now."""
+        return list(json.loads(self.secrets_file.read_text())["secrets"])
+
+    def deployed(self, name: str = SA) -> tuple[bytes, dict[str, Any]]:
+        d = self.workdir / "deploy" / name
         return (d / "private_key.pem").read_bytes(), json.loads((d / "credential.json").read_text())
 
     def sqlite_dump(self) -> str:
         with sqlite3.connect(self.workdir / "keyturn.db") as conn:
             return "\n".join(conn.iterdump())
+
+
+# --- SIGKILL at action boundaries (see test_crash_matrix.py for the pattern)
+
+#: Every boundary of an action: before its intent is recorded, after the intent commit, after
+#: the provider call (before the outcome commit), after the outcome commit.
+ACTION_BOUNDARIES = ("before_intent", "after_intent", "after_call", "after_outcome")
+
+
+def kill_points_of(kind: Any, *, rollback: bool) -> list[str]:
+    """Every action boundary and transition commit of a rotation kind (its declared `steps`),
+    forward or in rollback, so a new action gets its own kill points."""
+    from keyturn.domain.lifecycle import Trigger
+
+    points = []
+    for trigger, actions in kind.steps.items():
+        if (trigger is Trigger.FINISH_ROLLBACK) != rollback:
+            continue
+        for phase, name in actions:
+            points += [f"{phase.value}.{name}.{moment}" for moment in ACTION_BOUNDARIES]
+        points.append(f"transition.{trigger.value}.after_commit")
+    return points
+
+
+def kill_worker_at(kt: Kt, point: str, marker: Path) -> None:
+    """Run a worker that SIGKILLs itself at `point`; assert it died there."""
+    killed = kt.worker(KEYTURN_TEST_CRASH_AT=point, KEYTURN_TEST_CRASH_MARKER=str(marker))
+    assert killed.returncode == -9, f"worker was not killed at {point}: {killed.stderr[-2000:]}"
+    assert marker.read_text().split() == [point]  # where the kill landed
+
+
+def transitions_once(rotation: dict[str, Any]) -> bool:
+    """No transition of the rotation was recorded twice."""
+    seen = [(e["from"], e["to"]) for e in rotation["events"] if e["kind"] == "transition"]
+    return len(seen) == len(set(seen))
