@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 ## Quality gates, then the whole suite on SQLite and PostgreSQL (what CI runs).
 test: $(STAMP) lint
-	$(BIN)/pytest -n 2 --dist loadgroup tests
+	$(BIN)/pytest -n 2 --dist loadgroup tests --ignore=tests/bench
 
 ## Inner loop: gates and the unit tests only (seconds).
 test-fast: $(STAMP) lint
@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 bench: $(STAMP)
-	$(BIN)/pytest -q tests/bench
+	$(BIN)/pytest -q -s tests/bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
