@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from keyturn.domain.errors import KeyturnError
 from keyturn.domain.lifecycle import State
 from keyturn.domain.model import (
     ActionRecord,
@@ -96,6 +97,11 @@ class Store(Protocol):
         """
 
     def commit(self, change: Change) -> Rotation: ...
+
+    def commit_many(self, changes: Sequence[Change]) -> list[Rotation | KeyturnError]:
+        """Group commit: apply several changes (of different rotations) in as few transactions
+        as possible, each exactly as :meth:`commit` would; per change, the new rotation or the
+        error `commit` would have raised (StaleVersion, ...). StoreUnavailable is raised."""
 
     def request(self, rotation_id: str, request: OperatorRequest, event: Event) -> Rotation:
         """Record an operator request and its event WITHOUT bumping the version (the lease

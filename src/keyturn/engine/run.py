@@ -17,6 +17,7 @@ from keyturn.domain.errors import KeyturnError, StaleVersion, StoreUnavailable
 from keyturn.domain.lifecycle import FINAL_STATES, State, Trigger, fire
 from keyturn.domain.model import ActionRecord, ActionStatus, Event, Phase, Rotation, SealedSecret
 from keyturn.domain.retry import RetryPolicy
+from keyturn.engine.batch import CommitBatcher
 from keyturn.ports import (
     Change,
     Clock,
@@ -129,6 +130,9 @@ class RotationRun:
         self._actions: dict[tuple[Phase, str], ActionRecord] | None = None
         #: Set by the worker when it is asked to stop; checked at every action boundary.
         self.stopping: asyncio.Event | None = None
+        #: The worker's group-commit queue, when there is one.
+        self.batcher: CommitBatcher | None = None
+        self._secrets: dict[str, SealedSecret] = {}
         self.log = log.bind(rotation=rotation.id, credential=rotation.credential)
 
     # ------------------------------------------------------------------ writes and the lease
@@ -137,12 +141,16 @@ class RotationRun:
         return self.deps.clock.now()
 
     async def commit(self, change: Change) -> Rotation:
-        """Compare-and-set on the current version; StaleVersion means another writer won."""
+        """Compare-and-set on the current version; StaleVersion means another writer won.
+        With a batcher (in a worker) the write shares a transaction with other rotations'."""
         async with self._lock:
             change.rotation_id = self.rotation.id
             change.expected_version = self.rotation.version
             started = time.monotonic()
-            self.rotation = await db(self.deps.store.commit, change)
+            if self.batcher is not None:
+                self.rotation = await self.batcher.commit(change)
+            else:
+                self.rotation = await db(self.deps.store.commit, change)
             if "lease_expires_at" in change.updates:
                 self._lease_deadline = started + self.deps.settings.lease_seconds
             return self.rotation
@@ -172,6 +180,19 @@ class RotationRun:
                 f"rotation {self.rotation.id}: the lease is no longer safely held; "
                 "not contacting the provider"
             )
+
+    async def boundary(self) -> None:
+        """An action boundary without a database read: stop if asked, keep the lease. Operator
+        requests are seen in the row every commit returns (the intent commit comes next)."""
+        if self.stopping is not None and self.stopping.is_set():
+            raise WorkerStopping()
+        await self.ensure_lease()
+
+    async def secret(self, secret_id: str) -> SealedSecret:
+        """A sealed secret of this rotation, read once per run."""
+        if secret_id not in self._secrets:
+            self._secrets[secret_id] = await db(self.deps.store.get_secret, secret_id)
+        return self._secrets[secret_id]
 
     async def check_boundary(self) -> None:
         """An action boundary: notice an operator request (and a lost lease) before acting."""
@@ -216,7 +237,7 @@ class RotationRun:
         if record is not None and record.status is ActionStatus.DONE:
             return dict(record.detail)
         self.deps.crash_hook(f"{phase.value}.{name}.before_intent")
-        await self.check_boundary()
+        await self.boundary()
         bound = self.log.bind(step=phase.value, action=name)
         started = time.monotonic()
         if record is not None and reconcile is not None:
@@ -244,6 +265,8 @@ class RotationRun:
         await self.commit(Change(self.rotation.id, 0, action=record, updates=self.lease_updates()))
         actions[(phase, name)] = record
         self.deps.crash_hook(f"{phase.value}.{name}.after_intent")
+        if self.rotation.request is not None:  # the intent commit returned the current row
+            raise OperatorInterrupt()
         try:
             result = await call()
         except (LeaseLost, StaleVersion, StoreUnavailable):

@@ -16,6 +16,7 @@ import structlog
 from keyturn.domain.errors import KeyturnError, StaleVersion, StoreUnavailable
 from keyturn.domain.lifecycle import FORWARD
 from keyturn.domain.model import Event, Rotation
+from keyturn.engine.batch import CommitBatcher
 from keyturn.engine.kinds import kind_for
 from keyturn.engine.operator import apply_request
 from keyturn.engine.run import (
@@ -44,6 +45,7 @@ class Worker:
         self.owner = owner or default_owner()
         self._stopping = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self.batcher: CommitBatcher | None = None
         self.completed = 0
 
     def stop(self) -> None:
@@ -55,6 +57,19 @@ class Worker:
         return self._stopping.is_set()
 
     async def run(self, *, until_idle: bool = False) -> None:
+        self.batcher = CommitBatcher(self.deps.store)
+        try:
+            await self._run(until_idle=until_idle)
+        finally:
+            await self.batcher.aclose()
+            log.info(
+                "commits",
+                owner=self.owner,
+                batches=self.batcher.batches,
+                changes=self.batcher.changes,
+            )
+
+    async def _run(self, *, until_idle: bool) -> None:
         settings = self.deps.settings
         log.info("worker started", owner=self.owner, concurrency=self.concurrency)
         purge_every = 300.0
@@ -131,6 +146,7 @@ class Worker:
     async def _drive(self, rotation: Rotation, claimed_at: float) -> None:
         run = RotationRun(self.deps, rotation, self.owner, leased_at=claimed_at)
         run.stopping = self._stopping
+        run.batcher = self.batcher
         renewer = asyncio.create_task(self._renew(run))
         try:
             await self._advance(run)

@@ -236,6 +236,15 @@ class MemoryStore:
                 claimed.append(leased)
             return copy.deepcopy(claimed)
 
+    def commit_many(self, changes: Sequence[Change]) -> list[Rotation | KeyturnError]:
+        results: list[Rotation | KeyturnError] = []
+        for change in changes:
+            try:
+                results.append(self.commit(change))
+            except KeyturnError as exc:
+                results.append(exc)
+        return results
+
     def commit(self, change: Change) -> Rotation:
         unknown = sorted(set(change.updates) - UPDATABLE_FIELDS)
         if unknown:

@@ -637,6 +637,37 @@ class SqlStore:
                 f"{_integrity_reason(exc)}"
             ) from None
 
+    def commit_many(self, changes: Sequence[Change]) -> list[Rotation | KeyturnError]:
+        """One transaction for the whole batch. A stale change is detected by its guarded
+        UPDATE before it writes anything, so it is simply reported; any other failure (rare: an
+        integrity error) aborts the batch, which is then committed change by change."""
+        if len(changes) == 1:
+            return [self._commit_or_error(changes[0])]
+        now = self._now()
+        results: list[Rotation | KeyturnError] = []
+        try:
+            with self._tx() as conn:
+                for change in changes:
+                    try:
+                        results.append(
+                            self._commit(conn, change, rotation_update_values(change.updates), now)
+                        )
+                    except StaleVersion as exc:
+                        results.append(exc)
+        except StoreUnavailable:
+            raise
+        except (IntegrityError, KeyturnError, ValueError):
+            return [self._commit_or_error(c) for c in changes]
+        return results
+
+    def _commit_or_error(self, change: Change) -> Rotation | KeyturnError:
+        try:
+            return self.commit(change)
+        except StoreUnavailable:
+            raise
+        except KeyturnError as exc:
+            return exc
+
     def _commit(
         self, conn: Connection, change: Change, values: dict[str, Any], now: datetime
     ) -> Rotation:

@@ -354,7 +354,7 @@ class SigningKeyKind:
 
     async def _signing_key(self, run: RotationRun, which: str) -> SigningKey:
         data = run.rotation.data
-        sealed = await db(run.deps.store.get_secret, data[f"{which}_key_ref"])
+        sealed = await run.secret(data[f"{which}_key_ref"])
         pem = run.deps.vault.open(sealed)
         return SigningKey(data[f"{which}_credential_id"], pem)
 
