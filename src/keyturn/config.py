@@ -53,6 +53,9 @@ class WorkerConfig(_Model):
 class ProviderConfig(_Model):
     base_url: str
     timeout_seconds: float = Field(default=10.0, gt=0)
+    #: This worker's share of the provider's rate limit (Dfns: 1000 requests per minute per
+    #: organisation; divide it by the number of worker processes). Unset: no client-side limit.
+    requests_per_minute: float | None = Field(default=None, gt=0)
 
     @field_validator("base_url")
     @classmethod

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from keyturn.adapters.deploy import FileTarget
+from keyturn.adapters.dfns.budget import RateBudget
 from keyturn.adapters.keys import CryptoKeys
 from keyturn.adapters.store.migrate import open_store
 from keyturn.adapters.store.sql import SqlStore
@@ -78,6 +79,7 @@ def crash_hook_from_env() -> CrashHook:
 class Wiring:
     config: Config
     clock: SystemClock = field(default_factory=SystemClock)
+    _budgets: dict[str, RateBudget] = field(default_factory=dict)
 
     @cached_property
     def store(self) -> SqlStore:
@@ -139,8 +141,21 @@ class Wiring:
         credential = self.store.get_credential(name)
         provider = self.config.provider(credential.provider)
         return provider_for(
-            provider.base_url, self.token_for(name), timeout=provider.timeout_seconds, fence=fence
+            provider.base_url,
+            self.token_for(name),
+            timeout=provider.timeout_seconds,
+            fence=fence,
+            budget=self.budget(credential.provider),
         )
+
+    def budget(self, provider: str) -> RateBudget | None:
+        """One request budget per provider, shared by every client this process makes."""
+        cfg = self.config.provider(provider)
+        if cfg.requests_per_minute is None:
+            return None
+        if provider not in self._budgets:
+            self._budgets[provider] = RateBudget(cfg.requests_per_minute)
+        return self._budgets[provider]
 
     def targets_for(self, name: str) -> list[DeployTarget]:
         cfg = self.config.credentials.get(name)
@@ -178,6 +193,7 @@ class Wiring:
             key,
             timeout=provider.timeout_seconds,
             fence=fence,
+            budget=self.budget(cfg.provider),
         )
         return _SignerAwareWebhooks(inner, self.store, signer_name, signer.key_ref)
 

@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 import httpx
 
+from keyturn.adapters.dfns.budget import RateBudget
 from keyturn.adapters.dfns.errors import (
     CredentialNotAllowed,
     DfnsApiError,
@@ -128,6 +129,7 @@ class DfnsClient:
         transport: httpx.AsyncBaseTransport | None = None,
         safe_retries: int = 3,
         fence: Callable[[], None] | None = None,
+        budget: RateBudget | None = None,
     ) -> None:
         self._base_url = _check_base_url(base_url)
         #: Side-effect-free calls (reads, challenges, user-action signing) are retried this many
@@ -137,6 +139,8 @@ class DfnsClient:
         #: Called before every request; it raises to stop a caller that may no longer act
         #: (a worker whose lease ran out). Its exception propagates unchanged.
         self._fence = fence
+        #: The provider's request budget shared with other clients of this worker, if any.
+        self._budget = budget
         _check_token(token)
         if not timeout or timeout <= 0:
             raise ConfigError(f"the Dfns client timeout must be positive seconds, got {timeout}")
@@ -170,6 +174,7 @@ class DfnsClient:
         derived._timeout = self._timeout
         derived._safe_retries = self._safe_retries
         derived._fence = self._fence
+        derived._budget = self._budget
         derived._http = self._http
         derived._owns_http = False
         return derived
@@ -215,6 +220,8 @@ class DfnsClient:
         params: Mapping[str, str] | None,
         mutating: bool,
     ) -> httpx.Response:
+        if self._budget is not None:
+            await self._budget.acquire()
         if self._fence is not None:
             self._fence()
         started = time.monotonic()
@@ -240,6 +247,11 @@ class DfnsClient:
                 mutating=mutating,
                 base_url=self._base_url,
             ) from None
+        if self._budget is not None:
+            if response.status_code == 429:
+                self._budget.rate_limited_now()
+            else:
+                self._budget.succeeded()
         log.debug(
             "dfns %s %s -> %s in %.0f ms",
             method,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import httpx
 
+from keyturn.adapters.dfns.budget import RateBudget
 from keyturn.adapters.dfns.client import DfnsClient
 from keyturn.adapters.dfns.errors import InvalidRequest
 from keyturn.adapters.dfns.models import Credential
@@ -93,9 +94,12 @@ def provider_for(
     timeout: float = 10.0,
     transport: httpx.AsyncBaseTransport | None = None,
     fence: Callable[[], None] | None = None,
+    budget: RateBudget | None = None,
 ) -> DfnsKeyProvider:
     """A DfnsKeyProvider owning its own client; close it with `aclose()`. `fence` is called
     before every request (see DfnsClient)."""
     return DfnsKeyProvider(
-        DfnsClient(base_url, token, timeout=timeout, transport=transport, fence=fence)
+        DfnsClient(
+            base_url, token, timeout=timeout, transport=transport, fence=fence, budget=budget
+        )
     )

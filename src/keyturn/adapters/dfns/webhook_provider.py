@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from keyturn.adapters.dfns.budget import RateBudget
 from keyturn.adapters.dfns.client import DfnsClient
 from keyturn.adapters.dfns.errors import DfnsApiError
 from keyturn.adapters.dfns.models import Webhook
@@ -65,8 +66,9 @@ def webhook_provider_for(
     *,
     timeout: float = 10.0,
     fence: Callable[[], None] | None = None,
+    budget: RateBudget | None = None,
 ) -> DfnsWebhookProvider:
     signer = KeySigner.from_pem(signer_credential_id, signer_private_key_pem)
     return DfnsWebhookProvider(
-        DfnsClient(base_url, token, signer=signer, timeout=timeout, fence=fence)
+        DfnsClient(base_url, token, signer=signer, timeout=timeout, fence=fence, budget=budget)
     )
