@@ -81,6 +81,11 @@ class Store(Protocol):
 
     def latest_rotation(self, credential: str) -> Rotation | None: ...
 
+    def has_pending_work(self, horizon: datetime) -> bool:
+        """Is any unfinished rotation, not paused and not halted, due before `horizon` (or in
+        flight at a worker)? Lets an --until-idle worker wait for retries and takeovers without
+        reading the whole table."""
+
     def events(self, rotation_id: str) -> list[Event]:
         """Oldest first."""
 

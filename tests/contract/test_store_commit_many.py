@@ -54,3 +54,19 @@ def test_batch_sizes(store: Store, seed: Any, n: int) -> None:
     )
     assert all(isinstance(x, Rotation) and x.attempts == 7 for x in results)
     assert len(results) == n
+
+
+def test_has_pending_work(store: Store, seed: Any) -> None:
+    from datetime import timedelta
+
+    now = seed.now
+    assert not store.has_pending_work(now)
+    r = seed.rotation(next_attempt_at=now + timedelta(seconds=30))
+    assert not store.has_pending_work(now)  # a retry due later than the horizon
+    assert store.has_pending_work(now + timedelta(seconds=60))
+    r = store.commit(Change(r.id, r.version, updates={"halted_reason": "needs a human"}))
+    assert not store.has_pending_work(now + timedelta(seconds=60))  # halted: not waited for
+    r = store.commit(Change(r.id, r.version, updates={"halted_reason": None, "paused": True}))
+    assert not store.has_pending_work(now + timedelta(seconds=60))  # paused: neither
+    store.commit(Change(r.id, r.version, updates={"paused": False, "next_attempt_at": None}))
+    assert store.has_pending_work(now)  # in flight at a worker (no next attempt time)

@@ -125,16 +125,9 @@ class Worker:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
 
     async def _waiting(self) -> bool:
-        """Is any unfinished rotation scheduled to run again soon (a retry in backoff)?"""
+        """Is any unfinished rotation running elsewhere or scheduled to run again soon?"""
         horizon = self.deps.clock.now() + timedelta(seconds=self.deps.settings.retry.max_seconds)
-        rotations = await db(self.deps.store.list_rotations)
-        return any(
-            not r.finished
-            and not r.paused
-            and not r.halted_reason
-            and (r.next_attempt_at is None or r.next_attempt_at <= horizon)
-            for r in rotations
-        )
+        return await db(self.deps.store.has_pending_work, horizon)
 
     async def _purge(self) -> None:
         purged = await db(self.deps.store.purge_secrets, self.deps.clock.now())

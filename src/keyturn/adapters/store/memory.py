@@ -200,6 +200,16 @@ class MemoryStore:
             found.sort(key=lambda r: (r.created_at, r.id), reverse=True)
             return copy.deepcopy(found)
 
+    def has_pending_work(self, horizon: datetime) -> bool:
+        with self._lock:
+            return any(
+                r.finished_at is None
+                and not r.paused
+                and r.halted_reason is None
+                and (r.next_attempt_at is None or r.next_attempt_at <= horizon)
+                for r in self._rotations.values()
+            )
+
     def latest_rotation(self, credential: str) -> Rotation | None:
         found = self.list_rotations(credential=credential)
         return found[0] if found else None

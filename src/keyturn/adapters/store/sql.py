@@ -555,6 +555,21 @@ class SqlStore:
             rows = conn.execute(stmt).all()
         return [_rotation_from_row(r) for r in rows]
 
+    def has_pending_work(self, horizon: datetime) -> bool:
+        r = rotations_t.c
+        stmt = (
+            select(r.id)
+            .where(
+                r.finished_at.is_(None),
+                r.paused.is_(False),
+                r.halted_reason.is_(None),
+                or_(r.next_attempt_at.is_(None), r.next_attempt_at <= horizon),
+            )
+            .limit(1)
+        )
+        with self._tx() as conn:
+            return conn.execute(stmt).first() is not None
+
     def latest_rotation(self, credential: str) -> Rotation | None:
         stmt = (
             select(rotations_t)
