@@ -1,0 +1,169 @@
+"""The engine-overhead bench's worker process: keyturn's real Worker, SqlStore, vault and key
+generation, with a provider that answers at once and a deploy target that writes nothing.
+
+    python tests/bench/bench_worker.py <database url> <concurrency> <log file>
+
+The master key comes from BENCH_MASTER_KEY (a throwaway key made by the bench). SIGTERM or SIGINT
+stop the worker the way `keyturn worker` stops. Not a test module (pytest does not collect it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import structlog
+
+from keyturn import logs
+from keyturn.adapters.keys import CryptoKeys
+from keyturn.adapters.store.sql import SqlStore
+from keyturn.adapters.vault import AesGcmVault, parse_master_key
+from keyturn.cli.wiring import SystemClock
+from keyturn.engine.run import EngineDeps, EngineSettings
+from keyturn.engine.worker import Worker
+from keyturn.ports import (
+    DeployedMaterial,
+    DeployTarget,
+    Fence,
+    KeyProvider,
+    ProviderCredential,
+    SigningKey,
+)
+
+#: How many credentials' state the fakes keep (far more than rotations in flight): bounded, so
+#: the bench harness itself never makes the worker's memory grow with the number of rotations.
+KEEP = 4096
+
+
+@dataclass
+class _Accounts:
+    """Provider-side credentials of recently rotated accounts (name -> credentials)."""
+
+    by_name: OrderedDict[str, list[ProviderCredential]] = field(default_factory=OrderedDict)
+
+    def of(self, name: str) -> list[ProviderCredential]:
+        creds = self.by_name.get(name)
+        if creds is None:
+            creds = self.by_name[name] = []
+            if len(self.by_name) > KEEP:
+                self.by_name.popitem(last=False)
+        return creds
+
+
+ACCOUNTS = _Accounts()
+
+
+class InstantProvider:
+    """A KeyProvider that accepts any signer and answers at once (no I/O)."""
+
+    def __init__(self, name: str, fence: Fence | None) -> None:
+        self.name = name
+        self.fence = fence
+
+    def _check(self) -> None:
+        if self.fence is not None:
+            self.fence()
+
+    async def register_key(
+        self, *, signer: SigningKey, new_key: SigningKey, name: str, via: str
+    ) -> ProviderCredential:
+        self._check()
+        cred = ProviderCredential(
+            credential_id=new_key.credential_id,
+            credential_uuid=f"cr-{uuid.uuid4().hex}",
+            is_active=True,
+            public_key="",
+            name=name,
+        )
+        ACCOUNTS.of(self.name).append(cred)
+        return cred
+
+    async def list_credentials(self) -> list[ProviderCredential]:
+        self._check()
+        return list(ACCOUNTS.of(self.name))
+
+    async def activate(self, *, signer: SigningKey, credential_uuid: str) -> None:
+        self._check()
+
+    async def deactivate(self, *, signer: SigningKey, credential_uuid: str) -> None:
+        self._check()
+
+    async def prove(self, *, signer: SigningKey) -> None:
+        self._check()
+
+    async def aclose(self) -> None:
+        return None
+
+
+def provider_for(name: str, *, fence: Fence | None = None) -> KeyProvider:
+    return InstantProvider(name, fence)
+
+
+class NullTarget:
+    """A deploy target that writes nothing; it reads back what was last deployed for the
+    credential (kept for the most recent KEEP credentials only)."""
+
+    held: OrderedDict[str, DeployedMaterial] = OrderedDict()
+
+    def __init__(self, credential: str) -> None:
+        self.credential = credential
+
+    @property
+    def name(self) -> str:
+        return "null"
+
+    def deploy(self, material: DeployedMaterial) -> None:
+        self.held[self.credential] = material
+        self.held.move_to_end(self.credential)
+        if len(self.held) > KEEP:
+            self.held.popitem(last=False)
+
+    def read_back(self) -> DeployedMaterial:
+        return self.held[self.credential]
+
+
+def targets_for(name: str) -> list[DeployTarget]:
+    return [NullTarget(name)]
+
+
+def main() -> None:
+    url, concurrency, log_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    # JSON lines, as `keyturn --log-format json worker` writes them (to a file, not a pipe).
+    log_stream = open(log_file, "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
+    sys.stderr = log_stream
+    logs.configure("json", os.environ.get("BENCH_LOG_LEVEL", "info"))
+    key = parse_master_key(os.environ["BENCH_MASTER_KEY"], "environment variable BENCH_MASTER_KEY")
+    store = SqlStore(url)
+    deps = EngineDeps(
+        store=store,
+        vault=AesGcmVault(key),
+        keys=CryptoKeys(),
+        clock=SystemClock(),
+        provider_for=provider_for,
+        targets_for=targets_for,
+        settings=EngineSettings(
+            poll_seconds=float(os.environ.get("BENCH_POLL_SECONDS", "1.0")),
+        ),
+    )
+    runner = Worker(deps, concurrency=concurrency)
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, runner.stop)
+        await runner.run()
+
+    try:
+        asyncio.run(go())
+    finally:
+        store.close()
+        structlog.get_logger("bench").info("bench worker exit", completed=runner.completed)
+
+
+if __name__ == "__main__":
+    main()
