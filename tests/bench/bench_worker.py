@@ -16,6 +16,7 @@ import sys
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
@@ -134,7 +135,7 @@ def targets_for(name: str) -> list[DeployTarget]:
 def main() -> None:
     url, concurrency, log_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     # JSON lines, as `keyturn --log-format json worker` writes them (to a file, not a pipe).
-    log_stream = open(log_file, "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
+    log_stream = Path(log_file).open("a", buffering=1)  # noqa: SIM115 (process lifetime)
     sys.stderr = log_stream
     logs.configure("json", os.environ.get("BENCH_LOG_LEVEL", "info"))
     key = parse_master_key(os.environ["BENCH_MASTER_KEY"], "environment variable BENCH_MASTER_KEY")

@@ -42,7 +42,9 @@ def env_int(name: str, default: int) -> int:
     try:
         return int(raw.replace("_", ""))
     except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not a whole number; set it like {name}={default}")
+        raise SystemExit(
+            f"{name}={raw!r} is not a whole number; set it like {name}={default}"
+        ) from None
 
 
 def env_float(name: str, default: float) -> float:
@@ -52,7 +54,7 @@ def env_float(name: str, default: float) -> float:
     try:
         return float(raw)
     except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not a number; set it like {name}={default}")
+        raise SystemExit(f"{name}={raw!r} is not a number; set it like {name}={default}") from None
 
 
 # ------------------------------------------------------------------------------ databases
@@ -90,8 +92,15 @@ def fresh_db(prefix: str) -> Iterator[str]:
 
 def durability() -> dict[str, str]:
     """The server settings the figures depend on (reported with every result)."""
-    names = ("fsync", "synchronous_commit", "full_page_writes", "wal_level", "shared_buffers",
-             "autovacuum", "server_version")  # fmt: skip
+    names = (
+        "fsync",
+        "synchronous_commit",
+        "full_page_writes",
+        "wal_level",
+        "shared_buffers",
+        "autovacuum",
+        "server_version",
+    )
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         return {n: str(conn.execute(f"SHOW {n}").fetchone()[0]) for n in names}  # type: ignore[index]
 
@@ -138,18 +147,44 @@ def pgbench_ceiling(dbname: str, clients: int, seconds: int, rows: int) -> dict[
             raise SystemExit(f"{tool} is not on PATH; install the PostgreSQL client tools")
     conn_args = ["-h", PG_HOST, "-p", PG_PORT, "-U", PG_USER]
     subprocess.run(
-        ["psql", *conn_args, "-q", "-X", "-v", "ON_ERROR_STOP=1", "-v", f"rows={rows}",
-         "-f", str(PERF / "schema.sql"), dbname],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            "psql",
+            *conn_args,
+            "-q",
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            f"rows={rows}",
+            "-f",
+            str(PERF / "schema.sql"),
+            dbname,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         admin.execute("SELECT pg_stat_clear_snapshot()")
         before = admin.execute(
             "SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (dbname,)
         ).fetchone()
-    command = ["pgbench", *conn_args, "-n", "-M", "prepared", "-f",
-               str(PERF / "pgbench_b_two_tx.sql"), "-c", str(clients), "-j", "2",
-               "-T", str(seconds), dbname]  # fmt: skip
+    command = [
+        "pgbench",
+        *conn_args,
+        "-n",
+        "-M",
+        "prepared",
+        "-f",
+        str(PERF / "pgbench_b_two_tx.sql"),
+        "-c",
+        str(clients),
+        "-j",
+        "2",
+        "-T",
+        str(seconds),
+        dbname,
+    ]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     settle_stats()
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
@@ -175,8 +210,15 @@ def pgbench_ceiling(dbname: str, clients: int, seconds: int, rows: int) -> dict[
         # the extra ~2 are pgbench's own session set-up
         "commits_per_transition": round(commits / processed, 3) if processed else None,
         "command": " ".join(
-            ["psql -v rows=" + str(rows), "-f", str(PERF / "schema.sql"), "&&",
-             *command[:1], *command[7:-1], "<db>"]  # fmt: skip
+            [
+                "psql -v rows=" + str(rows),
+                "-f",
+                str(PERF / "schema.sql"),
+                "&&",
+                *command[:1],
+                *command[7:-1],
+                "<db>",
+            ]
         ),
     }
 
@@ -254,33 +296,76 @@ def seed_pending_rotations(url: str, n: int, vault: Any, *, at: datetime) -> Non
                 name, sid, rid = f"svc-{i:07d}", f"sec_old_{i:07d}", f"rot_bench_{i:07d}"
                 sealed = vault.seal(sid, "private_key", pem)
                 secrets_rows.append(
-                    {"id": sid, "purpose": sealed.purpose, "master_key_id": sealed.master_key_id,
-                     "nonce": sealed.nonce, "ciphertext": sealed.ciphertext, "created_at": at,
-                     "purge_after": None, "purged_at": None}  # fmt: skip
+                    {
+                        "id": sid,
+                        "purpose": sealed.purpose,
+                        "master_key_id": sealed.master_key_id,
+                        "nonce": sealed.nonce,
+                        "ciphertext": sealed.ciphertext,
+                        "created_at": at,
+                        "purge_after": None,
+                        "purged_at": None,
+                    }
                 )
                 creds.append(
-                    {"name": name, "kind": "service_account", "provider": "bench",
-                     "credential_id": f"cid-{i}", "credential_uuid": f"cr-old-{i}",
-                     "key_ref": sid, "algorithm": "ed25519", "token_ref": None,
-                     "created_at": at, "updated_at": at}  # fmt: skip
+                    {
+                        "name": name,
+                        "kind": "service_account",
+                        "provider": "bench",
+                        "credential_id": f"cid-{i}",
+                        "credential_uuid": f"cr-old-{i}",
+                        "key_ref": sid,
+                        "algorithm": "ed25519",
+                        "token_ref": None,
+                        "created_at": at,
+                        "updated_at": at,
+                    }
                 )
                 rotations.append(
-                    {"id": rid, "credential": name, "kind": "service_account",
-                     "state": "pending", "version": 1, "reason": "bench", "created_at": at,
-                     "updated_at": at, "next_attempt_at": at, "lease_owner": None,
-                     "lease_expires_at": None, "attempts": 0, "last_error": None,
-                     "halted_reason": None, "paused": False, "request_action": None,
-                     "request_actor": None, "request_reason": None, "request_at": None,
-                     "rollback_from": None, "finished_at": None,
-                     "data": {"old_credential_id": f"cid-{i}",
-                              "old_credential_uuid": f"cr-old-{i}", "old_key_ref": sid,
-                              "old_algorithm": "ed25519", "algorithm": "ed25519",
-                              "via": "credentials"}}  # fmt: skip
+                    {
+                        "id": rid,
+                        "credential": name,
+                        "kind": "service_account",
+                        "state": "pending",
+                        "version": 1,
+                        "reason": "bench",
+                        "created_at": at,
+                        "updated_at": at,
+                        "next_attempt_at": at,
+                        "lease_owner": None,
+                        "lease_expires_at": None,
+                        "attempts": 0,
+                        "last_error": None,
+                        "halted_reason": None,
+                        "paused": False,
+                        "request_action": None,
+                        "request_actor": None,
+                        "request_reason": None,
+                        "request_at": None,
+                        "rollback_from": None,
+                        "finished_at": None,
+                        "data": {
+                            "old_credential_id": f"cid-{i}",
+                            "old_credential_uuid": f"cr-old-{i}",
+                            "old_key_ref": sid,
+                            "old_algorithm": "ed25519",
+                            "algorithm": "ed25519",
+                            "via": "credentials",
+                        },
+                    }
                 )
                 events.append(
-                    {"rotation_id": rid, "at": at, "kind": "operator", "actor": "bench",
-                     "from_state": None, "to_state": "pending", "trigger": "create",
-                     "reason": "bench", "detail": {}}  # fmt: skip
+                    {
+                        "rotation_id": rid,
+                        "at": at,
+                        "kind": "operator",
+                        "actor": "bench",
+                        "from_state": None,
+                        "to_state": "pending",
+                        "trigger": "create",
+                        "reason": "bench",
+                        "detail": {},
+                    }
                 )
             with store.engine.begin() as conn:
                 conn.execute(insert(secrets_t), secrets_rows)
