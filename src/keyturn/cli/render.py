@@ -46,6 +46,7 @@ def rotation_dict(r: Rotation) -> dict[str, Any]:
         "rollback_from": r.rollback_from.value if r.rollback_from else None,
         "old_credential_uuid": r.data.get("old_credential_uuid"),
         "new_credential_uuid": r.data.get("new_credential_uuid"),
+        **{k: r.data[k] for k in ("old_webhook_id", "new_webhook_id") if k in r.data},
     }
 
 
@@ -142,6 +143,10 @@ def show_rotation(
     console.print(f"[bold]{r.id}[/bold]  credential {r.credential} ({r.kind.value})")
     console.print(f"  state      {r.state.value}   status {status_of(r)}   version {r.version}")
     console.print(f"  reason     {r.reason}")
+    for side in ("old", "new"):
+        ident = r.data.get(f"{side}_credential_uuid") or r.data.get(f"{side}_webhook_id")
+        if ident:
+            console.print(f"  {side:<10} {ident}")
     lease = f"{r.lease_owner} until {_iso(r.lease_expires_at)}" if r.lease_owner else "none"
     console.print(f"  lease      {lease}")
     console.print(f"  attempts   {r.attempts}   next attempt {_iso(r.next_attempt_at) or '-'}")
