@@ -177,3 +177,26 @@ def test_claim_uses_its_index_on_a_large_mostly_finished_table(seeded_url: str) 
                 assert_uses_claim_index(explain(conn, statement, params), "without the index")
         finally:
             conn.execute("ROLLBACK")
+
+
+def _reloptions(url: str) -> set[str]:
+    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+        row = conn.execute("SELECT reloptions FROM pg_class WHERE relname = 'rotations'").fetchone()
+    return set(row[0] or []) if row else set()
+
+
+def test_rotations_table_settings_are_migrated(fresh_pg_url: str) -> None:
+    """Migration 0002 sets the autovacuum and fillfactor storage parameters; its downgrade
+    resets them."""
+    from keyturn.adapters.store.migrate import downgrade
+
+    upgrade(fresh_pg_url)
+    expected = {
+        "autovacuum_vacuum_scale_factor=0.01",
+        "autovacuum_vacuum_threshold=1000",
+        "autovacuum_analyze_scale_factor=0.02",
+        "fillfactor=80",
+    }
+    assert _reloptions(fresh_pg_url) == expected
+    downgrade(fresh_pg_url, "0001")
+    assert _reloptions(fresh_pg_url) == set()
