@@ -135,6 +135,10 @@ class Kt:
         finally:
             store.close()
 
+    def credentials(self) -> list[dict[str, Any]]:
+        """`keyturn credentials list --json`."""
+        return list(json.loads(self.run("credentials", "list", "--json").stdout))
+
     def worker(self, *extra: str, **env: str) -> subprocess.CompletedProcess[str]:
         return self.run("worker", "--until-idle", *extra, check=False, env=self.env(**env))
 
