@@ -413,3 +413,41 @@ def test_rollback_after_the_delete_intent_is_refused(
     assert rotation["state"] == "old_deactivated"
     assert_single_new_webhook(wkt, rotation, url)
     assert_traffic_clean(stream.stop())
+
+
+def clean_traffic() -> Traffic:
+    return Traffic(
+        rate=50.0,
+        sandbox={
+            "deliveries": {
+                "wh-old": {"delivered": 2, "failed": 0, "event_ids": ["e1", "e2"]},
+                "wh-new": {"delivered": 1, "failed": 0, "event_ids": ["e3"]},
+            },
+            "events_dropped": 0,
+        },
+        receiver={"rejected": 0, "rejected_events": [], "accepted_ids": ["e1", "e2", "e3"]},
+        emitted=3,
+        seconds=0.06,
+        sequences={1, 2, 3},
+    )
+
+
+@pytest.mark.parametrize(
+    "spoil, expected",
+    [
+        (lambda t: t.sandbox["deliveries"]["wh-new"].update(failed=1), "failed delivery"),
+        (lambda t: t.sandbox.update(events_dropped=4), "dropped"),
+        (lambda t: t.receiver.update(rejected=1), "rejected by the receiver"),
+        (lambda t: t.receiver["accepted_ids"].remove("e2"), "not accepted"),
+        (lambda t: t.receiver["accepted_ids"].append("e9"), "never sent"),
+        (lambda t: t.sandbox["deliveries"]["wh-new"]["event_ids"].append("e1"), "twice"),
+        (lambda t: t.sequences.discard(2), "reached no webhook"),
+    ],
+)
+def test_traffic_checks_catch_each_problem(spoil: Callable[[Traffic], None], expected: str) -> None:
+    """The traffic checks above are not vacuous: each spoiled record is reported."""
+    assert traffic_problems(clean_traffic()) == []
+    spoiled = clean_traffic()
+    spoil(spoiled)
+    problems = traffic_problems(spoiled)
+    assert len(problems) == 1 and expected in problems[0], problems
