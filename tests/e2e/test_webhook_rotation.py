@@ -31,12 +31,16 @@ PING_KIND = "webhook.ping"
 OVERLAP_PATHS = ["POST /webhooks/{webhookId}/ping", "DELETE /webhooks/{webhookId}"]
 
 
-@pytest.fixture
-def wkt(make_kt: Callable[..., Kt]) -> Kt:
+def webhook_kt(make_kt: Callable[..., Kt], db_url: str | None = None) -> Kt:
     """A keyturn installation whose sandbox-webhook points at a running reference receiver."""
-    kt = make_kt(receiver=True)
+    kt = make_kt(db_url, receiver=True)
     kt.patch_config("grace_seconds = 2", GRACE)
     return kt
+
+
+@pytest.fixture
+def wkt(make_kt: Callable[..., Kt]) -> Kt:
+    return webhook_kt(make_kt)
 
 
 def receiver_of(kt: Kt) -> Any:
@@ -223,6 +227,17 @@ def webhook_url(kt: Kt) -> str:
 
 
 def test_rotation_under_traffic(wkt: Kt) -> None:
+    rotate_under_traffic(wkt)
+
+
+@pytest.mark.postgres
+def test_rotation_under_traffic_on_postgres(make_kt: Callable[..., Kt], fresh_pg_url: str) -> None:
+    kt = webhook_kt(make_kt, fresh_pg_url)
+    rotate_under_traffic(kt)
+    assert not (kt.workdir / "keyturn.db").exists() or "sandbox-webhook" not in kt.sqlite_dump()
+
+
+def rotate_under_traffic(wkt: Kt) -> None:
     url = webhook_url(wkt)
     (old_id,) = wkt.provider_webhooks()
     (old_secret,) = wkt.deployed_secrets()
