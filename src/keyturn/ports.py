@@ -274,6 +274,10 @@ class WebhookProvider(Protocol):
     async def ping(self, webhook_id: str) -> str:
         """The receiver's HTTP status for a test delivery, as a string ("200")."""
 
+    async def latest_delivery(self, webhook_id: str) -> datetime | None:
+        """The newest event date among the webhook's delivery records (None: no delivery yet).
+        Repeated calls on one provider session may continue where the last one stopped."""
+
     async def aclose(self) -> None: ...
 
 

@@ -306,5 +306,8 @@ class _SignerAwareWebhooks:
     async def ping(self, webhook_id: str) -> str:
         return await self._call(lambda: self._inner.ping(webhook_id))
 
+    async def latest_delivery(self, webhook_id: str) -> datetime | None:
+        return await self._call(lambda: self._inner.latest_delivery(webhook_id))
+
     async def aclose(self) -> None:
         await self._inner.aclose()

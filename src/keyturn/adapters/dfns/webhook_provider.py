@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 from keyturn.adapters.dfns.budget import RateBudget
 from keyturn.adapters.dfns.client import DfnsClient
@@ -10,6 +11,19 @@ from keyturn.adapters.dfns.errors import DfnsApiError
 from keyturn.adapters.dfns.models import Webhook
 from keyturn.adapters.dfns.signing import KeySigner
 from keyturn.ports import WebhookInfo, WebhookProvider
+
+PAGE_SIZE = 500
+MAX_PAGES_PER_CALL = 20
+
+
+def _parse_date(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _info(w: Webhook) -> WebhookInfo:
@@ -21,6 +35,8 @@ def _info(w: Webhook) -> WebhookInfo:
 class DfnsWebhookProvider(WebhookProvider):
     def __init__(self, client: DfnsClient) -> None:
         self._client = client
+        self._cursor: dict[str, str] = {}
+        self._newest: dict[str, datetime] = {}
 
     async def get_webhook(self, webhook_id: str) -> WebhookInfo | None:
         try:
@@ -53,6 +69,27 @@ class DfnsWebhookProvider(WebhookProvider):
 
     async def ping(self, webhook_id: str) -> str:
         return (await self._client.ping_webhook(webhook_id)).status
+
+    async def latest_delivery(self, webhook_id: str) -> datetime | None:
+        """Pages through the delivery records (whatever their order), remembering where it
+        stopped, so that polling a long-lived webhook reads each page once."""
+        newest = self._newest.get(webhook_id)
+        token = self._cursor.get(webhook_id)
+        for _ in range(MAX_PAGES_PER_CALL):
+            page = await self._client.list_webhook_events(
+                webhook_id, limit=PAGE_SIZE, pagination_token=token
+            )
+            for event in page.items:
+                when = _parse_date(event.date)
+                if when is not None and (newest is None or when > newest):
+                    newest = when
+            if page.next_page_token is None:
+                break
+            token = page.next_page_token
+            self._cursor[webhook_id] = token
+        if newest is not None:
+            self._newest[webhook_id] = newest
+        return newest
 
     async def aclose(self) -> None:
         await self._client.aclose()

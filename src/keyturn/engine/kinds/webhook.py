@@ -36,6 +36,8 @@ from keyturn.ports import Change, WebhookProvider
 F, R = Phase.FORWARD, Phase.ROLLBACK
 #: How long verification waits for every receiver to report the new secrets version.
 CONFIRM_SECONDS = 15.0
+#: How long the old webhook may take to deliver its backlog before the delete is postponed.
+DRAIN_SECONDS = 60.0
 
 
 def description_for(rotation_id: str) -> str:
@@ -187,6 +189,8 @@ class WebhookKind:
                 else {"webhook_id": old_id, "deleted": True}
             )
 
+        if await run.action(F, "delete_old") is None:
+            await self._drain_old(run, provider)
         await run.external(F, "delete_old", delete, gone)
         await self._grace(run, F, "delete_old")
         _, new_secret = await self._secrets(run)
@@ -291,6 +295,39 @@ class WebhookKind:
             return {"version": version, "probes": sorted(p.name for p in probes)}
 
         await run.external(phase, name, call)
+
+    async def _drain_old(self, run: RotationRun, provider: WebhookProvider) -> None:
+        """Before the old webhook is deleted, let it deliver what was queued for it alone: the
+        events emitted before the new webhook was enabled. Deleting it earlier drops them. It
+        has caught up once it delivered an event dated after the new webhook's enabling; a
+        webhook whose deliveries stopped moving (no traffic) has nothing queued either."""
+        enabled = await run.action(F, "enable_new")
+        if enabled is None or enabled.outcome_at is None:
+            return
+        since = enabled.outcome_at
+        old_id = run.rotation.data["old_webhook_id"]
+        quiet = max(2.0, run.deps.grace_for(run.rotation.credential))
+        started = last_move = time.monotonic()
+        seen: datetime | None = None
+        while True:
+            await run.check_boundary()
+            run.fence()
+            latest = await provider.latest_delivery(old_id)
+            now = time.monotonic()
+            if latest is not None and latest >= since:
+                return
+            if latest != seen:
+                seen, last_move = latest, now
+            elif now - last_move >= quiet:
+                return
+            if now - started > DRAIN_SECONDS:
+                raise StepError(
+                    f"the old webhook {old_id} still has a delivery backlog (its newest delivered "
+                    f"event is from {seen.isoformat() if seen else 'never'}, the new webhook was "
+                    f"enabled at {since.isoformat()}); deleting it now would drop those events",
+                    retryable=True,
+                )
+            await asyncio.sleep(0.5)
 
     async def _grace(self, run: RotationRun, phase: Phase, after: str) -> None:
         """Wait the grace period after `after`'s outcome, counted from its outcome time, so a
