@@ -309,7 +309,13 @@ def test_rate_sweep(wkt: Kt) -> None:
         rid = wkt.rotate(WEBHOOK)
         assert wkt.worker().returncode == 0
         assert wkt.show(rid)["state"] == "old_deactivated"
-        traffic = stream.stop()
+        try:
+            traffic = stream.stop()
+        except AssertionError as exc:  # the receiver could not keep up: this rate is the limit
+            if not held:
+                raise
+            print(f"\nrate {rate:.0f}/s: {str(exc).splitlines()[0]}")
+            break
         # Counters are cumulative over the sweep: a rate holds only if everything so far held.
         problems = traffic_problems(traffic)
         if traffic.rate < rate * 0.85:
