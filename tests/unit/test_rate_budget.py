@@ -23,7 +23,8 @@ class VirtualTime:
 
 def test_requests_are_spaced_to_the_rate_after_a_burst() -> None:
     t = VirtualTime()
-    budget = RateBudget(600, burst=5, clock=t.clock, sleep=t.sleep)  # 10 per second
+    # 606 per minute with a burst of 5: the steady rate leaves room for the burst (600/min)
+    budget = RateBudget(606, burst=5, clock=t.clock, sleep=t.sleep)
 
     async def go() -> list[float]:
         starts = []
@@ -65,3 +66,19 @@ def test_a_429_pauses_everyone_with_growing_backoff_until_a_success() -> None:
 def test_needs_a_positive_rate() -> None:
     with pytest.raises(ValueError, match="positive"):
         RateBudget(0)
+
+
+def test_any_sliding_minute_stays_within_the_limit() -> None:
+    t = VirtualTime()
+    budget = RateBudget(500, burst=10, clock=t.clock, sleep=t.sleep)
+
+    async def go() -> list[float]:
+        starts = []
+        for _ in range(1500):
+            await budget.acquire()
+            starts.append(t.now)
+        return starts
+
+    starts = asyncio.run(go())
+    worst = max(sum(1 for x in starts[i:] if x < s + 60.0) for i, s in enumerate(starts[:600]))
+    assert 480 <= worst <= 500

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import time
@@ -45,6 +44,7 @@ class Worker:
         self.owner = owner or default_owner()
         self._stopping = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._slot_freed = asyncio.Event()
         self.batcher: CommitBatcher | None = None
         self.completed = 0
 
@@ -119,10 +119,18 @@ class Worker:
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._inflight.pop(task.get_name(), None)
+        self._slot_freed.set()  # a full worker claims again at once, not after a poll
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        """Sleep until `seconds` pass, the worker is stopped, or a slot frees up."""
+        self._slot_freed.clear()
+        stop = asyncio.ensure_future(self._stopping.wait())
+        freed = asyncio.ensure_future(self._slot_freed.wait())
+        try:
+            await asyncio.wait({stop, freed}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            freed.cancel()
 
     async def _waiting(self) -> bool:
         """Is any unfinished rotation running elsewhere or scheduled to run again soon?"""

@@ -21,8 +21,11 @@ class RateBudget:
     ) -> None:
         if per_minute <= 0:
             raise ValueError("a rate budget needs a positive requests-per-minute")
-        self.interval = 60.0 / per_minute
-        self.burst = max(1, burst)
+        self.burst = max(1, min(burst, int(per_minute // 10)))
+        # Providers count requests in a sliding minute: a burst plus the steady rate must fit
+        # in any 60 s window, so the steady spacing leaves room for the burst (and one edge).
+        steady = max(1.0, per_minute - self.burst - 1)
+        self.interval = 60.0 / steady
         self._clock = clock
         self._sleep = sleep
         #: The theoretical arrival time of the next request (GCRA).
