@@ -36,11 +36,20 @@ print("ready", flush=True)
 while not go.exists():
     time.sleep(0.002)
 claimed = []
+first = True
 while True:
     now = datetime.now(UTC)
     batch = store.claim(owner=owner, now=now, lease_until=now + timedelta(hours=1), limit=3)
     if not batch:
         break  # every rotation left is finished or leased by the other worker
+    if first:
+        # Rendezvous: both workers hold a claim before either goes on, so on a loaded machine
+        # one process cannot drain the queue before the other is scheduled at all.
+        first = False
+        Path(f"{go}.{owner}").touch()
+        deadline = time.monotonic() + 30
+        while len(list(go.parent.glob(go.name + ".worker-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.002)
     for rotation in batch:
         claimed.append(rotation.id)
         store.commit(
