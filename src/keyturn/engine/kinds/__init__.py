@@ -13,7 +13,10 @@ from typing import Any, Protocol
 from keyturn.domain.errors import KeyturnError
 from keyturn.domain.lifecycle import Trigger
 from keyturn.domain.model import ActionRecord, CredentialKind, ManagedCredential, Phase, Rotation
+from keyturn.engine.kinds.base import irreversible_reason
 from keyturn.engine.run import RotationRun
+
+__all__ = ["RotationKind", "irreversible_reason", "kind_for", "kinds"]
 
 
 class RotationKind(Protocol):
@@ -36,19 +39,6 @@ class RotationKind(Protocol):
         self, rotation: Rotation, actions: Sequence[ActionRecord]
     ) -> str | None:
         """Why rollback is no longer possible, or None."""
-
-
-def irreversible_reason(
-    declared: frozenset[tuple[Phase, str]], actions: Sequence[ActionRecord]
-) -> str | None:
-    """The shared rule: irreversible from the first recorded intent of a declared action."""
-    for a in actions:
-        if (a.phase, a.name) in declared:
-            return (
-                f"it is irreversible from action {a.name} on (intent recorded "
-                f"{a.intent_at.isoformat(timespec='seconds')})"
-            )
-    return None
 
 
 @cache

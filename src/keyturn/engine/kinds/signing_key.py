@@ -23,6 +23,7 @@ from keyturn.domain.model import (
     Phase,
     Rotation,
 )
+from keyturn.engine.kinds.base import dispatch, irreversible_reason
 from keyturn.engine.run import Detail, RotationRun, db, new_secret_id
 from keyturn.ports import (
     Change,
@@ -91,27 +92,23 @@ class SigningKeyKind:
     def irreversible_reason(
         self, rotation: Rotation, actions: Sequence[ActionRecord]
     ) -> str | None:
-        from keyturn.engine.kinds import irreversible_reason
-
         return irreversible_reason(self.irreversible_actions, actions)
 
     # ------------------------------------------------------------------ steps
 
     async def run_step(self, run: RotationRun, trigger: Trigger) -> None:
-        provider = run.deps.provider_for(run.rotation.credential, fence=run.fence)
-        try:
-            if trigger is Trigger.ADD_NEW:
-                await self._add_new(run, provider)
-            elif trigger is Trigger.VERIFY:
-                await self._verify(run, provider)
-            elif trigger is Trigger.DEACTIVATE_OLD:
-                await self._deactivate_old(run, provider)
-            elif trigger is Trigger.FINISH_ROLLBACK:
-                await self._rollback(run, provider)
-            else:  # pragma: no cover - the graph has no other worker-driven trigger
-                raise KeyturnError(f"no step for trigger {trigger}")
-        finally:
-            await provider.aclose()
+        session = run.deps.provider_for(run.rotation.credential, fence=run.fence)
+        await dispatch(
+            run,
+            trigger,
+            session,
+            {
+                Trigger.ADD_NEW: self._add_new,
+                Trigger.VERIFY: self._verify,
+                Trigger.DEACTIVATE_OLD: self._deactivate_old,
+                Trigger.FINISH_ROLLBACK: self._rollback,
+            },
+        )
 
     async def _add_new(self, run: RotationRun, provider: KeyProvider) -> None:
         data = run.rotation.data

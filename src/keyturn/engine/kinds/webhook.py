@@ -30,6 +30,7 @@ from keyturn.domain.model import (
     Phase,
     Rotation,
 )
+from keyturn.engine.kinds.base import dispatch, irreversible_reason
 from keyturn.engine.run import Detail, Outcome, RotationRun, db, new_secret_id
 from keyturn.ports import Change, WebhookProvider
 
@@ -69,8 +70,6 @@ class WebhookKind:
     def irreversible_reason(
         self, rotation: Rotation, actions: Sequence[ActionRecord]
     ) -> str | None:
-        from keyturn.engine.kinds import irreversible_reason
-
         reason = irreversible_reason(self.irreversible_actions, actions)
         if reason:
             return f"{reason}: the old webhook is being or has been deleted, and a deleted " + (
@@ -79,20 +78,18 @@ class WebhookKind:
         return None
 
     async def run_step(self, run: RotationRun, trigger: Trigger) -> None:
-        provider = run.deps.webhooks_for(run.rotation.credential, fence=run.fence)
-        try:
-            if trigger is Trigger.ADD_NEW:
-                await self._add_new(run, provider)
-            elif trigger is Trigger.VERIFY:
-                await self._verify(run, provider)
-            elif trigger is Trigger.DEACTIVATE_OLD:
-                await self._deactivate_old(run, provider)
-            elif trigger is Trigger.FINISH_ROLLBACK:
-                await self._rollback(run, provider)
-            else:  # pragma: no cover
-                raise KeyturnError(f"no step for trigger {trigger}")
-        finally:
-            await provider.aclose()
+        session = run.deps.webhooks_for(run.rotation.credential, fence=run.fence)
+        await dispatch(
+            run,
+            trigger,
+            session,
+            {
+                Trigger.ADD_NEW: self._add_new,
+                Trigger.VERIFY: self._verify,
+                Trigger.DEACTIVATE_OLD: self._deactivate_old,
+                Trigger.FINISH_ROLLBACK: self._rollback,
+            },
+        )
 
     # ------------------------------------------------------------------ steps
 
