@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -52,6 +53,16 @@ def write_atomically(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
             tmp.unlink()
         raise
     _fsync_directory(directory)
+
+
+def read_deployed(path: Path, what: str, error: Callable[[str], KeyturnError]) -> bytes:
+    """A deployed file's bytes, or the target's one-line error (missing, unreadable)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path} is missing; deploy {what} to this target again") from None
+    except OSError as exc:
+        raise error(f"cannot read {path} ({exc.strerror})") from None
 
 
 def credential_json(material: DeployedMaterial) -> bytes:
@@ -128,26 +139,12 @@ class FileTarget(DeployTarget):
 
     def read_back(self) -> DeployedMaterial:
         """What a holder would load now: both files, validated; KeyturnError otherwise."""
-        try:
-            private_pem = self.key_path.read_bytes()
-        except FileNotFoundError:
-            raise self._error(
-                f"{self.key_path} is missing; deploy the credential to this target again"
-            ) from None
-        except OSError as exc:
-            raise self._error(f"cannot read {self.key_path} ({exc.strerror})") from None
+        private_pem = read_deployed(self.key_path, "the credential", self._error)
         try:
             load_private_key(private_pem, what=str(self.key_path))
         except InvalidPrivateKey as exc:
             raise self._error(f"{exc}; deploy the credential to this target again") from None
-        try:
-            raw = self.credential_path.read_bytes()
-        except FileNotFoundError:
-            raise self._error(
-                f"{self.credential_path} is missing; deploy the credential to this target again"
-            ) from None
-        except OSError as exc:
-            raise self._error(f"cannot read {self.credential_path} ({exc.strerror})") from None
+        raw = read_deployed(self.credential_path, "the credential", self._error)
         try:
             document = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -20,7 +20,7 @@ from typing import Final
 
 import httpx
 
-from keyturn.adapters.deploy import DIRECTORY_MODE, FILE_MODE, write_atomically
+from keyturn.adapters.deploy import DIRECTORY_MODE, FILE_MODE, read_deployed, write_atomically
 from keyturn.domain.errors import KeyturnError
 from keyturn.ports import SecretsProbe, SecretsTarget
 from keyturn.webhooks import (
@@ -107,14 +107,7 @@ class WebhookSecretsFileTarget(SecretsTarget):
 
     def read_back(self) -> tuple[str, tuple[str, ...]]:
         """(version, secrets) as a receiver would load them now; KeyturnError otherwise."""
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            raise self._error(
-                f"{self.path} is missing; deploy the webhook secrets to this target again"
-            ) from None
-        except OSError as exc:
-            raise self._error(f"cannot read {self.path} ({exc.strerror})") from None
+        raw = read_deployed(self.path, "the webhook secrets", self._error)
         try:
             version, secrets = parse_secrets_document(raw, where=str(self.path))
         except SecretsFileError as exc:

@@ -490,12 +490,7 @@ class DfnsClient:
         data = await self._call(
             "POST",
             path,
-            body={
-                "challengeIdentifier": challenge.challenge_identifier,
-                "credentialName": name,
-                "credentialKind": "Key",
-                "credentialInfo": new_signer.attestation(challenge.challenge),
-            },
+            body=_key_credential_body(challenge, new_signer, name),
             signed=True,
         )
         return self._parse(Credential.from_api, data, "POST", path, mutating=True)
@@ -574,12 +569,7 @@ class DfnsClient:
         data = await self._call(
             "POST",
             path,
-            body={
-                "challengeIdentifier": challenge.challenge_identifier,
-                "credentialName": name,
-                "credentialKind": "Key",
-                "credentialInfo": new_signer.attestation(challenge.challenge),
-            },
+            body=_key_credential_body(challenge, new_signer, name),
             mutating=True,
             authenticated=False,
         )
@@ -712,6 +702,18 @@ class DfnsClient:
         )
         data = await self._call("GET", path)
         return self._parse(WebhookEvent.from_api, data, "GET", path, mutating=False)
+
+
+def _key_credential_body(
+    challenge: CredentialChallenge, new_signer: KeySigner, name: str
+) -> dict[str, Any]:
+    """Create Credential's body for a Key credential, attested by the NEW key."""
+    return {
+        "challengeIdentifier": challenge.challenge_identifier,
+        "credentialName": name,
+        "credentialKind": "Key",
+        "credentialInfo": new_signer.attestation(challenge.challenge),
+    }
 
 
 def _code_text(code: str | CredentialCode) -> str:
