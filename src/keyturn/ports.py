@@ -64,6 +64,9 @@ class Store(Protocol):
 
     def list_credentials(self) -> list[ManagedCredential]: ...
 
+    def get_credentials(self, names: Sequence[str]) -> dict[str, ManagedCredential]:
+        """Those of `names` that exist, in one read (a worker's rotations share it)."""
+
     # rotations
     def create_rotation(self, rotation: Rotation, event: Event) -> Rotation:
         """Insert a new rotation (version 1) and its first event.
@@ -92,6 +95,9 @@ class Store(Protocol):
     def actions(self, rotation_id: str) -> list[ActionRecord]:
         """In the order their intents were first recorded."""
 
+    def actions_of(self, rotation_ids: Sequence[str]) -> dict[str, list[ActionRecord]]:
+        """The action records of several rotations in one read (none: an empty list)."""
+
     def claim(
         self, *, owner: str, now: datetime, lease_until: datetime, limit: int
     ) -> list[Rotation]:
@@ -114,6 +120,9 @@ class Store(Protocol):
 
     # sealed secrets
     def get_secret(self, secret_id: str) -> SealedSecret: ...
+
+    def get_secrets(self, secret_ids: Sequence[str]) -> dict[str, SealedSecret]:
+        """Those of `secret_ids` that exist, in one read."""
 
     def all_secrets(self) -> list[SealedSecret]: ...
 

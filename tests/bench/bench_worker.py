@@ -3,13 +3,15 @@ generation, with a provider that answers at once and a deploy target that writes
 
     python tests/bench/bench_worker.py <database url> <concurrency> <log file>
 
-The master key comes from BENCH_MASTER_KEY (a throwaway key made by the bench). SIGTERM or SIGINT
-stop the worker the way `keyturn worker` stops. Not a test module (pytest does not collect it).
+The master key comes from BENCH_MASTER_KEY (a throwaway key made by the bench). BENCH_PROFILE=<dir>
+writes cProfile stats per worker there (main thread only). SIGTERM or SIGINT stop the worker the
+way `keyturn worker` stops. Not a test module (pytest does not collect it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import os
 import signal
 import sys
@@ -159,9 +161,16 @@ def main() -> None:
             loop.add_signal_handler(sig, runner.stop)
         await runner.run()
 
+    profile_to = os.environ.get("BENCH_PROFILE")  # a directory: cProfile stats per worker
+    profiler = cProfile.Profile() if profile_to else None
     try:
+        if profiler is not None:
+            profiler.enable()
         asyncio.run(go())
     finally:
+        if profiler is not None and profile_to:
+            profiler.disable()
+            profiler.dump_stats(str(Path(profile_to) / f"worker-{os.getpid()}.prof"))
         store.close()
         structlog.get_logger("bench").info("bench worker exit", completed=runner.completed)
 

@@ -7,6 +7,7 @@ begun) live in :func:`check_guards`, so refusals carry a reason an operator can 
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from enum import StrEnum
@@ -124,6 +125,13 @@ def fire(state: State | str, trigger: Trigger | str) -> State:
         trig = Trigger(trigger)
     except ValueError:
         raise IllegalTransition(state.value, str(trigger), allowed_triggers(state)) from None
+    return _fire(state, trig)
+
+
+@functools.cache
+def _fire(state: State, trig: Trigger) -> State:
+    """The machine's answer for one (state, trigger), asked once per process: the graph is fixed,
+    and asking costs more than the rest of a transition (an illegal one raises, uncached)."""
     machine = _get_machine()
     subject = _Subject()
     with _machine_lock:

@@ -13,11 +13,19 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from keyturn.domain.errors import KeyturnError, StaleVersion, StoreUnavailable
+from keyturn.domain.errors import KeyturnError, NotFound, StaleVersion, StoreUnavailable
 from keyturn.domain.lifecycle import FINAL_STATES, State, Trigger, fire
-from keyturn.domain.model import ActionRecord, ActionStatus, Event, Phase, Rotation, SealedSecret
+from keyturn.domain.model import (
+    ActionRecord,
+    ActionStatus,
+    Event,
+    ManagedCredential,
+    Phase,
+    Rotation,
+    SealedSecret,
+)
 from keyturn.domain.retry import RetryPolicy
-from keyturn.engine.batch import CommitBatcher
+from keyturn.engine.batch import CommitBatcher, Loaders
 from keyturn.ports import (
     Change,
     Clock,
@@ -130,8 +138,9 @@ class RotationRun:
         self._actions: dict[tuple[Phase, str], ActionRecord] | None = None
         #: Set by the worker when it is asked to stop; checked at every action boundary.
         self.stopping: asyncio.Event | None = None
-        #: The worker's group-commit queue, when there is one.
+        #: The worker's group-commit queue and batched reads, when there are.
         self.batcher: CommitBatcher | None = None
+        self.loaders: Loaders | None = None
         self._secrets: dict[str, SealedSecret] = {}
         self.log = log.bind(rotation=rotation.id, credential=rotation.credential)
 
@@ -151,6 +160,8 @@ class RotationRun:
                 self.rotation = await self.batcher.commit(change)
             else:
                 self.rotation = await db(self.deps.store.commit, change)
+            for sealed in change.secrets:  # what this run sealed, it need not read back
+                self._secrets[sealed.id] = sealed
             if "lease_expires_at" in change.updates:
                 self._lease_deadline = started + self.deps.settings.lease_seconds
             return self.rotation
@@ -191,8 +202,24 @@ class RotationRun:
     async def secret(self, secret_id: str) -> SealedSecret:
         """A sealed secret of this rotation, read once per run."""
         if secret_id not in self._secrets:
-            self._secrets[secret_id] = await db(self.deps.store.get_secret, secret_id)
+            if self.loaders is None:
+                self._secrets[secret_id] = await db(self.deps.store.get_secret, secret_id)
+            else:
+                found = await self.loaders.secrets.load(secret_id)
+                if found is None:
+                    raise NotFound(f"no secret with id {secret_id}")
+                self._secrets[secret_id] = found
         return self._secrets[secret_id]
+
+    async def credential(self) -> ManagedCredential:
+        """The managed credential this rotation rotates, as the store holds it now."""
+        name = self.rotation.credential
+        if self.loaders is None:
+            return await db(self.deps.store.get_credential, name)
+        found = await self.loaders.credentials.load(name)
+        if found is None:
+            raise NotFound(f"no managed credential named {name}; see `keyturn credentials list`")
+        return found
 
     async def check_boundary(self) -> None:
         """An action boundary: notice an operator request (and a lost lease) before acting."""
@@ -211,7 +238,10 @@ class RotationRun:
 
     async def actions(self) -> dict[tuple[Phase, str], ActionRecord]:
         if self._actions is None:
-            records = await db(self.deps.store.actions, self.rotation.id)
+            if self.loaders is None:
+                records = await db(self.deps.store.actions, self.rotation.id)
+            else:
+                records = await self.loaders.actions.load(self.rotation.id) or []
             self._actions = {(a.phase, a.name): a for a in records}
         return self._actions
 

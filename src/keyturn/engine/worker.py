@@ -15,7 +15,7 @@ import structlog
 from keyturn.domain.errors import KeyturnError, StaleVersion, StoreUnavailable
 from keyturn.domain.lifecycle import FORWARD
 from keyturn.domain.model import Event, Rotation
-from keyturn.engine.batch import CommitBatcher
+from keyturn.engine.batch import CommitBatcher, Loaders
 from keyturn.engine.kinds import kind_for
 from keyturn.engine.operator import apply_request
 from keyturn.engine.run import (
@@ -46,6 +46,7 @@ class Worker:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
         self.batcher: CommitBatcher | None = None
+        self.loaders: Loaders | None = None
         self.completed = 0
 
     def stop(self) -> None:
@@ -58,10 +59,12 @@ class Worker:
 
     async def run(self, *, until_idle: bool = False) -> None:
         self.batcher = CommitBatcher(self.deps.store)
+        self.loaders = Loaders.of(self.deps.store)
         try:
             await self._run(until_idle=until_idle)
         finally:
             await self.batcher.aclose()
+            await self.loaders.aclose()
             log.info(
                 "commits",
                 owner=self.owner,
@@ -148,6 +151,7 @@ class Worker:
         run = RotationRun(self.deps, rotation, self.owner, leased_at=claimed_at)
         run.stopping = self._stopping
         run.batcher = self.batcher
+        run.loaders = self.loaders
         renewer = asyncio.create_task(self._renew(run))
         try:
             await self._advance(run)

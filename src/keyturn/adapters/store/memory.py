@@ -149,6 +149,10 @@ class MemoryStore:
                 raise credential_not_found(name)
             return copy.deepcopy(found)
 
+    def get_credentials(self, names: Sequence[str]) -> dict[str, ManagedCredential]:
+        with self._lock:
+            return {n: copy.deepcopy(self._credentials[n]) for n in names if n in self._credentials}
+
     def list_credentials(self) -> list[ManagedCredential]:
         with self._lock:
             return [copy.deepcopy(self._credentials[n]) for n in sorted(self._credentials)]
@@ -223,6 +227,12 @@ class MemoryStore:
         with self._lock:
             self._rotation(rotation_id)
             return copy.deepcopy(list(self._actions.get(rotation_id, {}).values()))
+
+    def actions_of(self, rotation_ids: Sequence[str]) -> dict[str, list[ActionRecord]]:
+        with self._lock:
+            return {
+                r: copy.deepcopy(list(self._actions.get(r, {}).values())) for r in rotation_ids
+            }
 
     def claim(
         self, *, owner: str, now: datetime, lease_until: datetime, limit: int
@@ -323,6 +333,10 @@ class MemoryStore:
             if found is None:
                 raise secret_not_found(secret_id)
             return copy.deepcopy(found)
+
+    def get_secrets(self, secret_ids: Sequence[str]) -> dict[str, SealedSecret]:
+        with self._lock:
+            return {i: copy.deepcopy(self._secrets[i]) for i in secret_ids if i in self._secrets}
 
     def all_secrets(self) -> list[SealedSecret]:
         with self._lock:

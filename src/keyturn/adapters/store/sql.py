@@ -28,6 +28,8 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -39,6 +41,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.pool import NullPool
 
+from keyturn.adapters.store import pg_batch
 from keyturn.adapters.store.models import (
     ActionRow,
     CredentialRow,
@@ -424,6 +427,8 @@ class SqlStore:
         self._url = normalize_url(url)
         self._engine = make_engine(self._url)
         self._now = clock or _utcnow
+        self._postgres = self._engine.dialect.name == "postgresql"
+        self._reader = self._engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def __repr__(self) -> str:
         return f"SqlStore({redact_url(self._url)!r})"
@@ -449,9 +454,25 @@ class SqlStore:
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
-        try:
-            with self._engine.begin() as conn:
+        """One transaction; the database errors a caller can act on, translated."""
+        with self._translated(), self._engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """For reads: on PostgreSQL in autocommit (one round trip per statement, no BEGIN and
+        COMMIT); on SQLite the usual transaction."""
+        if not self._postgres:
+            with self._tx() as conn:
                 yield conn
+            return
+        with self._translated(), self._reader.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
         except (OperationalError, InterfaceError) as exc:
             raise _unavailable(self._url, exc) from None
         except DBAPIError as exc:
@@ -490,14 +511,23 @@ class SqlStore:
             ) from None
 
     def get_credential(self, name: str) -> ManagedCredential:
-        with self._tx() as conn:
+        with self._read() as conn:
             row = conn.execute(select(credentials_t).where(credentials_t.c.name == name)).first()
         if row is None:
             raise credential_not_found(name)
         return _credential_from_row(row)
 
+    def get_credentials(self, names: Sequence[str]) -> dict[str, ManagedCredential]:
+        if not names:
+            return {}
+        with self._read() as conn:
+            rows = conn.execute(
+                select(credentials_t).where(credentials_t.c.name.in_(list(names)))
+            ).all()
+        return {c.name: c for c in map(_credential_from_row, rows)}
+
     def list_credentials(self) -> list[ManagedCredential]:
-        with self._tx() as conn:
+        with self._read() as conn:
             rows = conn.execute(select(credentials_t).order_by(credentials_t.c.name)).all()
         return [_credential_from_row(r) for r in rows]
 
@@ -536,7 +566,7 @@ class SqlStore:
         raise AlreadyRotating(rotation.credential)
 
     def get_rotation(self, rotation_id: str) -> Rotation:
-        with self._tx() as conn:
+        with self._read() as conn:
             row = conn.execute(select(rotations_t).where(rotations_t.c.id == rotation_id)).first()
         if row is None:
             raise rotation_not_found(rotation_id)
@@ -551,7 +581,7 @@ class SqlStore:
         if credential is not None:
             stmt = stmt.where(rotations_t.c.credential == credential)
         stmt = stmt.order_by(rotations_t.c.created_at.desc(), rotations_t.c.id.desc())
-        with self._tx() as conn:
+        with self._read() as conn:
             rows = conn.execute(stmt).all()
         return [_rotation_from_row(r) for r in rows]
 
@@ -567,7 +597,7 @@ class SqlStore:
             )
             .limit(1)
         )
-        with self._tx() as conn:
+        with self._read() as conn:
             return conn.execute(stmt).first() is not None
 
     def latest_rotation(self, credential: str) -> Rotation | None:
@@ -577,12 +607,12 @@ class SqlStore:
             .order_by(rotations_t.c.created_at.desc(), rotations_t.c.id.desc())
             .limit(1)
         )
-        with self._tx() as conn:
+        with self._read() as conn:
             row = conn.execute(stmt).first()
         return _rotation_from_row(row) if row is not None else None
 
     def events(self, rotation_id: str) -> list[Event]:
-        with self._tx() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 select(events_t)
                 .where(events_t.c.rotation_id == rotation_id)
@@ -593,7 +623,7 @@ class SqlStore:
         return [_event_from_row(r) for r in rows]
 
     def actions(self, rotation_id: str) -> list[ActionRecord]:
-        with self._tx() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 select(actions_t)
                 .where(actions_t.c.rotation_id == rotation_id)
@@ -602,6 +632,20 @@ class SqlStore:
             if not rows:
                 self._require_rotation(conn, rotation_id)
         return [_action_from_row(r) for r in rows]
+
+    def actions_of(self, rotation_ids: Sequence[str]) -> dict[str, list[ActionRecord]]:
+        out: dict[str, list[ActionRecord]] = {r: [] for r in rotation_ids}
+        if not out:
+            return out
+        with self._read() as conn:
+            rows = conn.execute(
+                select(actions_t)
+                .where(actions_t.c.rotation_id.in_(list(out)))
+                .order_by(actions_t.c.rotation_id, actions_t.c.seq.asc())
+            ).all()
+        for row in rows:
+            out[row._mapping["rotation_id"]].append(_action_from_row(row))
+        return out
 
     def claim(
         self, *, owner: str, now: datetime, lease_until: datetime, limit: int
@@ -659,6 +703,13 @@ class SqlStore:
         if len(changes) == 1:
             return [self._commit_or_error(changes[0])]
         now = self._now()
+        if self._postgres:
+            try:
+                return self._commit_set_based(changes, now)
+            except StoreUnavailable:
+                raise
+            except (pg_batch.Fallback, IntegrityError, KeyturnError, ValueError):
+                pass  # written change by change below, which names the precise error
         results: list[Rotation | KeyturnError] = []
         try:
             with self._tx() as conn:
@@ -674,6 +725,42 @@ class SqlStore:
         except (IntegrityError, KeyturnError, ValueError):
             return [self._commit_or_error(c) for c in changes]
         return results
+
+    def _commit_set_based(
+        self, changes: Sequence[Change], now: datetime
+    ) -> list[Rotation | KeyturnError]:
+        """PostgreSQL: the whole batch in a few set-based statements (see pg_batch)."""
+        values = [rotation_update_values(c.updates) for c in changes]
+        results: list[Rotation | KeyturnError | None] = [None] * len(changes)
+        with self._tx() as conn:
+            for members in pg_batch.rounds(changes):
+                batch = [changes[i] for i in members]
+                written = pg_batch.update_rotations(
+                    conn, rotations_t, batch, [values[i] for i in members], now, _rotation_from_row
+                )
+                for i, result in zip(members, written, strict=True):
+                    results[i] = result
+                done = [c for c, r in zip(batch, written, strict=True) if isinstance(r, Rotation)]
+                self._write_rows_set_based(conn, done, now)
+        return [r for r in results if r is not None]
+
+    def _write_rows_set_based(self, conn: Connection, done: list[Change], now: datetime) -> None:
+        """The rows that go with the changes whose compare-and-set succeeded."""
+        secrets = [s for c in done for s in c.secrets]
+        if secrets:
+            ids = [s.id for s in secrets]
+            if (
+                len(set(ids)) != len(ids)
+                or conn.execute(
+                    select(secrets_t.c.id).where(secrets_t.c.id.in_(ids)).limit(1)
+                ).first()
+            ):
+                raise pg_batch.Fallback("secret id taken")
+            conn.execute(insert(secrets_t), [_secret_values(s, now) for s in secrets])
+        pg_batch.replace_credentials(conn, done, now)
+        pg_batch.set_purge_after(conn, done)
+        pg_batch.insert_events(conn, done)
+        pg_batch.upsert_actions(conn, done)
 
     def _commit_or_error(self, change: Change) -> Rotation | KeyturnError:
         try:
@@ -700,14 +787,7 @@ class SqlStore:
         if change.credential is not None:
             self._replace_credential(conn, change.credential, now)
         for secret_id, when in change.purge_after.items():
-            done = conn.execute(
-                update(secrets_t)
-                .where(secrets_t.c.id == secret_id)
-                .values(purge_after=when)
-                .returning(secrets_t.c.id)
-            ).first()
-            if done is None:
-                raise secret_not_found(secret_id)
+            self._set_purge_after(conn, secret_id, when)
         if change.events:
             conn.execute(insert(events_t), [_event_values(ev) for ev in change.events])
         if change.action is not None:
@@ -731,14 +811,21 @@ class SqlStore:
     # ------------------------------------------------------------------------ sealed secrets
 
     def get_secret(self, secret_id: str) -> SealedSecret:
-        with self._tx() as conn:
+        with self._read() as conn:
             row = conn.execute(select(secrets_t).where(secrets_t.c.id == secret_id)).first()
         if row is None:
             raise secret_not_found(secret_id)
         return _secret_from_row(row)
 
+    def get_secrets(self, secret_ids: Sequence[str]) -> dict[str, SealedSecret]:
+        if not secret_ids:
+            return {}
+        with self._read() as conn:
+            rows = conn.execute(select(secrets_t).where(secrets_t.c.id.in_(list(secret_ids)))).all()
+        return {s.id: s for s in map(_secret_from_row, rows)}
+
     def all_secrets(self) -> list[SealedSecret]:
-        with self._tx() as conn:
+        with self._read() as conn:
             rows = conn.execute(select(secrets_t).order_by(secrets_t.c.id)).all()
         return [_secret_from_row(r) for r in rows]
 
@@ -771,7 +858,7 @@ class SqlStore:
             return sorted(ids)
 
     def master_key_ids(self) -> set[str]:
-        with self._tx() as conn:
+        with self._read() as conn:
             ids = conn.execute(
                 select(secrets_t.c.master_key_id)
                 .where(secrets_t.c.ciphertext.is_not(None))
@@ -780,6 +867,16 @@ class SqlStore:
             return set(ids)
 
     # ------------------------------------------------------------------------------ helpers
+
+    def _set_purge_after(self, conn: Connection, secret_id: str, when: datetime | None) -> None:
+        done = conn.execute(
+            update(secrets_t)
+            .where(secrets_t.c.id == secret_id)
+            .values(purge_after=when)
+            .returning(secrets_t.c.id)
+        ).first()
+        if done is None:
+            raise secret_not_found(secret_id)
 
     def _require_rotation(self, conn: Connection, rotation_id: str) -> None:
         found = conn.execute(select(rotations_t.c.id).where(rotations_t.c.id == rotation_id))
@@ -815,12 +912,10 @@ class SqlStore:
             raise credential_not_found(credential.name)
 
     def _upsert_action(self, conn: Connection, action: ActionRecord) -> None:
+        """One statement: insert the record, or update it if (rotation, phase, name) exists. A
+        new record's seq is the number its rotation already has (the rotation row is locked by
+        this transaction's compare-and-set, so nobody else adds one concurrently)."""
         a = actions_t.c
-        key = and_(
-            a.rotation_id == action.rotation_id,
-            a.phase == Phase(action.phase).value,
-            a.name == action.name,
-        )
         values = {
             "idempotency_key": action.idempotency_key,
             "status": ActionStatus(action.status).value,
@@ -830,21 +925,24 @@ class SqlStore:
             "detail": dict(action.detail),
             "error": action.error,
         }
-        # The rotation row is locked by this transaction's CAS update, so nobody else writes
-        # this rotation's actions concurrently: update-then-insert is race-free here.
-        done = conn.execute(update(actions_t).where(key).values(**values).returning(a.seq)).first()
-        if done is not None:
-            return
-        seq = conn.execute(
-            select(func.count()).select_from(actions_t).where(a.rotation_id == action.rotation_id)
-        ).scalar_one()
+        seq = (
+            select(func.count())
+            .select_from(actions_t)
+            .where(a.rotation_id == action.rotation_id)
+            .scalar_subquery()
+        )
+        upsert = pg_insert if self._postgres else sqlite_insert
+        stmt = upsert(actions_t).values(
+            rotation_id=action.rotation_id,
+            phase=Phase(action.phase).value,
+            name=action.name,
+            seq=seq,
+            **values,
+        )
         conn.execute(
-            insert(actions_t).values(
-                rotation_id=action.rotation_id,
-                phase=Phase(action.phase).value,
-                name=action.name,
-                seq=seq,
-                **values,
+            stmt.on_conflict_do_update(
+                index_elements=[a.rotation_id, a.phase, a.name],
+                set_={k: stmt.excluded[k] for k in values},
             )
         )
 

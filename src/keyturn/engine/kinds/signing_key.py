@@ -24,7 +24,7 @@ from keyturn.domain.model import (
     Rotation,
 )
 from keyturn.engine.kinds.base import dispatch, irreversible_reason
-from keyturn.engine.run import Detail, RotationRun, db, new_secret_id
+from keyturn.engine.run import Detail, RotationRun, new_secret_id
 from keyturn.ports import (
     Change,
     DeployedMaterial,
@@ -274,7 +274,7 @@ class SigningKeyKind:
         in the same transaction, and key retention is scheduled."""
         data = data if data is not None else run.rotation.data
         algorithm = data["algorithm"] if side == "new" else data["old_algorithm"]
-        credential = await db(run.deps.store.get_credential, run.rotation.credential)
+        credential = await run.credential()
         await run.transition(
             trigger,
             extra=Change(

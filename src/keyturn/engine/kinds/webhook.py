@@ -31,7 +31,7 @@ from keyturn.domain.model import (
     Rotation,
 )
 from keyturn.engine.kinds.base import dispatch, irreversible_reason
-from keyturn.engine.run import Detail, Outcome, RotationRun, db, new_secret_id
+from keyturn.engine.run import Detail, Outcome, RotationRun, new_secret_id
 from keyturn.ports import Change, WebhookProvider
 
 F, R = Phase.FORWARD, Phase.ROLLBACK
@@ -192,7 +192,7 @@ class WebhookKind:
         await self._grace(run, F, "delete_old")
         _, new_secret = await self._secrets(run)
         await self._deploy(run, F, "deploy_new_only", [new_secret])
-        credential = await db(run.deps.store.get_credential, run.rotation.credential)
+        credential = await run.credential()
         now = run.now()
         await run.transition(
             Trigger.DEACTIVATE_OLD,
@@ -225,9 +225,7 @@ class WebhookKind:
 
             await run.external(R, "delete_new", delete_new)
             await self._grace(run, R, "delete_new")
-        old_secret = run.deps.vault.open(
-            await db(run.deps.store.get_secret, data["old_secret_ref"])
-        )
+        old_secret = run.deps.vault.open(await run.secret(data["old_secret_ref"]))
         await self._deploy(run, R, "deploy_old_only", [old_secret.decode()])
         purge: dict[str, datetime | None] = {}
         if "new_secret_ref" in data:
@@ -240,9 +238,9 @@ class WebhookKind:
 
     async def _secrets(self, run: RotationRun) -> tuple[str, str]:
         data = run.rotation.data
-        store, vault = run.deps.store, run.deps.vault
-        old = vault.open(await db(store.get_secret, data["old_secret_ref"])).decode()
-        new = vault.open(await db(store.get_secret, data["new_secret_ref"])).decode()
+        vault = run.deps.vault
+        old = vault.open(await run.secret(data["old_secret_ref"])).decode()
+        new = vault.open(await run.secret(data["new_secret_ref"])).decode()
         return old, new
 
     async def _deploy(self, run: RotationRun, phase: Phase, name: str, secrets: list[str]) -> str:
