@@ -1,15 +1,16 @@
 """Group commit on PostgreSQL in a handful of set-based statements.
 
 A worker's batch of changes (one per rotation, each a compare-and-set on its own version) is
-written in one transaction with one ``UPDATE ... FROM unnest(...)`` per shape of change (the set
-of columns it writes), one insert for all events and one upsert for all action records, instead
-of several statements and round trips per change. A change whose version is stale updates
-nothing, so nothing else of it is written, and it is reported as :class:`StaleVersion`, exactly
-as the change-by-change path does.
+written in one transaction with one ``UPDATE ... FROM json_to_recordset(...)`` per shape of
+change (the set of columns it writes), one insert for all events and one upsert for all action
+records, instead of several statements and round trips per change. Each statement's rows travel
+as one JSON document (one parameter, encoded by the C json encoder, parsed by the server). A
+change whose version is stale updates nothing, so nothing else of it is written, and it is
+reported as :class:`StaleVersion`, exactly as the change-by-change path does.
 
-Anything this path does not handle (a duplicate rotation in one batch, a naive datetime, a
-secret id already taken) raises :class:`Fallback` before the transaction commits; the caller
-rolls back and writes the batch change by change, which reports the precise error.
+Anything this path does not handle (a naive datetime, a secret id already taken, an unknown
+credential or secret) raises :class:`Fallback` before the transaction commits; the caller rolls
+back and writes the batch change by change, which reports the precise error.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, TextualSelect, text
+from sqlalchemy import Connection, Table, TextClause, TextualSelect, text
 
 from keyturn.domain.errors import KeyturnError, NotFound, StaleVersion
 from keyturn.domain.model import ActionStatus, Phase, Rotation
 from keyturn.ports import Change
 
-#: The PostgreSQL element type of each column a change may write (for ``unnest`` arrays).
+#: The PostgreSQL type of each rotation column a change may write.
 ROTATION_COLUMN_TYPES: Mapping[str, str] = {
     "state": "varchar",
     "reason": "varchar",
@@ -46,34 +47,28 @@ ROTATION_COLUMN_TYPES: Mapping[str, str] = {
     "finished_at": "timestamptz",
 }
 
-_JSON_COLUMNS = frozenset({"data"})
-
 
 class Fallback(Exception):
     """This batch needs the change-by-change path (which reports the precise error)."""
 
 
-def _array_param(column: str, value: Any) -> Any:
-    if column in _JSON_COLUMNS:
-        return json.dumps(value)
-    if isinstance(value, datetime) and (value.tzinfo is None or value.utcoffset() is None):
-        raise Fallback("naive datetime")
-    return value
+def _encode(value: Any) -> str:
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise Fallback("naive datetime")
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _element_type(column: str) -> str:
-    # JSON travels as text and is cast per row (there is no unnest of json[] from text).
-    return "text" if column in _JSON_COLUMNS else ROTATION_COLUMN_TYPES[column]
+def _rows(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """The statement's one parameter: its rows as a JSON array of objects."""
+    return {"rows": json.dumps(rows, default=_encode, separators=(",", ":"))}
 
 
-def _unnest(columns: Sequence[tuple[str, str]]) -> str:
-    """``unnest(CAST(:a AS t[]), ...) AS v(a, ...)``: one bound array per column."""
-    arrays = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in columns)
-    return f"unnest({arrays}) AS v({', '.join(name for name, _ in columns)})"
-
-
-def _value(name: str) -> str:
-    return f"v.{name}::json" if name in _JSON_COLUMNS or name == "detail" else f"v.{name}"
+def _recordset(columns: Sequence[tuple[str, str]]) -> str:
+    """``json_to_recordset(:rows) AS v(name type, ...)``: the rows, typed by the server."""
+    typed = ", ".join(f"{name} {kind}" for name, kind in columns)
+    return f"json_to_recordset(CAST(:rows AS json)) AS v({typed})"
 
 
 _statements: dict[tuple[str, ...], TextualSelect] = {}
@@ -82,11 +77,15 @@ _statements: dict[tuple[str, ...], TextualSelect] = {}
 def _update_statement(columns: tuple[str, ...], rotations: Table) -> TextualSelect:
     stmt = _statements.get(columns)
     if stmt is None:
-        sets = "".join(f"{c} = {_value(c)}, " for c in columns)
-        source = _unnest(
-            [("id", "varchar"), ("expected", "int"), *((c, _element_type(c)) for c in columns)]
+        sets = "".join(f"{c} = v.{c}, " for c in columns)
+        source = _recordset(
+            [
+                ("id", "varchar"),
+                ("expected", "int"),
+                *((c, ROTATION_COLUMN_TYPES[c]) for c in columns),
+            ]
         )
-        # Column names come from ROTATION_COLUMN_TYPES; every value is a bound array.
+        # Column names come from ROTATION_COLUMN_TYPES; every value is in the bound document.
         sql = (
             f"UPDATE rotations AS r SET {sets}version = r.version + 1, updated_at = :now "  # noqa: S608
             f"FROM {source} WHERE r.id = v.id AND r.version = v.expected RETURNING r.*"
@@ -94,6 +93,14 @@ def _update_statement(columns: tuple[str, ...], rotations: Table) -> TextualSele
         stmt = text(sql).columns(*rotations.c)
         _statements[columns] = stmt
     return stmt
+
+
+def _insert(table: str, columns: Sequence[tuple[str, str]], extra: str = "") -> TextClause:
+    names = ", ".join(n for n, _ in columns)
+    values = ", ".join(f"v.{n}" for n, _ in columns)
+    return text(
+        f"INSERT INTO {table} ({names}) SELECT {values} FROM {_recordset(columns)} {extra}"  # noqa: S608
+    )
 
 
 _EVENT_COLUMNS = [
@@ -105,35 +112,31 @@ _EVENT_COLUMNS = [
     ("to_state", "varchar"),
     ("trigger", "varchar"),
     ("reason", "varchar"),
-    ("detail", "text"),
+    ("detail", "json"),
 ]
-_EVENTS = text(
-    f"INSERT INTO events ({', '.join(n for n, _ in _EVENT_COLUMNS)}) "  # noqa: S608 (constants)
-    f"SELECT {', '.join(_value(n) for n, _ in _EVENT_COLUMNS)} FROM {_unnest(_EVENT_COLUMNS)}"
-)
+_EVENTS = _insert("events", _EVENT_COLUMNS)
 
+# A new action's seq is the number of actions its rotation already has (one action per rotation
+# per round, so the count is exact); a known one keeps its seq.
 _ACTION_COLUMNS = [
     ("rotation_id", "varchar"),
     ("phase", "varchar"),
     ("name", "varchar"),
+    ("seq", "int"),
     ("idempotency_key", "varchar"),
     ("status", "varchar"),
     ("intent_at", "timestamptz"),
     ("outcome_at", "timestamptz"),
     ("attempts", "int"),
-    ("detail", "text"),
+    ("detail", "json"),
     ("error", "varchar"),
 ]
-_ACTION_UPDATED = [n for n, _ in _ACTION_COLUMNS[3:]]
-# A new action's seq is the number of actions its rotation already has (one action per rotation
-# per batch, so the count is exact); a known one keeps its seq.
 _ACTIONS = text(
-    f"INSERT INTO actions ({', '.join(n for n, _ in _ACTION_COLUMNS)}, seq) "  # noqa: S608
-    f"SELECT {', '.join(_value(n) for n, _ in _ACTION_COLUMNS)}, "
-    "(SELECT count(*) FROM actions a WHERE a.rotation_id = v.rotation_id) "
-    f"FROM {_unnest(_ACTION_COLUMNS)} "
-    "ON CONFLICT (rotation_id, phase, name) DO UPDATE SET "
-    + ", ".join(f"{n} = excluded.{n}" for n in _ACTION_UPDATED)
+    str(_insert("actions", _ACTION_COLUMNS)).replace(  # noqa: S608 (constants)
+        "v.seq", "(SELECT count(*) FROM actions a WHERE a.rotation_id = v.rotation_id)"
+    )
+    + " ON CONFLICT (rotation_id, phase, name) DO UPDATE SET "
+    + ", ".join(f"{n} = excluded.{n}" for n, _ in _ACTION_COLUMNS[4:])
 )
 
 _CREDENTIAL_COLUMNS = [
@@ -149,23 +152,17 @@ _CREDENTIAL_COLUMNS = [
 _CREDENTIALS = text(
     "UPDATE credentials AS c SET "  # noqa: S608 (constants)
     + "".join(f"{n} = v.{n}, " for n, _ in _CREDENTIAL_COLUMNS[1:])
-    + f"updated_at = :now FROM {_unnest(_CREDENTIAL_COLUMNS)} WHERE c.name = v.name "
+    + f"updated_at = :now FROM {_recordset(_CREDENTIAL_COLUMNS)} WHERE c.name = v.name "
     "RETURNING c.name"
 )
 
 _PURGE_AFTER = text(
     "UPDATE secrets AS s SET purge_after = v.purge_after "  # noqa: S608 (constants)
-    f"FROM {_unnest([('id', 'varchar'), ('purge_after', 'timestamptz')])} "
+    f"FROM {_recordset([('id', 'varchar'), ('purge_after', 'timestamptz')])} "
     "WHERE s.id = v.id RETURNING s.id"
 )
 
 _EXISTING = text("SELECT id FROM rotations WHERE id = ANY(CAST(:ids AS varchar[]))")
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and (value.tzinfo is None or value.utcoffset() is None):
-        raise Fallback("naive datetime")
-    return value
 
 
 def rounds(changes: Sequence[Change]) -> list[list[int]]:
@@ -192,31 +189,30 @@ def update_rotations(
 ) -> list[Rotation | KeyturnError]:
     """The compare-and-set of every change (each of another rotation), one statement per shape;
     stale ones are reported."""
-    ids = [c.rotation_id for c in changes]
     groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
     for i, v in enumerate(values):
         groups[tuple(sorted(v))].append(i)
-    rows: dict[str, Rotation] = {}
+    found: dict[str, Rotation] = {}
     for columns, members in groups.items():
-        params: dict[str, Any] = {
-            "now": now,
-            "id": [changes[i].rotation_id for i in members],
-            "expected": [changes[i].expected_version for i in members],
-        }
-        for c in columns:
-            params[c] = [_array_param(c, values[i][c]) for i in members]
-        for row in conn.execute(_update_statement(columns, rotations), params):
-            rotation = from_row(row)
-            rows[rotation.id] = rotation
-    results: list[Rotation | KeyturnError] = []
-    missing = [i for i in ids if i not in rows]
+        rows = []
+        for i in members:
+            row = dict(values[i])
+            row["id"] = changes[i].rotation_id
+            row["expected"] = changes[i].expected_version
+            rows.append(row)
+        params: dict[str, Any] = {**_rows(rows), "now": now}
+        for returned in conn.execute(_update_statement(columns, rotations), params):
+            rotation = from_row(returned)
+            found[rotation.id] = rotation
+    missing = [c.rotation_id for c in changes if c.rotation_id not in found]
     existing: set[str] = set()
     if missing:
         existing = set(conn.execute(_EXISTING, {"ids": missing}).scalars())
+    results: list[Rotation | KeyturnError] = []
     for change in changes:
-        found = rows.get(change.rotation_id)
-        if found is not None:
-            results.append(found)
+        rotation = found.get(change.rotation_id)
+        if rotation is not None:
+            results.append(rotation)
         elif change.rotation_id in existing:
             results.append(StaleVersion(change.rotation_id, change.expected_version))
         else:
@@ -227,44 +223,44 @@ def update_rotations(
 
 
 def insert_events(conn: Connection, changes: Sequence[Change]) -> None:
-    events = [ev for c in changes for ev in c.events]
-    if not events:
-        return
-    conn.execute(
-        _EVENTS,
+    rows = [
         {
-            "rotation_id": [e.rotation_id for e in events],
-            "at": [_aware(e.at) for e in events],
-            "kind": [e.kind for e in events],
-            "actor": [e.actor for e in events],
-            "from_state": [e.from_state for e in events],
-            "to_state": [e.to_state for e in events],
-            "trigger": [e.trigger for e in events],
-            "reason": [e.reason for e in events],
-            "detail": [json.dumps(dict(e.detail)) for e in events],
-        },
-    )
+            "rotation_id": e.rotation_id,
+            "at": e.at,
+            "kind": e.kind,
+            "actor": e.actor,
+            "from_state": e.from_state,
+            "to_state": e.to_state,
+            "trigger": e.trigger,
+            "reason": e.reason,
+            "detail": dict(e.detail),
+        }
+        for c in changes
+        for e in c.events
+    ]
+    if rows:
+        conn.execute(_EVENTS, _rows(rows))
 
 
 def upsert_actions(conn: Connection, changes: Sequence[Change]) -> None:
-    actions = [c.action for c in changes if c.action is not None]
-    if not actions:
-        return
-    conn.execute(
-        _ACTIONS,
+    rows = [
         {
-            "rotation_id": [a.rotation_id for a in actions],
-            "phase": [Phase(a.phase).value for a in actions],
-            "name": [a.name for a in actions],
-            "idempotency_key": [a.idempotency_key for a in actions],
-            "status": [ActionStatus(a.status).value for a in actions],
-            "intent_at": [_aware(a.intent_at) for a in actions],
-            "outcome_at": [_aware(a.outcome_at) for a in actions],
-            "attempts": [a.attempts for a in actions],
-            "detail": [json.dumps(dict(a.detail)) for a in actions],
-            "error": [a.error for a in actions],
-        },
-    )
+            "rotation_id": a.rotation_id,
+            "phase": Phase(a.phase).value,
+            "name": a.name,
+            "idempotency_key": a.idempotency_key,
+            "status": ActionStatus(a.status).value,
+            "intent_at": a.intent_at,
+            "outcome_at": a.outcome_at,
+            "attempts": a.attempts,
+            "detail": dict(a.detail),
+            "error": a.error,
+        }
+        for a in (c.action for c in changes)
+        if a is not None
+    ]
+    if rows:
+        conn.execute(_ACTIONS, _rows(rows))
 
 
 def replace_credentials(conn: Connection, changes: Sequence[Change], now: datetime) -> None:
@@ -274,11 +270,8 @@ def replace_credentials(conn: Connection, changes: Sequence[Change], now: dateti
         return
     if len({c.name for c in creds}) != len(creds):
         raise Fallback("a credential twice in one round")
-    params: dict[str, Any] = {"now": now}
-    for name, _ in _CREDENTIAL_COLUMNS:
-        params[name] = [
-            str(getattr(c, name)) if name == "kind" else getattr(c, name) for c in creds
-        ]
+    rows = [{name: getattr(c, name) for name, _ in _CREDENTIAL_COLUMNS} for c in creds]
+    params: dict[str, Any] = {**_rows(rows), "now": now}
     if len(conn.execute(_CREDENTIALS, params).all()) != len(creds):
         raise Fallback("unknown credential")
 
@@ -286,13 +279,10 @@ def replace_credentials(conn: Connection, changes: Sequence[Change], now: dateti
 def set_purge_after(conn: Connection, changes: Sequence[Change]) -> None:
     """Schedule (or clear) the purge of retained secrets; an unknown one needs the precise
     error."""
-    pairs = [(i, _aware(when)) for c in changes for i, when in c.purge_after.items()]
-    if not pairs:
+    rows = [{"id": i, "purge_after": when} for c in changes for i, when in c.purge_after.items()]
+    if not rows:
         return
-    if len({i for i, _ in pairs}) != len(pairs):
+    if len({r["id"] for r in rows}) != len(rows):
         raise Fallback("a secret twice in one round")
-    rows = conn.execute(
-        _PURGE_AFTER, {"id": [i for i, _ in pairs], "purge_after": [w for _, w in pairs]}
-    ).all()
-    if len(rows) != len(pairs):
+    if len(conn.execute(_PURGE_AFTER, _rows(rows)).all()) != len(rows):
         raise Fallback("unknown secret")
