@@ -230,9 +230,7 @@ class MemoryStore:
 
     def actions_of(self, rotation_ids: Sequence[str]) -> dict[str, list[ActionRecord]]:
         with self._lock:
-            return {
-                r: copy.deepcopy(list(self._actions.get(r, {}).values())) for r in rotation_ids
-            }
+            return {r: copy.deepcopy(list(self._actions.get(r, {}).values())) for r in rotation_ids}
 
     def claim(
         self, *, owner: str, now: datetime, lease_until: datetime, limit: int
