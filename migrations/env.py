@@ -11,6 +11,7 @@ from typing import Any
 
 from alembic import context
 
+import keyturn.adapters.store.budget  # noqa: F401 (declares rate_budgets on the metadata)
 from keyturn.adapters.store.models import UTCDateTime, metadata
 from keyturn.adapters.store.sql import make_engine, normalize_url
 

@@ -53,8 +53,9 @@ class WorkerConfig(_Model):
 class ProviderConfig(_Model):
     base_url: str
     timeout_seconds: float = Field(default=10.0, gt=0)
-    #: This worker's share of the provider's rate limit (Dfns: 1000 requests per minute per
-    #: organisation; divide it by the number of worker processes). Unset: no client-side limit.
+    #: The installation's request budget for this provider, shared by every worker process
+    #: (and command) using the same database (Dfns: 1000 requests per minute per organisation;
+    #: set the same value everywhere). Unset: no client-side limit.
     requests_per_minute: float | None = Field(default=None, gt=0)
 
     @field_validator("base_url")

@@ -241,6 +241,22 @@ class Clock(Protocol):
 Fence = Callable[[], None]
 
 
+class RequestBudget(Protocol):
+    """A provider's request budget, shared by every client that calls the provider: in one
+    process (an in-memory budget) or by every process on the same database (a shared one).
+
+    A client awaits :meth:`acquire` before each request, then reports the response: a 429 with
+    :meth:`rate_limited_now` (everyone sharing the budget pauses), anything else with
+    :meth:`succeeded`. The reports never block or raise."""
+
+    async def acquire(self) -> None:
+        """Wait until this request may be sent."""
+
+    def rate_limited_now(self) -> None: ...
+
+    def succeeded(self) -> None: ...
+
+
 class KeyProviderFactory(Protocol):
     def __call__(self, name: str, *, fence: Fence | None = None) -> KeyProvider: ...
 

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+import keyturn.adapters.store.budget  # noqa: F401 (declares rate_budgets on the metadata)
 from keyturn.adapters.store.migrate import (
     current_revision,
     downgrade,
@@ -25,7 +26,7 @@ from keyturn.adapters.store.sql import make_engine
 from keyturn.domain.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
-TABLES = {"secrets", "credentials", "rotations", "events", "actions"}
+TABLES = {"secrets", "credentials", "rotations", "events", "actions", "rate_budgets"}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

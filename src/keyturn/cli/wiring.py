@@ -17,6 +17,7 @@ from typing import TypeVar
 from keyturn.adapters.deploy import FileTarget
 from keyturn.adapters.dfns.budget import RateBudget
 from keyturn.adapters.keys import CryptoKeys
+from keyturn.adapters.store.budget import SharedRateBudget, shares_a_database
 from keyturn.adapters.store.migrate import open_store
 from keyturn.adapters.store.sql import SqlStore
 from keyturn.adapters.vault import AesGcmVault, load_master_key
@@ -28,6 +29,7 @@ from keyturn.ports import (
     DeployTarget,
     Fence,
     KeyProvider,
+    RequestBudget,
     SecretsProbe,
     SecretsTarget,
     Store,
@@ -79,7 +81,7 @@ def crash_hook_from_env() -> CrashHook:
 class Wiring:
     config: Config
     clock: SystemClock = field(default_factory=SystemClock)
-    _budgets: dict[str, RateBudget] = field(default_factory=dict)
+    _budgets: dict[str, RequestBudget] = field(default_factory=dict)
 
     @cached_property
     def store(self) -> SqlStore:
@@ -148,13 +150,29 @@ class Wiring:
             budget=self.budget(credential.provider),
         )
 
-    def budget(self, provider: str) -> RateBudget | None:
-        """One request budget per provider, shared by every client this process makes."""
+    def budget(self, provider: str) -> RequestBudget | None:
+        """The provider's request budget (`requests_per_minute`): one for the whole
+        installation, shared through the database by every process using it, with an
+        in-process budget for this process's share while the database is unavailable. One
+        instance per provider, shared by every client this process makes."""
         cfg = self.config.provider(provider)
-        if cfg.requests_per_minute is None:
+        per_minute = cfg.requests_per_minute
+        if per_minute is None:
             return None
         if provider not in self._budgets:
-            self._budgets[provider] = RateBudget(cfg.requests_per_minute)
+            url = self.config.database.url
+            local = RateBudget(per_minute)
+            if not shares_a_database(url):
+                self._budgets[provider] = local
+            else:
+                self._budgets[provider] = SharedRateBudget(
+                    url,
+                    provider,
+                    interval=local.interval,
+                    burst=local.burst,
+                    # no burst: the shared budget may have been in full use a moment ago
+                    fallback=lambda share: RateBudget(per_minute * share, burst=1),
+                )
         return self._budgets[provider]
 
     def targets_for(self, name: str) -> list[DeployTarget]:

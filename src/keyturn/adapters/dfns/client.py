@@ -23,7 +23,6 @@ from urllib.parse import quote
 
 import httpx
 
-from keyturn.adapters.dfns.budget import RateBudget
 from keyturn.adapters.dfns.errors import (
     CredentialNotAllowed,
     DfnsApiError,
@@ -49,6 +48,7 @@ from keyturn.adapters.dfns.models import (
 )
 from keyturn.adapters.dfns.signing import KeySigner, compact_json
 from keyturn.domain.errors import ConfigError, ProviderError
+from keyturn.ports import RequestBudget
 
 log = logging.getLogger("keyturn.dfns")
 
@@ -129,7 +129,7 @@ class DfnsClient:
         transport: httpx.AsyncBaseTransport | None = None,
         safe_retries: int = 3,
         fence: Callable[[], None] | None = None,
-        budget: RateBudget | None = None,
+        budget: RequestBudget | None = None,
     ) -> None:
         self._base_url = _check_base_url(base_url)
         #: Side-effect-free calls (reads, challenges, user-action signing) are retried this many
@@ -139,7 +139,8 @@ class DfnsClient:
         #: Called before every request; it raises to stop a caller that may no longer act
         #: (a worker whose lease ran out). Its exception propagates unchanged.
         self._fence = fence
-        #: The provider's request budget shared with other clients of this worker, if any.
+        #: The provider's request budget, shared with the other clients of this process or of
+        #: every process on the database (see keyturn.ports.RequestBudget), if any.
         self._budget = budget
         _check_token(token)
         if not timeout or timeout <= 0:

@@ -10,12 +10,11 @@ from collections.abc import Callable
 
 import httpx
 
-from keyturn.adapters.dfns.budget import RateBudget
 from keyturn.adapters.dfns.client import DfnsClient
 from keyturn.adapters.dfns.errors import InvalidRequest
 from keyturn.adapters.dfns.models import Credential
 from keyturn.adapters.dfns.signing import KeySigner
-from keyturn.ports import ProviderCredential, SigningKey
+from keyturn.ports import ProviderCredential, RequestBudget, SigningKey
 
 #: The ways a new key can be registered (see KeyProvider.register_key).
 REGISTER_VIA: tuple[str, ...] = ("credentials", "service_account_endpoint")
@@ -94,7 +93,7 @@ def provider_for(
     timeout: float = 10.0,
     transport: httpx.AsyncBaseTransport | None = None,
     fence: Callable[[], None] | None = None,
-    budget: RateBudget | None = None,
+    budget: RequestBudget | None = None,
 ) -> DfnsKeyProvider:
     """A DfnsKeyProvider owning its own client; close it with `aclose()`. `fence` is called
     before every request (see DfnsClient)."""

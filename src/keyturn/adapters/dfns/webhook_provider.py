@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from keyturn.adapters.dfns.budget import RateBudget
 from keyturn.adapters.dfns.client import DfnsClient
 from keyturn.adapters.dfns.errors import DfnsApiError
 from keyturn.adapters.dfns.models import Webhook
 from keyturn.adapters.dfns.signing import KeySigner
-from keyturn.ports import WebhookInfo, WebhookProvider
+from keyturn.ports import RequestBudget, WebhookInfo, WebhookProvider
 
 PAGE_SIZE = 500
 MAX_PAGES_PER_CALL = 20
@@ -103,7 +102,7 @@ def webhook_provider_for(
     *,
     timeout: float = 10.0,
     fence: Callable[[], None] | None = None,
-    budget: RateBudget | None = None,
+    budget: RequestBudget | None = None,
 ) -> DfnsWebhookProvider:
     signer = KeySigner.from_pem(signer_credential_id, signer_private_key_pem)
     return DfnsWebhookProvider(
