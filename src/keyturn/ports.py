@@ -43,6 +43,9 @@ class Change:
     events: Sequence[Event] = ()
     #: Upserted by (rotation_id, phase, name).
     action: ActionRecord | None = None
+    #: Upserted before `action` (e.g. the outcome of the previous action, written together with
+    #: the next one's intent); distinct (phase, name) from each other and from `action`.
+    earlier_actions: Sequence[ActionRecord] = ()
     #: Inserted (new key material, sealed).
     secrets: Sequence[SealedSecret] = ()
     #: Replaces the managed credential row of the same name (e.g. now pointing at the new key).

@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from keyturn.domain.errors import NotFound, StaleVersion
 from keyturn.domain.lifecycle import State
-from keyturn.domain.model import Rotation
+from keyturn.domain.model import ActionRecord, ActionStatus, Phase, Rotation
 from keyturn.ports import Change, Store
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
 def test_batch_applies_each_change_and_reports_stale_ones(store: Store, seed: Any) -> None:
@@ -70,3 +73,65 @@ def test_has_pending_work(store: Store, seed: Any) -> None:
     assert not store.has_pending_work(now + timedelta(seconds=60))  # paused: neither
     store.commit(Change(r.id, r.version, updates={"paused": False, "next_attempt_at": None}))
     assert store.has_pending_work(now)  # in flight at a worker (no next attempt time)
+
+
+def _record(rotation_id: str, name: str, status: ActionStatus) -> ActionRecord:
+    return ActionRecord(
+        rotation_id=rotation_id,
+        phase=Phase.FORWARD,
+        name=name,
+        idempotency_key=f"{rotation_id}:{name}",
+        status=status,
+        intent_at=T0,
+        outcome_at=T0 if status is ActionStatus.DONE else None,
+        detail={"n": name},
+    )
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_an_outcome_shares_the_next_intents_commit(store: Store, seed: Any, batched: bool) -> None:
+    """earlier_actions are written before action, in the same compare-and-set: the outcome of
+    one action with the intent of the next (and, batched, with other rotations' changes)."""
+    rotations = [seed.rotation() for _ in range(3 if batched else 1)]
+    for r in rotations:
+        first = _record(r.id, "first", ActionStatus.INTENT)
+        store.commit(Change(r.id, r.version, action=first))
+    changes = [
+        Change(
+            r.id,
+            r.version + 1,
+            earlier_actions=[_record(r.id, "first", ActionStatus.DONE)],
+            action=_record(r.id, "second", ActionStatus.INTENT),
+        )
+        for r in rotations
+    ]
+    if batched:
+        # plus a rotation whose change carries only an earlier action, and a stale one
+        extra = seed.rotation()
+        store.commit(
+            Change(extra.id, extra.version, action=_record(extra.id, "a", ActionStatus.INTENT))
+        )
+        changes.append(
+            Change(
+                extra.id,
+                extra.version + 1,
+                earlier_actions=[_record(extra.id, "a", ActionStatus.DONE)],
+            )
+        )
+        changes.append(
+            Change(
+                rotations[0].id, 99, action=_record(rotations[0].id, "stale", ActionStatus.INTENT)
+            )
+        )
+        results = store.commit_many(changes)
+        assert isinstance(results[-1], StaleVersion)
+        assert [a.status for a in store.actions(extra.id)] == [ActionStatus.DONE]
+    else:
+        results = [store.commit(changes[0])]
+    for r, result in zip(rotations, results, strict=False):
+        assert isinstance(result, Rotation) and result.version == r.version + 2
+        actions = store.actions(r.id)
+        assert [(a.name, a.status) for a in actions] == [
+            ("first", ActionStatus.DONE),
+            ("second", ActionStatus.INTENT),
+        ]

@@ -4,7 +4,7 @@ real file targets. The same flows run against the sandbox over HTTP in tests/e2e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,19 +17,28 @@ from keyturn.adapters.store.memory import MemoryStore
 from keyturn.adapters.store.migrate import upgrade
 from keyturn.adapters.store.sql import SqlStore
 from keyturn.adapters.vault import AesGcmVault, MasterKey
-from keyturn.domain.errors import IllegalTransition, ProviderError, TransitionRefused
+from keyturn.domain.errors import (
+    IllegalTransition,
+    KeyturnError,
+    ProviderError,
+    StoreUnavailable,
+    TransitionRefused,
+)
 from keyturn.domain.lifecycle import State
 from keyturn.domain.model import (
+    ActionRecord,
     ActionStatus,
     CredentialKind,
     ManagedCredential,
     OperatorAction,
+    Phase,
+    Rotation,
 )
 from keyturn.domain.retry import RetryPolicy
 from keyturn.engine.operator import record_request, request_action, start_rotation
-from keyturn.engine.run import EngineDeps, EngineSettings
+from keyturn.engine.run import EngineDeps, EngineSettings, RotationRun, merge
 from keyturn.engine.worker import Worker
-from keyturn.ports import DeployedMaterial, Store
+from keyturn.ports import Change, DeployedMaterial, Store
 
 NAME = "svc"
 
@@ -208,8 +217,12 @@ def test_retry_budget_is_bounded(env: Env) -> None:
 @pytest.mark.parametrize(
     "stop_at, state",
     [
-        ("transition.add_new.after_commit", State.NEW_ADDED),
-        ("transition.verify.after_commit", State.VERIFIED),
+        # A worker stops at its next action boundary: the one before the next step's first
+        # intent leaves the rotation in the state the previous step reached (a worker holds a
+        # step's transition for the next commit, so "transition.*.after_commit" fires only
+        # after the next intent is written, and the stop lands one action later).
+        ("forward.deploy_new.before_intent", State.NEW_ADDED),
+        ("forward.deactivate_old.before_intent", State.VERIFIED),
         (None, State.OLD_DEACTIVATED),
     ],
 )
@@ -304,3 +317,104 @@ def test_prove_uses_what_the_target_holds(env: Env, tmp_path: Path) -> None:
     assert r.state is State.NEW_ADDED
     assert r.halted_reason and "does not hold the expected key" in r.halted_reason
     assert env.provider.credential(env.old_uuid).is_active
+
+
+# ------------------------------------------------------------------ held writes (group commit)
+
+
+def test_a_worker_writes_each_outcome_and_transition_with_the_next_intent(env: Env) -> None:
+    """Five compare-and-sets take a service-account rotation from pending to old_deactivated:
+    each intent carries the previous action's outcome (and the step's transition); the release
+    carries the last outcome and the final transition. Nothing is lost on the way."""
+    written: list[Change] = []
+    commit_many = env.store.commit_many
+
+    def counting(changes: Sequence[Change]) -> list[Rotation | KeyturnError]:
+        written.extend(changes)
+        return commit_many(changes)
+
+    env.store.commit_many = counting  # type: ignore[method-assign]
+    rid = env.rotate()
+    env.work()
+    mine = [c for c in written if c.rotation_id == rid]
+    assert len(mine) == 5, [(c.action, c.updates.keys()) for c in mine]
+    r = env.store.get_rotation(rid)
+    assert r.state is State.OLD_DEACTIVATED and r.lease_owner is None
+    assert [e.to_state for e in env.store.events(rid) if e.kind == "transition"] == [
+        "new_added",
+        "verified",
+        "old_deactivated",
+    ]
+    assert all(a.status is ActionStatus.DONE for a in env.store.actions(rid))
+    # every intent was durable before its call: the change that wrote it came before the next
+    intents = [c.action.name for c in mine if c.action and c.action.status is ActionStatus.INTENT]
+    assert intents == ["register_new", "deploy_new", "prove_new", "deactivate_old"]
+
+
+def test_a_held_write_survives_a_failed_commit(env: Env) -> None:
+    """A commit that fails (the database went away) keeps what was held: the next commit of the
+    run writes it, so a transition is never silently dropped."""
+    rid = env.rotate()
+    store = env.store
+    rotation = store.claim(
+        owner="w",
+        now=datetime.now(UTC),
+        lease_until=datetime.now(UTC) + timedelta(seconds=30),
+        limit=1,
+    )[0]
+
+    async def go() -> None:
+        run = RotationRun(env.deps, rotation, "w")
+        run.defer_writes = True
+        await run.commit(Change(rid, 0, updates={"attempts": 5}), defer=True)
+        assert run.rotation.attempts == 5 and store.get_rotation(rid).attempts == 0
+        real = store.commit
+        calls = 0
+
+        def flaky(change: Change) -> Rotation:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise StoreUnavailable("database is unavailable; will retry")
+            return real(change)
+
+        store.commit = flaky  # type: ignore[method-assign]
+        with pytest.raises(StoreUnavailable):
+            await run.commit(Change(rid, 0, updates={"last_error": "x"}))
+        await run.commit(Change(rid, 0, updates={"last_error": "y"}))
+        assert store.get_rotation(rid).attempts == 5
+        assert store.get_rotation(rid).last_error == "y"
+
+    asyncio.run(go())
+
+
+def test_merge_keeps_the_latest_record_of_each_action_in_order() -> None:
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def rec(name: str, status: ActionStatus) -> ActionRecord:
+        return ActionRecord("r", Phase.FORWARD, name, f"r:{name}", status, t)
+
+    first = Change(
+        "r",
+        3,
+        updates={"state": State.NEW_ADDED, "attempts": 0},
+        action=rec("a", ActionStatus.DONE),
+        secrets=[],
+        purge_after={"s1": t},
+    )
+    then = Change(
+        "r",
+        3,
+        updates={"attempts": 1},
+        action=rec("b", ActionStatus.INTENT),
+        earlier_actions=[rec("a", ActionStatus.FAILED)],
+        purge_after={"s2": None},
+    )
+    m = merge(first, then)
+    assert m.updates == {"state": State.NEW_ADDED, "attempts": 1}
+    assert [(a.name, a.status) for a in m.earlier_actions] == [("a", ActionStatus.FAILED)]
+    assert m.action is not None and m.action.name == "b"
+    assert m.purge_after == {"s1": t, "s2": None}
+    held_only = merge(first, Change("r", 3))
+    assert held_only.action is None
+    assert [a.name for a in held_only.earlier_actions] == ["a"]

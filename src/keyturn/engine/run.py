@@ -142,6 +142,11 @@ class RotationRun:
         self.batcher: CommitBatcher | None = None
         self.loaders: Loaders | None = None
         self._secrets: dict[str, SealedSecret] = {}
+        #: Hold outcomes and transitions for the next commit (a worker sets it: it always ends
+        #: a run with a commit, the lease release).
+        self.defer_writes = False
+        self._pending: Change | None = None
+        self._pending_hooks: list[str] = []
         self.log = log.bind(rotation=rotation.id, credential=rotation.credential)
 
     # ------------------------------------------------------------------ writes and the lease
@@ -149,22 +154,50 @@ class RotationRun:
     def now(self) -> datetime:
         return self.deps.clock.now()
 
-    async def commit(self, change: Change) -> Rotation:
+    async def commit(
+        self, change: Change, *, defer: bool = False, hook: str | None = None
+    ) -> Rotation:
         """Compare-and-set on the current version; StaleVersion means another writer won.
-        With a batcher (in a worker) the write shares a transaction with other rotations'."""
+        With a batcher (in a worker) the write shares a transaction with other rotations'.
+
+        ``defer=True`` (honoured when :attr:`defer_writes` is set) holds the change and merges it
+        into this run's next commit, applying its updates to :attr:`rotation` at once. Safe
+        because every external effect is preceded by an intent commit, which carries whatever
+        was held: a held write is never needed before then, and losing it in a crash is the
+        same as crashing before it (the intent without outcome is reconciled). `hook` is the
+        crash-hook boundary that follows this write's commit."""
+        hooks: list[str] = []
         async with self._lock:
-            change.rotation_id = self.rotation.id
-            change.expected_version = self.rotation.version
+            if defer and self.defer_writes:
+                self._pending = change if self._pending is None else merge(self._pending, change)
+                self.rotation = replace(self.rotation, **change.updates)
+                for sealed in change.secrets:
+                    self._secrets[sealed.id] = sealed
+                if hook is not None:
+                    self._pending_hooks.append(hook)
+                return self.rotation
+            merged = change if self._pending is None else merge(self._pending, change)
+            merged.rotation_id = self.rotation.id
+            merged.expected_version = self.rotation.version
             started = time.monotonic()
             if self.batcher is not None:
-                self.rotation = await self.batcher.commit(change)
+                self.rotation = await self.batcher.commit(merged)
             else:
-                self.rotation = await db(self.deps.store.commit, change)
-            for sealed in change.secrets:  # what this run sealed, it need not read back
+                self.rotation = await db(self.deps.store.commit, merged)
+            # Only now is what was held written (a failed commit keeps it held).
+            hooks, self._pending, self._pending_hooks = self._pending_hooks, None, []
+            for sealed in merged.secrets:  # what this run sealed, it need not read back
                 self._secrets[sealed.id] = sealed
-            if "lease_expires_at" in change.updates:
+            if "lease_expires_at" in merged.updates:
                 self._lease_deadline = started + self.deps.settings.lease_seconds
-            return self.rotation
+        for boundary in [*hooks, *([hook] if hook is not None else [])]:
+            self.deps.crash_hook(boundary)
+        return self.rotation
+
+    async def flush(self) -> None:
+        """Write whatever is held (see :meth:`commit`)."""
+        if self._pending is not None:
+            await self.commit(Change(self.rotation.id, 0))
 
     def lease_updates(self) -> dict[str, Any]:
         return {
@@ -223,6 +256,7 @@ class RotationRun:
 
     async def check_boundary(self) -> None:
         """An action boundary: notice an operator request (and a lost lease) before acting."""
+        await self.flush()
         async with self._lock:  # not while our own lease renewal is committing
             current = await db(self.deps.store.get_rotation, self.rotation.id)
             if current.version != self.rotation.version:
@@ -273,11 +307,15 @@ class RotationRun:
         if record is not None and reconcile is not None:
             adopted = await reconcile()
             if adopted is not None:
-                await self._outcome(record, ActionStatus.DONE, {**adopted, "reconciled": True})
+                await self._outcome(
+                    record,
+                    ActionStatus.DONE,
+                    {**adopted, "reconciled": True},
+                    hook=f"{phase.value}.{name}.after_outcome",
+                )
                 bound.info(
                     "action", outcome="adopted", duration_ms=_ms(started), after="unknown outcome"
                 )
-                self.deps.crash_hook(f"{phase.value}.{name}.after_outcome")
                 return adopted
         now = self.now()
         record = ActionRecord(
@@ -317,9 +355,14 @@ class RotationRun:
         self.deps.crash_hook(f"{phase.value}.{name}.after_call")
         outcome = result if isinstance(result, Outcome) else Outcome(result)
         detail = outcome.detail
-        await self._outcome(record, ActionStatus.DONE, detail, outcome=outcome)
+        await self._outcome(
+            record,
+            ActionStatus.DONE,
+            detail,
+            outcome=outcome,
+            hook=f"{phase.value}.{name}.after_outcome",
+        )
         bound.info("action", outcome="done", duration_ms=_ms(started))
-        self.deps.crash_hook(f"{phase.value}.{name}.after_outcome")
         return detail
 
     async def _outcome(
@@ -329,14 +372,18 @@ class RotationRun:
         detail: Detail,
         error: str | None = None,
         outcome: Outcome | None = None,
+        hook: str | None = None,
     ) -> None:
+        """Record an action's outcome. A successful one is held for the next commit, unless it
+        carries secrets the provider made (those are written at once: nothing else has them)."""
         done = replace(record, status=status, outcome_at=self.now(), detail=detail, error=error)
         change = Change(self.rotation.id, 0, action=done)
         if outcome is not None:
             change.secrets = outcome.secrets
             if outcome.data:
                 change.updates = {"data": {**self.rotation.data, **outcome.data}}
-        await self.commit(change)
+        defer = status is ActionStatus.DONE and not change.secrets
+        await self.commit(change, defer=defer, hook=hook)
         (await self.actions())[(record.phase, record.name)] = done
 
     # ------------------------------------------------------------------ transitions
@@ -349,8 +396,10 @@ class RotationRun:
         reason: str | None = None,
         detail: Detail | None = None,
         extra: Change | None = None,
+        defer: bool = False,
     ) -> Rotation:
-        """Fire `trigger` and persist it with its event in one compare-and-set."""
+        """Fire `trigger` and persist it with its event in one compare-and-set (with
+        ``defer=True``, in this run's next one: see :meth:`commit`)."""
         source = self.rotation.state
         dest = fire(source, trigger)
         change = extra or Change(self.rotation.id, 0)
@@ -379,10 +428,33 @@ class RotationRun:
                 detail=detail or {},
             ),
         ]
-        rotation = await self.commit(change)
+        rotation = await self.commit(
+            change, defer=defer, hook=f"transition.{trigger.value}.after_commit"
+        )
         self.log.info("transition", trigger=trigger.value, from_state=source, to_state=dest)
-        self.deps.crash_hook(f"transition.{trigger.value}.after_commit")
         return rotation
+
+
+def merge(first: Change, then: Change) -> Change:
+    """One change that writes what `first` and then `then` write (same rotation)."""
+    actions: dict[tuple[Phase, str], ActionRecord] = {}
+    for a in (*first.earlier_actions, first.action, *then.earlier_actions, then.action):
+        if a is not None:
+            actions.pop((a.phase, a.name), None)  # the later record of an action supersedes
+            actions[(a.phase, a.name)] = a
+    records = list(actions.values())
+    last = records.pop() if then.action is not None else None
+    return Change(
+        first.rotation_id,
+        first.expected_version,
+        updates={**first.updates, **then.updates},
+        events=[*first.events, *then.events],
+        action=last,
+        earlier_actions=records,
+        secrets=[*first.secrets, *then.secrets],
+        credential=then.credential if then.credential is not None else first.credential,
+        purge_after={**first.purge_after, **then.purge_after},
+    )
 
 
 def new_secret_id() -> str:

@@ -152,6 +152,7 @@ class Worker:
         run.stopping = self._stopping
         run.batcher = self.batcher
         run.loaders = self.loaders
+        run.defer_writes = True  # every run ends with a commit: the release, a failure, a halt
         renewer = asyncio.create_task(self._renew(run))
         try:
             await self._advance(run)

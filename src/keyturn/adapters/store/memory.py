@@ -308,6 +308,8 @@ class MemoryStore:
                 self._secrets[secret_id] = replace(secret, purge_after=_utc(when))
             for ev in change.events:
                 self._append_event(ev)
+            for earlier in change.earlier_actions:
+                self._upsert_action(earlier)
             if change.action is not None:
                 self._upsert_action(change.action)
             return copy.deepcopy(updated)

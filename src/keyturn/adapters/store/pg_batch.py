@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, Table, TextClause, TextualSelect, text
 
 from keyturn.domain.errors import KeyturnError, NotFound, StaleVersion
-from keyturn.domain.model import ActionStatus, Phase, Rotation
+from keyturn.domain.model import ActionRecord, ActionStatus, Phase, Rotation
 from keyturn.ports import Change
 
 #: The PostgreSQL type of each rotation column a change may write.
@@ -242,25 +242,36 @@ def insert_events(conn: Connection, changes: Sequence[Change]) -> None:
         conn.execute(_EVENTS, _rows(rows))
 
 
+def _action_row(a: ActionRecord) -> dict[str, Any]:
+    return {
+        "rotation_id": a.rotation_id,
+        "phase": Phase(a.phase).value,
+        "name": a.name,
+        "idempotency_key": a.idempotency_key,
+        "status": ActionStatus(a.status).value,
+        "intent_at": a.intent_at,
+        "outcome_at": a.outcome_at,
+        "attempts": a.attempts,
+        "detail": dict(a.detail),
+        "error": a.error,
+    }
+
+
 def upsert_actions(conn: Connection, changes: Sequence[Change]) -> None:
-    rows = [
-        {
-            "rotation_id": a.rotation_id,
-            "phase": Phase(a.phase).value,
-            "name": a.name,
-            "idempotency_key": a.idempotency_key,
-            "status": ActionStatus(a.status).value,
-            "intent_at": a.intent_at,
-            "outcome_at": a.outcome_at,
-            "attempts": a.attempts,
-            "detail": dict(a.detail),
-            "error": a.error,
-        }
-        for a in (c.action for c in changes)
-        if a is not None
-    ]
-    if rows:
-        conn.execute(_ACTIONS, _rows(rows))
+    """Every change's earlier actions, then its action: in one statement when no rotation has
+    more than one record here (a statement must not touch a row twice, and a new record's seq
+    counts those already written), else earlier ones first."""
+    earlier = [_action_row(a) for c in changes for a in c.earlier_actions]
+    last = [_action_row(c.action) for c in changes if c.action is not None]
+    if len({r["rotation_id"] for r in earlier}) != len(earlier):
+        raise Fallback("several earlier actions of one rotation")
+    if {r["rotation_id"] for r in earlier} & {r["rotation_id"] for r in last}:
+        statements = [earlier, last]
+    else:
+        statements = [earlier + last]
+    for rows in statements:
+        if rows:
+            conn.execute(_ACTIONS, _rows(rows))
 
 
 def replace_credentials(conn: Connection, changes: Sequence[Change], now: datetime) -> None:

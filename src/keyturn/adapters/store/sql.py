@@ -790,6 +790,8 @@ class SqlStore:
             self._set_purge_after(conn, secret_id, when)
         if change.events:
             conn.execute(insert(events_t), [_event_values(ev) for ev in change.events])
+        for earlier in change.earlier_actions:
+            self._upsert_action(conn, earlier)
         if change.action is not None:
             self._upsert_action(conn, change.action)
         return _rotation_from_row(row)

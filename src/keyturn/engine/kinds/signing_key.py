@@ -133,7 +133,8 @@ class SigningKeyKind:
                         }
                     },
                     secrets=[sealed],
-                )
+                ),
+                defer=True,  # written with the intent to register it, before the call
             )
             data = run.rotation.data
         old = await self._signing_key(run, "old")
@@ -159,6 +160,7 @@ class SigningKeyKind:
         )
         await run.transition(
             Trigger.ADD_NEW,
+            defer=True,
             detail={"new_credential_uuid": detail["credential_uuid"]},
             extra=Change(
                 run.rotation.id,
@@ -181,7 +183,7 @@ class SigningKeyKind:
         )
         await self._deploy(run, F, "deploy_new", material, data["new_fingerprint"])
         await self._prove(run, provider, F, "prove_new", material, data["new_public_key"])
-        await run.transition(Trigger.VERIFY)
+        await run.transition(Trigger.VERIFY, defer=True)
 
     async def _deactivate_old(self, run: RotationRun, provider: KeyProvider) -> None:
         data = run.rotation.data
@@ -277,6 +279,7 @@ class SigningKeyKind:
         credential = await run.credential()
         await run.transition(
             trigger,
+            defer=True,
             extra=Change(
                 run.rotation.id,
                 0,

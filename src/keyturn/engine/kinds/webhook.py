@@ -107,7 +107,8 @@ class WebhookKind:
             await run.commit(
                 Change(
                     rid, 0, updates={"data": {**data, "url": old.url, "events": list(old.events)}}
-                )
+                ),
+                defer=True,
             )
             data = run.rotation.data
 
@@ -137,7 +138,9 @@ class WebhookKind:
         detail = await run.external(
             F, "create_new", call, reconcile, intent={"url": data["url"], "events": data["events"]}
         )
-        await run.transition(Trigger.ADD_NEW, detail={"new_webhook_id": detail["webhook_id"]})
+        await run.transition(
+            Trigger.ADD_NEW, detail={"new_webhook_id": detail["webhook_id"]}, defer=True
+        )
 
     async def _verify(self, run: RotationRun, provider: WebhookProvider) -> None:
         data = run.rotation.data
@@ -169,7 +172,7 @@ class WebhookKind:
             return {"webhook_id": new_id, "status": status}
 
         await run.external(F, "ping_new", ping)
-        await run.transition(Trigger.VERIFY, detail={"secrets_version": version})
+        await run.transition(Trigger.VERIFY, detail={"secrets_version": version}, defer=True)
 
     async def _deactivate_old(self, run: RotationRun, provider: WebhookProvider) -> None:
         data = run.rotation.data
@@ -196,6 +199,7 @@ class WebhookKind:
         now = run.now()
         await run.transition(
             Trigger.DEACTIVATE_OLD,
+            defer=True,
             extra=Change(
                 run.rotation.id,
                 0,
@@ -231,7 +235,7 @@ class WebhookKind:
         if "new_secret_ref" in data:
             purge[data["new_secret_ref"]] = run.now() + run.deps.settings.retention
         await run.transition(
-            Trigger.FINISH_ROLLBACK, extra=Change(run.rotation.id, 0, purge_after=purge)
+            Trigger.FINISH_ROLLBACK, extra=Change(run.rotation.id, 0, purge_after=purge), defer=True
         )
 
     # ------------------------------------------------------------------ shared
