@@ -154,6 +154,10 @@ def run_engine(n: int, workers: int, monitor: benchlib.Monitor, tmp: Path) -> di
             "db_commits_per_transition": round(commits / transitions, 2),
             "worker_cpu_seconds": round(cpu, 2),
             "worker_cpu_ms_per_transition": round(1000 * cpu / transitions, 3),
+            "worker_cpu_user_sys_seconds": [
+                round(sum(ru.ru_utime for ru in usage), 2),
+                round(sum(ru.ru_stime for ru in usage), 2),
+            ],
             "due_to_first_transition_s": {
                 "p50": round(benchlib.percentile(delays, 50) or 0, 3),
                 "p99": round(benchlib.percentile(delays, 99) or 0, 3),

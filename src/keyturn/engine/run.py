@@ -41,6 +41,12 @@ from keyturn.ports import (
 
 log = structlog.get_logger("keyturn.engine")
 
+
+def engine_logger() -> Any:
+    """A concrete (not lazy) engine logger, under the logging configuration now in force."""
+    return log.bind()
+
+
 Detail = dict[str, Any]
 T = TypeVar("T")
 
@@ -127,6 +133,7 @@ class RotationRun:
         owner: str,
         *,
         leased_at: float | None = None,
+        logger: Any = None,
     ) -> None:
         self.deps = deps
         self.rotation = rotation
@@ -147,7 +154,9 @@ class RotationRun:
         self.defer_writes = False
         self._pending: Change | None = None
         self._pending_hooks: list[str] = []
-        self.log = log.bind(rotation=rotation.id, credential=rotation.credential)
+        # A worker passes a concrete logger: binding from it is cheap, from the lazy module
+        # proxy each bind builds a logger anew.
+        self.log = (logger or log).bind(rotation=rotation.id, credential=rotation.credential)
 
     # ------------------------------------------------------------------ writes and the lease
 

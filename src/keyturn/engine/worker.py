@@ -25,6 +25,7 @@ from keyturn.engine.run import (
     RotationRun,
     WorkerStopping,
     db,
+    engine_logger,
 )
 from keyturn.ports import Change
 
@@ -47,6 +48,7 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self.batcher: CommitBatcher | None = None
         self.loaders: Loaders | None = None
+        self._engine_log: Any = None
         self.completed = 0
 
     def stop(self) -> None:
@@ -60,6 +62,7 @@ class Worker:
     async def run(self, *, until_idle: bool = False) -> None:
         self.batcher = CommitBatcher(self.deps.store)
         self.loaders = Loaders.of(self.deps.store)
+        self._engine_log = engine_logger()
         try:
             await self._run(until_idle=until_idle)
         finally:
@@ -148,7 +151,9 @@ class Worker:
     # ------------------------------------------------------------------ one rotation
 
     async def _drive(self, rotation: Rotation, claimed_at: float) -> None:
-        run = RotationRun(self.deps, rotation, self.owner, leased_at=claimed_at)
+        run = RotationRun(
+            self.deps, rotation, self.owner, leased_at=claimed_at, logger=self._engine_log
+        )
         run.stopping = self._stopping
         run.batcher = self.batcher
         run.loaders = self.loaders

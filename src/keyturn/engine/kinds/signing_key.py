@@ -331,7 +331,12 @@ class SigningKeyKind:
                     held = target.read_back()
                 except KeyturnError as exc:
                     raise StepError(f"target {target.name}: {exc}", retryable=True) from exc
-                if _norm(keys.public_pem(held.private_key_pem)) != _norm(public_pem) or (
+                # The bytes keyturn deployed are the expected key (no parse needed); anything
+                # else must at least be the same key.
+                same_key = held.private_key_pem == expected.private_key_pem or _norm(
+                    keys.public_pem(held.private_key_pem)
+                ) == _norm(public_pem)
+                if not same_key or (
                     held.credential_id != expected.credential_id
                     or held.credential_uuid != expected.credential_uuid
                 ):
