@@ -4,6 +4,7 @@ real file targets. The same flows run against the sandbox over HTTP in tests/e2e
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,6 +34,7 @@ from keyturn.domain.model import (
     OperatorAction,
     Phase,
     Rotation,
+    evolve,
 )
 from keyturn.domain.retry import RetryPolicy
 from keyturn.engine.operator import record_request, request_action, start_rotation
@@ -418,3 +420,13 @@ def test_merge_keeps_the_latest_record_of_each_action_in_order() -> None:
     held_only = merge(first, Change("r", 3))
     assert held_only.action is None
     assert [a.name for a in held_only.earlier_actions] == ["a"]
+
+
+def test_evolve_is_replace_for_the_records_it_serves() -> None:
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    record = ActionRecord("r", Phase.FORWARD, "a", "r:a", ActionStatus.INTENT, t)
+    changes = {"status": ActionStatus.DONE, "outcome_at": t, "detail": {"k": 1}}
+    assert evolve(record, changes) == dataclasses.replace(record, **changes)  # type: ignore[arg-type]
+    assert record.status is ActionStatus.INTENT  # the original is untouched
+    with pytest.raises(TypeError, match="no field"):
+        evolve(record, {"stauts": ActionStatus.DONE})

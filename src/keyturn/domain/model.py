@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from keyturn.domain.lifecycle import FINAL_STATES, State
 
@@ -125,3 +126,24 @@ class SealedSecret:
     created_at: datetime | None = None
     purge_after: datetime | None = None
     purged_at: datetime | None = None
+
+
+_FIELDS: dict[type, frozenset[str]] = {}
+T = TypeVar("T")
+
+
+def evolve(obj: T, changes: Mapping[str, Any]) -> T:
+    """``dataclasses.replace`` for keyturn's frozen records, several times faster (the engine
+    does it for every write it holds): copy the attributes, then set the changed ones. The
+    records have no ``__post_init__``, so nothing is skipped; unknown names are refused."""
+    cls = type(obj)
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = frozenset(f.name for f in fields(cls))  # type: ignore[arg-type]
+    unknown = changes.keys() - names
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
+    new = object.__new__(cls)
+    new.__dict__.update(obj.__dict__)
+    new.__dict__.update(changes)
+    return new

@@ -7,7 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -23,6 +23,7 @@ from keyturn.domain.model import (
     Phase,
     Rotation,
     SealedSecret,
+    evolve,
 )
 from keyturn.domain.retry import RetryPolicy
 from keyturn.engine.batch import CommitBatcher, Loaders
@@ -179,7 +180,7 @@ class RotationRun:
         async with self._lock:
             if defer and self.defer_writes:
                 self._pending = change if self._pending is None else merge(self._pending, change)
-                self.rotation = replace(self.rotation, **change.updates)
+                self.rotation = evolve(self.rotation, change.updates)
                 for sealed in change.secrets:
                     self._secrets[sealed.id] = sealed
                 if hook is not None:
@@ -385,7 +386,9 @@ class RotationRun:
     ) -> None:
         """Record an action's outcome. A successful one is held for the next commit, unless it
         carries secrets the provider made (those are written at once: nothing else has them)."""
-        done = replace(record, status=status, outcome_at=self.now(), detail=detail, error=error)
+        done = evolve(
+            record, {"status": status, "outcome_at": self.now(), "detail": detail, "error": error}
+        )
         change = Change(self.rotation.id, 0, action=done)
         if outcome is not None:
             change.secrets = outcome.secrets
