@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
+import orjson
 import structlog
 
 LEVELS = {
@@ -15,10 +17,15 @@ LEVELS = {
 }
 
 
+def _orjson_text(value: Any, **kw: Any) -> str:
+    """JSON lines by orjson (a worker logs every action; the standard encoder costs more)."""
+    return orjson.dumps(value, default=kw.get("default")).decode()
+
+
 def configure(fmt: str = "auto", level: str = "info") -> None:
     renderer: structlog.typing.Processor
     if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_text)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     structlog.configure(
