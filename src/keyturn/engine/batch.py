@@ -9,31 +9,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from keyturn.domain.errors import KeyturnError
 from keyturn.domain.model import ActionRecord, ManagedCredential, Rotation, SealedSecret
 from keyturn.ports import Change, Store
 
+Q = TypeVar("Q")
+R = TypeVar("R")
 
-class CommitBatcher:
-    def __init__(self, store: Store, *, max_batch: int = 128) -> None:
-        self._store = store
-        self._max = max_batch
-        self._queue: list[tuple[Change, asyncio.Future[Rotation]]] = []
+
+class Coalescer(Generic[Q, R]):
+    """Requests that arrive while one batch is in the database go together in the next: one
+    call of :meth:`handle` (in a thread) per batch, its results handed back in order (an
+    exception result is raised to its own caller only)."""
+
+    name = "coalescer"
+    max_batch = 1 << 30
+
+    def __init__(self) -> None:
+        self._queue: list[tuple[Q, asyncio.Future[R]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        #: Transactions written and changes they carried (for logs and benchmarks).
+        #: Batches handled and requests they carried (for logs and benchmarks).
         self.batches = 0
-        self.changes = 0
+        self.requests = 0
 
-    async def commit(self, change: Change) -> Rotation:
+    def handle(self, requests: list[Q]) -> Sequence[R | BaseException]:
+        raise NotImplementedError
+
+    async def submit(self, request: Q) -> R:
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="commit-batcher")
-        future: asyncio.Future[Rotation] = asyncio.get_running_loop().create_future()
-        self._queue.append((change, future))
+            self._task = asyncio.create_task(self._run(), name=self.name)
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((request, future))
         self._wake.set()
         return await future
 
@@ -42,22 +52,19 @@ class CommitBatcher:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                batch, self._queue = self._queue[: self._max], self._queue[self._max :]
+                batch = self._queue[: self.max_batch]
+                self._queue = self._queue[self.max_batch :]
                 try:
-                    results = await asyncio.to_thread(
-                        self._store.commit_many, [change for change, _ in batch]
-                    )
+                    results = await asyncio.to_thread(self.handle, [q for q, _ in batch])
                 except Exception as exc:  # StoreUnavailable, or a bug: every waiter hears it
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                self.batches += 1
-                self.changes += len(batch)
+                    results = [exc] * len(batch)
+                else:
+                    self.batches += 1
+                    self.requests += len(batch)
                 for (_, future), result in zip(batch, results, strict=True):
                     if future.done():
                         continue
-                    if isinstance(result, KeyturnError):
+                    if isinstance(result, BaseException):
                         future.set_exception(result)
                     else:
                         future.set_result(result)
@@ -69,53 +76,44 @@ class CommitBatcher:
                 await self._task
 
 
+class CommitBatcher(Coalescer[Change, Rotation]):
+    """A worker's group commit (see the module's docstring)."""
+
+    name = "commit-batcher"
+
+    def __init__(self, store: Store, *, max_batch: int = 128) -> None:
+        super().__init__()
+        self._store = store
+        self.max_batch = max_batch
+
+    def handle(self, requests: list[Change]) -> Sequence[Rotation | BaseException]:
+        return self._store.commit_many(requests)
+
+    async def commit(self, change: Change) -> Rotation:
+        return await self.submit(change)
+
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
-class BatchLoader(Generic[K, V]):
+class BatchLoader(Coalescer[K, V | None]):
     """Reads shared by a worker's rotations: the keys asked for while one read is running are
     read together by the next, in one statement (at light load nothing waits)."""
 
+    name = "batch-loader"
+
     def __init__(self, fetch_many: Callable[[list[K]], Mapping[K, V]]) -> None:
+        super().__init__()
         self._fetch = fetch_many
-        self._pending: dict[K, list[asyncio.Future[V | None]]] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+
+    def handle(self, requests: list[K]) -> Sequence[V | BaseException | None]:
+        found = self._fetch(list(dict.fromkeys(requests)))
+        return [found.get(key) for key in requests]
 
     async def load(self, key: K) -> V | None:
         """The value of `key`, or None when the store has none."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="batch-loader")
-        future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(key, []).append(future)
-        self._wake.set()
-        return await future
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch, self._pending = self._pending, {}
-                try:
-                    found = await asyncio.to_thread(self._fetch, list(batch))
-                except Exception as exc:  # StoreUnavailable, or a bug: every waiter hears it
-                    for futures in batch.values():
-                        for future in futures:
-                            if not future.done():
-                                future.set_exception(exc)
-                    continue
-                for key, futures in batch.items():
-                    for future in futures:
-                        if not future.done():
-                            future.set_result(found.get(key))
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        return await self.submit(key)
 
 
 @dataclass

@@ -72,7 +72,7 @@ class Worker:
                 "commits",
                 owner=self.owner,
                 batches=self.batcher.batches,
-                changes=self.batcher.changes,
+                changes=self.batcher.requests,
             )
 
     async def _run(self, *, until_idle: bool) -> None:
