@@ -43,7 +43,7 @@ def _thresholds(n: int) -> list[int]:
 
 
 def run_engine(n: int, workers: int, monitor: benchlib.Monitor, tmp: Path) -> dict[str, Any]:
-    concurrency = benchlib.env_int("BENCH_CONCURRENCY", 8)
+    concurrency = benchlib.env_int("BENCH_CONCURRENCY", 64)
     dbname = benchlib.create_db("kt_bench_engine")
     url = benchlib.sa_url(dbname)
     try:
