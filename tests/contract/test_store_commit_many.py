@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from keyturn.adapters.store.sql import SqlStore
 from keyturn.domain.errors import NotFound, StaleVersion
 from keyturn.domain.lifecycle import State
 from keyturn.domain.model import ActionRecord, ActionStatus, Phase, Rotation
@@ -135,3 +137,68 @@ def test_an_outcome_shares_the_next_intents_commit(store: Store, seed: Any, batc
             ("first", ActionStatus.DONE),
             ("second", ActionStatus.INTENT),
         ]
+
+
+def test_a_worker_shaped_batch_takes_the_set_based_path_on_postgresql(
+    store: Store, seed: Any
+) -> None:
+    """What a worker's batch holds (intents, held outcomes, transitions with events, a new
+    sealed key, a final transition that replaces the credential and schedules a purge, a stale
+    change, a rotation twice) is written by the set-based statements themselves: a silent fall
+    back to the change-by-change path would hide a broken fast path behind slow success."""
+    if not isinstance(store, SqlStore) or store.engine.dialect.name != "postgresql":
+        pytest.skip("the set-based path is PostgreSQL's")
+    now = datetime(2026, 1, 2, tzinfo=UTC)
+    lease = {"lease_owner": "w1", "lease_expires_at": now}
+    a, b, c, d, e = (seed.rotation() for _ in range(5))
+    for r in (c, d):
+        store.commit(Change(r.id, r.version, action=_record(r.id, "first", ActionStatus.INTENT)))
+    c, d = store.get_rotation(c.id), store.get_rotation(d.id)
+    cred = store.get_credential(d.credential)
+    new_key = seed.secret("sec-new-b")
+    changes = [
+        Change(a.id, a.version, updates=lease, action=_record(a.id, "first", ActionStatus.INTENT)),
+        Change(
+            b.id,
+            b.version,
+            updates={**lease, "data": {"new_key_ref": new_key.id, "n": 1}},
+            secrets=[new_key],
+            action=_record(b.id, "first", ActionStatus.INTENT),
+        ),
+        Change(
+            c.id,
+            c.version,
+            updates={**lease, "state": State.NEW_ADDED, "attempts": 0, "next_attempt_at": None},
+            events=[seed.event(c.id, kind="transition", to_state="new_added")],
+            earlier_actions=[_record(c.id, "first", ActionStatus.DONE)],
+            action=_record(c.id, "second", ActionStatus.INTENT),
+        ),
+        Change(
+            d.id,
+            d.version,
+            updates={"state": State.CANCELLED, "finished_at": now, "lease_owner": None},
+            events=[seed.event(d.id, kind="transition", to_state="cancelled")],
+            earlier_actions=[_record(d.id, "first", ActionStatus.DONE)],
+            credential=dataclasses.replace(cred, credential_id="cid-new", updated_at=now),
+            purge_after={str(cred.key_ref): now},
+        ),
+        Change(e.id, e.version + 3, updates=lease),  # stale
+        Change(a.id, a.version + 1, updates={"attempts": 2}),  # a's second change: next round
+    ]
+    results = store._commit_set_based(changes, now)  # raises Fallback if it cannot
+    assert [type(r).__name__ for r in results] == [*["Rotation"] * 4, "StaleVersion", "Rotation"]
+    assert store.get_rotation(a.id).attempts == 2 and store.get_rotation(a.id).version == 3
+    assert store.get_rotation(b.id).data == {"new_key_ref": "sec-new-b", "n": 1}
+    assert store.get_secret("sec-new-b").ciphertext == new_key.ciphertext
+    got_c = store.get_rotation(c.id)
+    assert got_c.state is State.NEW_ADDED and got_c.lease_expires_at == now
+    assert [(x.name, x.status) for x in store.actions(c.id)] == [
+        ("first", ActionStatus.DONE),
+        ("second", ActionStatus.INTENT),
+    ]
+    assert store.events(c.id)[-1].to_state == "new_added"
+    got_d = store.get_rotation(d.id)
+    assert got_d.state is State.CANCELLED and got_d.finished_at == now
+    assert store.get_credential(d.credential).credential_id == "cid-new"
+    assert store.get_secret(str(cred.key_ref)).purge_after == now
+    assert store.get_rotation(e.id) == e
