@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fleet import PgCluster
 from harness import LEASE_PATCH, Kt
 
 from keyturn.adapters.secrets_file import WebhookSecretsFileTarget
@@ -56,6 +57,16 @@ def make_kt(tmp_path: Path) -> Iterator[Callable[..., Kt]]:
         s.stop()
     for r in receivers:
         r.close()
+
+
+@pytest.fixture
+def pg_cluster(tmp_path: Path) -> Iterator[PgCluster]:
+    """A throwaway PostgreSQL cluster of this test's own (it may be stopped and restarted)."""
+    cluster = PgCluster(tmp_path).init()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import structlog
@@ -19,15 +17,6 @@ from keyturn.adapters.store.migrate import upgrade
 from keyturn.ports import RequestBudget
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def pg_cluster(tmp_path: Path) -> Iterator[PgCluster]:
-    cluster = PgCluster(tmp_path).init()
-    try:
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 def test_budget_survives_a_postgres_restart(pg_cluster: PgCluster) -> None:

@@ -5,7 +5,6 @@ The worker processes survive, back off and carry on: all 50 rotations finish, no
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,15 +57,6 @@ def test_sandbox_restart_mid_run(tmp_path: Path) -> None:
     finally:
         fleet.kill_workers()
         fleet.sandbox.stop()
-
-
-@pytest.fixture
-def pg_cluster(tmp_path: Path) -> Iterator[PgCluster]:
-    cluster = PgCluster(tmp_path).init()
-    try:
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 @pytest.mark.postgres

@@ -16,36 +16,31 @@ back and writes the batch change by change, which reports the precise error.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import orjson
-from sqlalchemy import Connection, Table, TextClause, TextualSelect, text
+from sqlalchemy import Connection, Table, TextualSelect, text
+from sqlalchemy.dialects import postgresql
 
-from keyturn.domain.errors import KeyturnError, NotFound, StaleVersion
+from keyturn.adapters.store.models import ActionRow, CredentialRow, EventRow, SecretRow
+from keyturn.domain.errors import KeyturnError, StaleVersion
 from keyturn.domain.model import ActionRecord, ActionStatus, Phase, Rotation
 from keyturn.ports import Change
 
-#: The PostgreSQL type of each rotation column a change may write.
-ROTATION_COLUMN_TYPES: Mapping[str, str] = {
-    "state": "varchar",
-    "reason": "varchar",
-    "data": "json",
-    "next_attempt_at": "timestamptz",
-    "lease_owner": "varchar",
-    "lease_expires_at": "timestamptz",
-    "attempts": "int",
-    "last_error": "varchar",
-    "halted_reason": "varchar",
-    "paused": "bool",
-    "request_action": "varchar",
-    "request_actor": "varchar",
-    "request_reason": "varchar",
-    "request_at": "timestamptz",
-    "rollback_from": "varchar",
-    "finished_at": "timestamptz",
-}
+_PG = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+
+def _typed(table: Table, names: Sequence[str]) -> list[tuple[str, str]]:
+    """(column, PostgreSQL type) for `names`, from the table's declaration in models.py."""
+    return [(n, table.c[n].type.compile(dialect=_PG)) for n in names]
+
+
+events_t = cast(Table, EventRow.__table__)
+actions_t = cast(Table, ActionRow.__table__)
+credentials_t = cast(Table, CredentialRow.__table__)
+secrets_t = cast(Table, SecretRow.__table__)
 
 
 class Fallback(Exception):
@@ -81,14 +76,9 @@ def _update_statement(columns: tuple[str, ...], rotations: Table) -> TextualSele
     stmt = _statements.get(columns)
     if stmt is None:
         sets = "".join(f"{c} = v.{c}, " for c in columns)
-        source = _recordset(
-            [
-                ("id", "varchar"),
-                ("expected", "int"),
-                *((c, ROTATION_COLUMN_TYPES[c]) for c in columns),
-            ]
-        )
-        # Column names come from ROTATION_COLUMN_TYPES; every value is in the bound document.
+        source = _recordset([("id", "varchar"), ("expected", "int"), *_typed(rotations, columns)])
+        # Column names are the table's own (checked by rotation_update_values); every value is
+        # in the bound document.
         sql = (
             f"UPDATE rotations AS r SET {sets}version = r.version + 1, updated_at = :now "  # noqa: S608
             f"FROM {source} WHERE r.id = v.id AND r.version = v.expected RETURNING r.*"
@@ -98,70 +88,53 @@ def _update_statement(columns: tuple[str, ...], rotations: Table) -> TextualSele
     return stmt
 
 
-def _insert(table: str, columns: Sequence[tuple[str, str]], extra: str = "") -> TextClause:
-    names = ", ".join(n for n, _ in columns)
-    values = ", ".join(f"v.{n}" for n, _ in columns)
-    return text(
-        f"INSERT INTO {table} ({names}) SELECT {values} FROM {_recordset(columns)} {extra}"  # noqa: S608
+def _insert(table: Table, names: Sequence[str], computed: Mapping[str, str] | None = None) -> str:
+    """``INSERT INTO table (names) SELECT v.name, ... FROM json_to_recordset(:rows)``; a column
+    in `computed` takes that SQL expression instead of a value from the rows."""
+    computed = computed or {}
+    given = [n for n in names if n not in computed]
+    values = ", ".join(computed.get(n, f"v.{n}") for n in names)
+    return (
+        f"INSERT INTO {table.name} ({', '.join(names)}) "  # noqa: S608 (the models' names)
+        f"SELECT {values} FROM {_recordset(_typed(table, given))}"
     )
 
 
 _EVENT_COLUMNS = [
-    ("rotation_id", "varchar"),
-    ("at", "timestamptz"),
-    ("kind", "varchar"),
-    ("actor", "varchar"),
-    ("from_state", "varchar"),
-    ("to_state", "varchar"),
-    ("trigger", "varchar"),
-    ("reason", "varchar"),
-    ("detail", "json"),
-]
-_EVENTS = _insert("events", _EVENT_COLUMNS)
+    "rotation_id", "at", "kind", "actor", "from_state", "to_state", "trigger", "reason", "detail"
+]  # fmt: skip
+_EVENTS = text(_insert(events_t, _EVENT_COLUMNS))
 
-# A new action's seq is the number of actions its rotation already has (one action per rotation
-# per round, so the count is exact); a known one keeps its seq.
 _ACTION_COLUMNS = [
-    ("rotation_id", "varchar"),
-    ("phase", "varchar"),
-    ("name", "varchar"),
-    ("seq", "int"),
-    ("idempotency_key", "varchar"),
-    ("status", "varchar"),
-    ("intent_at", "timestamptz"),
-    ("outcome_at", "timestamptz"),
-    ("attempts", "int"),
-    ("detail", "json"),
-    ("error", "varchar"),
-]
+    "rotation_id", "phase", "name", "idempotency_key", "status", "intent_at", "outcome_at",
+    "attempts", "detail", "error",
+]  # fmt: skip
+# A new action's seq is the number of actions its rotation already has (one action per rotation
+# per statement, so the count is exact); a known one keeps its seq.
 _ACTIONS = text(
-    str(_insert("actions", _ACTION_COLUMNS)).replace(  # noqa: S608 (constants)
-        "v.seq", "(SELECT count(*) FROM actions a WHERE a.rotation_id = v.rotation_id)"
+    _insert(  # noqa: S608 (the models' names)
+        actions_t,
+        [*_ACTION_COLUMNS, "seq"],
+        {"seq": "(SELECT count(*) FROM actions a WHERE a.rotation_id = v.rotation_id)"},
     )
     + " ON CONFLICT (rotation_id, phase, name) DO UPDATE SET "
-    + ", ".join(f"{n} = excluded.{n}" for n, _ in _ACTION_COLUMNS[4:])
+    + ", ".join(f"{n} = excluded.{n}" for n in _ACTION_COLUMNS[3:])
 )
 
 _CREDENTIAL_COLUMNS = [
-    ("name", "varchar"),
-    ("kind", "varchar"),
-    ("provider", "varchar"),
-    ("credential_id", "varchar"),
-    ("credential_uuid", "varchar"),
-    ("key_ref", "varchar"),
-    ("algorithm", "varchar"),
-    ("token_ref", "varchar"),
-]
+    "name", "kind", "provider", "credential_id", "credential_uuid", "key_ref", "algorithm",
+    "token_ref",
+]  # fmt: skip
 _CREDENTIALS = text(
-    "UPDATE credentials AS c SET "  # noqa: S608 (constants)
-    + "".join(f"{n} = v.{n}, " for n, _ in _CREDENTIAL_COLUMNS[1:])
-    + f"updated_at = :now FROM {_recordset(_CREDENTIAL_COLUMNS)} WHERE c.name = v.name "
-    "RETURNING c.name"
+    "UPDATE credentials AS c SET "  # noqa: S608 (the models' names)
+    + "".join(f"{n} = v.{n}, " for n in _CREDENTIAL_COLUMNS[1:])
+    + f"updated_at = :now FROM {_recordset(_typed(credentials_t, _CREDENTIAL_COLUMNS))} "
+    "WHERE c.name = v.name RETURNING c.name"
 )
 
 _PURGE_AFTER = text(
-    "UPDATE secrets AS s SET purge_after = v.purge_after "  # noqa: S608 (constants)
-    f"FROM {_recordset([('id', 'varchar'), ('purge_after', 'timestamptz')])} "
+    "UPDATE secrets AS s SET purge_after = v.purge_after "  # noqa: S608 (the models' names)
+    f"FROM {_recordset(_typed(secrets_t, ['id', 'purge_after']))} "
     "WHERE s.id = v.id RETURNING s.id"
 )
 
@@ -189,6 +162,7 @@ def update_rotations(
     values: Sequence[dict[str, Any]],
     now: datetime,
     from_row: Any,
+    not_found: Callable[[str], KeyturnError],
 ) -> list[Rotation | KeyturnError]:
     """The compare-and-set of every change (each of another rotation), one statement per shape;
     stale ones are reported."""
@@ -219,9 +193,7 @@ def update_rotations(
         elif change.rotation_id in existing:
             results.append(StaleVersion(change.rotation_id, change.expected_version))
         else:
-            results.append(
-                NotFound(f"no rotation with id {change.rotation_id}; see `keyturn status`")
-            )
+            results.append(not_found(change.rotation_id))
     return results
 
 
@@ -284,7 +256,7 @@ def replace_credentials(conn: Connection, changes: Sequence[Change], now: dateti
         return
     if len({c.name for c in creds}) != len(creds):
         raise Fallback("a credential twice in one round")
-    rows = [{name: getattr(c, name) for name, _ in _CREDENTIAL_COLUMNS} for c in creds]
+    rows = [{name: getattr(c, name) for name in _CREDENTIAL_COLUMNS} for c in creds]
     params: dict[str, Any] = {**_rows(rows), "now": now}
     if len(conn.execute(_CREDENTIALS, params).all()) != len(creds):
         raise Fallback("unknown credential")

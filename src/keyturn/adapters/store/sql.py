@@ -736,7 +736,13 @@ class SqlStore:
             for members in pg_batch.rounds(changes):
                 batch = [changes[i] for i in members]
                 written = pg_batch.update_rotations(
-                    conn, rotations_t, batch, [values[i] for i in members], now, _rotation_from_row
+                    conn,
+                    rotations_t,
+                    batch,
+                    [values[i] for i in members],
+                    now,
+                    _rotation_from_row,
+                    rotation_not_found,
                 )
                 for i, result in zip(members, written, strict=True):
                     results[i] = result
