@@ -187,6 +187,11 @@ def test_a_worker_shaped_batch_takes_the_set_based_path_on_postgresql(
     ]
     results = store._commit_set_based(changes, now)  # raises Fallback if it cannot
     assert [type(r).__name__ for r in results] == [*["Rotation"] * 4, "StaleVersion", "Rotation"]
+    # What the batch returns is exactly what a read gives.
+    for i in (1, 2, 3, 5):
+        returned = results[i]
+        assert isinstance(returned, Rotation)
+        assert returned == store.get_rotation(returned.id)
     assert store.get_rotation(a.id).attempts == 2 and store.get_rotation(a.id).version == 3
     assert store.get_rotation(b.id).data == {"new_key_ref": "sec-new-b", "n": 1}
     assert store.get_secret("sec-new-b").ciphertext == new_key.ciphertext
@@ -202,3 +207,73 @@ def test_a_worker_shaped_batch_takes_the_set_based_path_on_postgresql(
     assert store.get_credential(d.credential).credential_id == "cid-new"
     assert store.get_secret(str(cred.key_ref)).purge_after == now
     assert store.get_rotation(e.id) == e
+
+
+def test_a_batch_sets_and_clears_waits(store: Store, seed: Any, monkeypatch: Any) -> None:
+    """Waits written through the group commit: set (with the next check, the lease released,
+    an event), moved to the next check, and cleared in a rotation's second change of the same
+    batch. On PostgreSQL by the set-based path itself (the change-by-change path is disabled
+    here, so a fall back fails the test); datetimes keep their microseconds and come back UTC."""
+    from datetime import timedelta, timezone
+
+    since = datetime(2026, 1, 2, 10, 2, 11, 123456, tzinfo=UTC)
+    deadline = since + timedelta(minutes=10)
+    check = since + timedelta(seconds=15)
+    plus2 = timezone(timedelta(hours=2))
+    a, b, c = seed.rotation(), seed.rotation(), seed.rotation()
+    c = store.commit(
+        Change(
+            c.id,
+            c.version,
+            updates={"wait_key": "bake", "wait_for": "a bake time", "wait_since": since},
+        )
+    )
+    wait = {
+        "wait_key": "forward.confirm_loaded",
+        "wait_for": "receivers to load secrets version 3",
+        "wait_since": since.astimezone(plus2),
+        "wait_deadline": deadline,
+        "next_attempt_at": check,
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+    clear = {"wait_key": None, "wait_for": None, "wait_since": None, "wait_deadline": None}
+    changes = [
+        Change(a.id, a.version, updates=wait, events=[seed.event(a.id, kind="run")]),
+        Change(b.id, b.version, updates=wait),
+        Change(c.id, c.version, updates={"next_attempt_at": check + timedelta(seconds=15)}),
+        Change(b.id, b.version + 1, updates={**clear, "next_attempt_at": None}),  # next round
+    ]
+    if isinstance(store, SqlStore) and store.engine.dialect.name == "postgresql":
+
+        def no_fallback(*args: Any, **kwargs: Any) -> Rotation:
+            raise AssertionError("commit_many fell back to the change-by-change path")
+
+        monkeypatch.setattr(store, "_commit", no_fallback)
+    results = store.commit_many(changes)
+    assert [type(r).__name__ for r in results] == ["Rotation"] * 4
+
+    got_a = store.get_rotation(a.id)
+    assert got_a == results[0]
+    assert (got_a.wait_key, got_a.wait_for) == (wait["wait_key"], wait["wait_for"])
+    assert (got_a.wait_since, got_a.wait_deadline, got_a.next_attempt_at) == (
+        since,
+        deadline,
+        check,
+    )
+    assert got_a.wait_since is not None and got_a.wait_since.utcoffset() == timedelta(0)
+    assert got_a.lease_owner is None and got_a.attempts == 0
+    assert store.events(a.id)[-1].kind == "run"
+
+    got_b = store.get_rotation(b.id)
+    assert got_b == results[3] and got_b.version == b.version + 2
+    assert (got_b.wait_key, got_b.wait_for, got_b.wait_since, got_b.wait_deadline) == (
+        None,
+        None,
+        None,
+        None,
+    )
+
+    got_c = store.get_rotation(c.id)
+    assert (got_c.wait_key, got_c.wait_since, got_c.wait_deadline) == ("bake", since, None)
+    assert got_c.next_attempt_at == check + timedelta(seconds=15)

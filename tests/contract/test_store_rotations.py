@@ -317,6 +317,83 @@ def test_request_can_be_set_and_cleared_by_commit(store: Store, seed) -> None:
     assert cleared.request is None and cleared.paused is True
 
 
+def test_a_wait_is_set_read_back_and_cleared_by_commit(store: Store, seed) -> None:
+    """The four wait fields (and the next check in next_attempt_at) round-trip like any other
+    field; datetimes given in another zone come back aware UTC; None clears them."""
+    rotation = seed.rotation()
+    plus2 = timezone(timedelta(hours=2))
+    since, deadline, check = T0, T0 + timedelta(minutes=10), T0 + timedelta(seconds=30)
+    wait = {
+        "wait_key": "forward.confirm_loaded",
+        "wait_for": "receivers to load secrets version 3",
+        "wait_since": since.astimezone(plus2),
+        "wait_deadline": deadline,
+        "next_attempt_at": check,
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+    waiting = store.commit(Change(rotation.id, 1, updates=wait))
+    assert waiting.version == 2
+    assert (waiting.wait_key, waiting.wait_for) == (
+        "forward.confirm_loaded",
+        "receivers to load secrets version 3",
+    )
+    assert (waiting.wait_since, waiting.wait_deadline, waiting.next_attempt_at) == (
+        since,
+        deadline,
+        check,
+    )
+    assert waiting.wait_since is not None and waiting.wait_since.utcoffset() == timedelta(0)
+    assert waiting.attempts == 0
+    assert store.get_rotation(rotation.id) == waiting
+    assert [r for r in store.list_rotations() if r.id == rotation.id] == [waiting]
+
+    # A later check keeps the wait and only moves the next check.
+    later = check + timedelta(seconds=30)
+    checked = store.commit(Change(rotation.id, 2, updates={"next_attempt_at": later}))
+    assert (checked.wait_key, checked.wait_since, checked.next_attempt_at) == (
+        "forward.confirm_loaded",
+        since,
+        later,
+    )
+
+    cleared = store.commit(
+        Change(
+            rotation.id,
+            3,
+            updates={"wait_key": None, "wait_for": None, "wait_since": None, "wait_deadline": None},
+        )
+    )
+    assert (cleared.wait_key, cleared.wait_for, cleared.wait_since, cleared.wait_deadline) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    assert store.get_rotation(rotation.id) == cleared
+
+
+def test_a_rotation_created_waiting_keeps_its_wait(store: Store, seed) -> None:
+    rotation = seed.rotation(
+        wait_key="bake", wait_for="a bake time of 1h", wait_since=T0, wait_deadline=T0
+    )
+    got = store.get_rotation(rotation.id)
+    assert (got.wait_key, got.wait_for, got.wait_since, got.wait_deadline) == (
+        "bake",
+        "a bake time of 1h",
+        T0,
+        T0,
+    )
+
+
+def test_naive_wait_datetimes_are_refused(store: Store, seed) -> None:
+    rotation = seed.rotation()
+    for name in ("wait_since", "wait_deadline"):
+        with pytest.raises(ValueError, match="naive datetime"):
+            store.commit(Change(rotation.id, 1, updates={name: T0.replace(tzinfo=None)}))
+    assert store.get_rotation(rotation.id).version == 1
+
+
 # ----------------------------------------------------------------------------- actions
 
 

@@ -3,17 +3,42 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from keyturn.domain.model import ActionRecord, Event, ManagedCredential, Rotation
 
 
 def _iso(dt: datetime | None) -> str | None:
     return dt.isoformat() if dt else None
+
+
+def _clock(dt: datetime, *, with_date: bool) -> str:
+    """UTC time of day as ``10:02:11Z`` (the timeline's clock, to the second); with the date
+    in front when the times it is shown with fall on different days."""
+    utc = dt.astimezone(UTC)
+    return utc.strftime("%Y-%m-%d %H:%M:%SZ" if with_date else "%H:%M:%SZ")
+
+
+def _one_line(words: str | None) -> str:
+    return " ".join(str(words).split())
+
+
+def waiting_of(r: Rotation) -> str:
+    """``waiting for X since T, deadline D`` (one line): what a waiting rotation waits for."""
+    what = _one_line(r.wait_for)
+    times = [t for t in (r.wait_since, r.wait_deadline) if t is not None]
+    with_date = len({t.astimezone(UTC).date() for t in times}) > 1
+    text = f"waiting for {what}"
+    if r.wait_since is not None:
+        text += f" since {_clock(r.wait_since, with_date=with_date)}"
+    if r.wait_deadline is not None:
+        text += f", deadline {_clock(r.wait_deadline, with_date=with_date)}"
+    return text
 
 
 def rotation_dict(r: Rotation) -> dict[str, Any]:
@@ -44,6 +69,10 @@ def rotation_dict(r: Rotation) -> dict[str, Any]:
         if r.request
         else None,
         "rollback_from": r.rollback_from.value if r.rollback_from else None,
+        "wait_key": r.wait_key,
+        "wait_for": r.wait_for,
+        "wait_since": _iso(r.wait_since),
+        "wait_deadline": _iso(r.wait_deadline),
         "old_credential_uuid": r.data.get("old_credential_uuid"),
         "new_credential_uuid": r.data.get("new_credential_uuid"),
         **{k: r.data[k] for k in ("old_webhook_id", "new_webhook_id") if k in r.data},
@@ -100,6 +129,9 @@ def status_of(r: Rotation) -> str:
         return "HALTED"
     if r.finished:
         return "done"
+    if r.wait_for is not None:
+        # Also while a worker holds it for a check: the wait is what on-call wants to see.
+        return waiting_of(r)
     if r.lease_owner:
         return "running"
     if r.attempts:
@@ -110,13 +142,20 @@ def status_of(r: Rotation) -> str:
 def rotations_table(rotations: list[Rotation]) -> Table:
     table = Table(box=None, header_style="bold")
     for col in ("id", "credential", "state", "status", "attempts", "updated"):
-        table.add_column(col)
+        # A long status (a wait's words) wraps inside its own column, which never gets narrower
+        # than a word or two; ids, states and times are never wrapped.
+        table.add_column(
+            col,
+            no_wrap=col in ("id", "state", "updated"),
+            overflow="fold",
+            min_width=10 if col == "status" else None,
+        )
     for r in rotations:
         table.add_row(
             r.id,
             r.credential,
             r.state.value,
-            status_of(r),
+            Text(status_of(r)),  # the engine's words, never read as rich markup
             str(r.attempts),
             r.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
         )
@@ -141,7 +180,9 @@ def show_rotation(
     console: Console, r: Rotation, events: list[Event], actions: list[ActionRecord]
 ) -> None:
     console.print(f"[bold]{r.id}[/bold]  credential {r.credential} ({r.kind.value})")
-    console.print(f"  state      {r.state.value}   status {status_of(r)}   version {r.version}")
+    console.print(
+        f"  state      {r.state.value}   status {status_of(r)}   version {r.version}", markup=False
+    )
     console.print(f"  reason     {r.reason}")
     for side in ("old", "new"):
         ident = r.data.get(f"{side}_credential_uuid") or r.data.get(f"{side}_webhook_id")
@@ -149,7 +190,17 @@ def show_rotation(
             console.print(f"  {side:<10} {ident}")
     lease = f"{r.lease_owner} until {_iso(r.lease_expires_at)}" if r.lease_owner else "none"
     console.print(f"  lease      {lease}")
-    console.print(f"  attempts   {r.attempts}   next attempt {_iso(r.next_attempt_at) or '-'}")
+    if r.wait_for is not None:
+        # While waiting, next_attempt_at is the next check, which is not an attempt.
+        since, deadline = _iso(r.wait_since) or "-", _iso(r.wait_deadline) or "-"
+        console.print(
+            f"  waiting    for {_one_line(r.wait_for)} ({r.wait_key or '-'}) since {since}, "
+            f"deadline {deadline}, next check {_iso(r.next_attempt_at) or '-'}",
+            markup=False,
+        )
+        console.print(f"  attempts   {r.attempts}")
+    else:
+        console.print(f"  attempts   {r.attempts}   next attempt {_iso(r.next_attempt_at) or '-'}")
     if r.last_error:
         console.print(f"  last error {r.last_error}", markup=False)
     if r.halted_reason:

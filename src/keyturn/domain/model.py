@@ -78,6 +78,13 @@ class Rotation:
     request: OperatorRequest | None = None
     rollback_from: State | None = None
     finished_at: datetime | None = None
+    #: The wait the rotation is in, if any: which one (stable across claims, e.g.
+    #: "forward.confirm_loaded"), what it waits for in words a human reads, since when and
+    #: until when (aware UTC). While waiting, ``next_attempt_at`` is the next check time.
+    wait_key: str | None = None
+    wait_for: str | None = None
+    wait_since: datetime | None = None
+    wait_deadline: datetime | None = None
     #: Kind-specific context without secrets: old/new credential ids, key references, ...
     data: dict[str, Any] = field(default_factory=dict)
 

@@ -40,6 +40,11 @@ from keyturn.domain.model import (
 )
 from keyturn.ports import Change
 
+#: Rotation fields that hold a datetime (stored aware UTC; a naive one is refused).
+_DATETIME_FIELDS = frozenset(
+    {"next_attempt_at", "lease_expires_at", "finished_at", "wait_since", "wait_deadline"}
+)
+
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
@@ -178,6 +183,8 @@ class MemoryStore:
                 next_attempt_at=_utc(rotation.next_attempt_at),
                 lease_expires_at=_utc(rotation.lease_expires_at),
                 finished_at=_utc(rotation.finished_at),
+                wait_since=_utc(rotation.wait_since),
+                wait_deadline=_utc(rotation.wait_deadline),
                 request=_request(rotation.request),
                 rollback_from=State(rotation.rollback_from) if rotation.rollback_from else None,
                 paused=bool(rotation.paused),
@@ -277,7 +284,7 @@ class MemoryStore:
                 raise StaleVersion(change.rotation_id, change.expected_version)
             fields: dict[str, Any] = {}
             for key, value in change.updates.items():
-                if key in ("next_attempt_at", "lease_expires_at", "finished_at"):
+                if key in _DATETIME_FIELDS:
                     fields[key] = _utc(value)
                 elif key in ("state", "rollback_from"):
                     fields[key] = State(value) if value is not None else None

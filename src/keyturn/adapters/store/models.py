@@ -131,6 +131,12 @@ class RotationRow(Base):
     request_at: Mapped[datetime | None]
     rollback_from: Mapped[str | None]
     finished_at: Mapped[datetime | None]
+    #: The wait the rotation is in (added by revision 0004); while waiting, next_attempt_at is
+    #: the next check time, so the claim needs nothing else.
+    wait_key: Mapped[str | None]
+    wait_for: Mapped[str | None]
+    wait_since: Mapped[datetime | None]
+    wait_deadline: Mapped[datetime | None]
     data: Mapped[dict[str, Any]]
 
     __table_args__ = (

@@ -78,10 +78,15 @@ def _update_statement(columns: tuple[str, ...], rotations: Table) -> TextualSele
         sets = "".join(f"{c} = v.{c}, " for c in columns)
         source = _recordset([("id", "varchar"), ("expected", "int"), *_typed(rotations, columns)])
         # Column names are the table's own (checked by rotation_update_values); every value is
-        # in the bound document.
+        # in the bound document. RETURNING names every column in the models' order: .columns()
+        # below gives the result columns their types by position, and a migrated table's
+        # physical order is not the models' (ALTER TABLE ADD COLUMN appends), so with
+        # ``RETURNING r.*`` a column would be read with its neighbour's type (wait_for's text
+        # through wait_since's UTCDateTime).
+        returning = ", ".join(f"r.{c.name}" for c in rotations.c)
         sql = (
             f"UPDATE rotations AS r SET {sets}version = r.version + 1, updated_at = :now "  # noqa: S608
-            f"FROM {source} WHERE r.id = v.id AND r.version = v.expected RETURNING r.*"
+            f"FROM {source} WHERE r.id = v.id AND r.version = v.expected RETURNING {returning}"
         )
         stmt = text(sql).columns(*rotations.c)
         _statements[columns] = stmt

@@ -97,6 +97,10 @@ UPDATABLE_FIELDS = frozenset(
         "request",
         "rollback_from",
         "finished_at",
+        "wait_key",
+        "wait_for",
+        "wait_since",
+        "wait_deadline",
     }
 )
 
@@ -239,6 +243,10 @@ def _rotation_from_row(row: Row[Any]) -> Rotation:
         request=request,
         rollback_from=State(m["rollback_from"]) if m["rollback_from"] is not None else None,
         finished_at=m["finished_at"],
+        wait_key=m["wait_key"],
+        wait_for=m["wait_for"],
+        wait_since=m["wait_since"],
+        wait_deadline=m["wait_deadline"],
         data=dict(m["data"] or {}),
     )
 
@@ -303,6 +311,10 @@ def _rotation_values(rotation: Rotation) -> dict[str, Any]:
             State(rotation.rollback_from).value if rotation.rollback_from is not None else None
         ),
         "finished_at": rotation.finished_at,
+        "wait_key": rotation.wait_key,
+        "wait_for": rotation.wait_for,
+        "wait_since": rotation.wait_since,
+        "wait_deadline": rotation.wait_deadline,
         "data": dict(rotation.data),
     }
     values.update(_request_values(rotation.request))
