@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from keyturn.domain.errors import ConfigError
-from keyturn.domain.model import CredentialKind
+from keyturn.domain.errors import ConfigError, KeyturnError
+from keyturn.engine.registry import Registry, discovered
+from keyturn.engine.spi import (
+    CredentialConfig,
+    KindPlugin,
+    PluginModel,
+    ProbePlugin,
+    TargetPlugin,
+)
 
-ALGORITHMS = ("ed25519", "ecdsa-p256", "rsa-2048")
 DEFAULT_CONFIG_NAME = "keyturn.toml"
 
 
@@ -66,40 +73,6 @@ class ProviderConfig(_Model):
         return v.rstrip("/")
 
 
-class TargetConfig(_Model):
-    #: "file": a directory that receives private_key.pem and credential.json (signing keys).
-    #: "secrets_file": a JSON file listing the webhook secrets a receiver accepts.
-    type: Literal["file", "secrets_file"] = "file"
-    path: Path
-    name: str | None = None
-
-
-class ProbeConfig(_Model):
-    #: A keyturn-compatible receiver that reports the secrets version it has loaded
-    #: (GET {url}/_receiver/state).
-    type: Literal["receiver"] = "receiver"
-    url: str
-    name: str | None = None
-
-
-class CredentialConfig(_Model):
-    kind: CredentialKind
-    provider: str
-    #: How a new key is registered: Create Credential, or the service-account credential endpoint.
-    registration: Literal["credentials", "service_account_endpoint"] = "credentials"
-    algorithm: Literal["ed25519", "ecdsa-p256", "rsa-2048"] = "ed25519"
-    #: The bearer token: from this environment variable, or this file; otherwise the one stored
-    #: encrypted when the credential was imported.
-    token_env: str | None = None
-    token_file: Path | None = None
-    targets: list[TargetConfig] = Field(default_factory=list)
-    #: Webhooks only: the managed credential (service account or PAT) whose token and current
-    #: key sign the webhook calls; the receivers to confirm; the wait for in-flight deliveries.
-    signer: str | None = None
-    probes: list[ProbeConfig] = Field(default_factory=list)
-    grace_seconds: float = Field(default=5.0, ge=0)
-
-
 class LoggingConfig(_Model):
     format: Literal["auto", "console", "json"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -111,6 +84,7 @@ class Config(_Model):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    #: Each table validated by its kind's model (see :func:`load_config`).
     credentials: dict[str, CredentialConfig] = Field(default_factory=dict)
     #: Where the file was read from (paths in it are relative to its directory).
     source: Path | None = None
@@ -161,91 +135,153 @@ def _absolutise(raw: dict[str, object], base: Path) -> None:
             keys["previous_master_key_files"] = [
                 str(_resolve(base, Path(p))) if isinstance(p, str) else p for p in prev
             ]
-    creds = raw.get("credentials")
-    if isinstance(creds, dict):
-        for cred in creds.values():
-            if not isinstance(cred, dict):
-                continue
-            if isinstance(cred.get("token_file"), str):
-                cred["token_file"] = str(_resolve(base, Path(cred["token_file"])))
-            for target in cred.get("targets", []) or []:
-                if isinstance(target, dict) and isinstance(target.get("path"), str):
-                    target["path"] = str(_resolve(base, Path(target["path"])))
 
 
-def load_config(path: Path | None) -> Config:
+def _read(path: Path) -> dict[str, object]:
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {path} does not exist; pass --config FILE or run `keyturn init`"
+        )
+    try:
+        raw: dict[str, object] = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML ({exc}); fix the syntax") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot be read ({exc.strerror})") from None
+    _absolutise(raw, path.resolve().parent)
+    raw["source"] = str(path)
+    return raw
+
+
+def load_config(path: Path | None, registry: Registry | None = None) -> Config:
     """Read and validate a config file; with no path, KEYTURN_CONFIG, then ./keyturn.toml, then
     defaults. KEYTURN_DATABASE_URL overrides database.url."""
     if path is None and os.environ.get("KEYTURN_CONFIG"):
         path = Path(os.environ["KEYTURN_CONFIG"])
     if path is None and Path(DEFAULT_CONFIG_NAME).is_file():
         path = Path(DEFAULT_CONFIG_NAME)
-    raw: dict[str, object] = {}
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {path} does not exist; pass --config FILE or run `keyturn init`"
-            )
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(
-                f"config file {path}: not valid TOML ({exc}); fix the syntax"
-            ) from None
-        except OSError as exc:
-            raise ConfigError(f"config file {path}: cannot be read ({exc.strerror})") from None
-        _absolutise(raw, path.resolve().parent)
-        raw["source"] = str(path)
+    raw = _read(path) if path is not None else {}
     env_url = os.environ.get("KEYTURN_DATABASE_URL")
     if env_url:
         db = raw.setdefault("database", {})
         if isinstance(db, dict):
             db["url"] = env_url
+    registry = registry or discovered()
+    where = path if path is not None else "the configuration"
+    base = path.resolve().parent if path is not None else Path.cwd()
+    tables = raw.pop("credentials", {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f"config file {where}: key credentials: expected a table of tables")
+    credentials = {
+        name: _credential(where, base, registry, str(name), table) for name, table in tables.items()
+    }
     try:
-        config = Config.model_validate(raw)
+        config = Config.model_validate({**raw, "credentials": credentials})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        where = path if path is not None else "the configuration"
-        more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
-        msg = first["msg"]
-        if first["type"] == "extra_forbidden":
-            msg = "unknown key; check its spelling against config/keyturn.example.toml"
-        raise ConfigError(f"config file {where}: key {key}: {msg}{more}") from None
-    for name, cred in config.credentials.items():
-        _check_credential(path, config, name, cred)
+        raise ConfigError(_first_error(where, exc)) from None
+    signers = frozenset(
+        name for name, c in credentials.items() if registry.kind(c.kind).signs_requests
+    )
+    for name, cred in credentials.items():
+        problem = registry.kind(cred.kind).check_config(name, cred, signers)
+        if problem:
+            raise ConfigError(f"config file {where}: {problem}")
         if cred.provider not in config.providers:
             raise ConfigError(
-                f"config file {path}: key credentials.{name}.provider: no provider named "
+                f"config file {where}: key credentials.{name}.provider: no provider named "
                 f"{cred.provider!r}; define [providers.{cred.provider}]"
             )
     return config
 
 
-def _check_credential(path: Path | None, config: Config, name: str, cred: CredentialConfig) -> None:
-    where = f"config file {path}: " if path else ""
+def _first_error(where: object, exc: ValidationError, prefix: str = "") -> str:
+    first = exc.errors()[0]
+    key = ".".join(str(p) for p in (*([prefix] if prefix else []), *first["loc"]))
+    more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key; check its spelling against config/keyturn.example.toml"
+    return f"config file {where}: key {key}: {msg}{more}"
+
+
+def _credential(
+    where: object, base: Path, registry: Registry, name: str, table: object
+) -> CredentialConfig:
+    """One ``[credentials.NAME]`` table, validated by its kind's model; its targets and probes
+    by their types' models (each must take the kind's material)."""
     key = f"credentials.{name}"
-    wanted = "secrets_file" if cred.kind is CredentialKind.WEBHOOK else "file"
-    for i, target in enumerate(cred.targets):
-        if target.type != wanted:
-            raise ConfigError(
-                f"{where}key {key}.targets[{i}].type: a {cred.kind.value} deploys to "
-                f'type = "{wanted}" targets, not "{target.type}"'
-            )
-    if cred.kind is CredentialKind.WEBHOOK:
-        signer = config.credentials.get(cred.signer or "")
-        if signer is None or signer.kind not in (
-            CredentialKind.SERVICE_ACCOUNT,
-            CredentialKind.PAT,
-        ):
-            raise ConfigError(
-                f"{where}key {key}.signer: a webhook needs signer = the name of a service_account"
-                " or pat credential configured here, whose key signs the webhook calls"
-            )
-    elif cred.signer or cred.probes:
-        raise ConfigError(f"{where}key {key}: signer and probes apply to webhooks only")
-    if cred.kind is CredentialKind.PAT and cred.registration != "credentials":
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {where}: key {key}: expected a table")
+    table = dict(table)
+    kind_name = table.get("kind")
+    if not isinstance(kind_name, str):
         raise ConfigError(
-            f'{where}key {key}.registration: a PAT registers keys with "credentials" '
-            "(Create Credential on its linked user)"
+            f"config file {where}: key {key}.kind: missing; set kind to one of "
+            f"{', '.join(sorted(registry.kinds))}"
         )
+    try:
+        kind = registry.kind(kind_name)
+    except KeyturnError as exc:
+        raise ConfigError(f"config file {where}: key {key}.kind: {exc}") from None
+    for field in ("targets", "probes"):
+        table[field] = _parts(where, base, registry, kind, f"{key}.{field}", table.get(field, []))
+    try:
+        return _resolved(kind.config_model.model_validate(table), base)
+    except ValidationError as exc:
+        raise ConfigError(_first_error(where, exc, key)) from None
+
+
+def _default_type(registry: Registry, field: str, material: str) -> object:
+    """A target or probe table may leave out its type when exactly one installed type takes
+    the kind's material (as before plugins: a signing key's target is a ``file``)."""
+    plugins = registry.targets if field == "targets" else registry.probes
+    takers = [t for t, p in plugins.items() if material in p.accepts]
+    return takers[0] if len(takers) == 1 else None
+
+
+def _parts(
+    where: object, base: Path, registry: Registry, kind: KindPlugin, key: str, items: object
+) -> list[PluginModel]:
+    """A credential's targets (or probes), each validated by its type's model; each type must
+    take the kind's material."""
+    probes = key.endswith(".probes")
+    plugins: Mapping[str, TargetPlugin | ProbePlugin] = (
+        registry.probes if probes else registry.targets
+    )
+    if not isinstance(items, list):
+        raise ConfigError(f"config file {where}: key {key}: expected a list of tables")
+    built: list[PluginModel] = []
+    for i, item in enumerate(items):
+        at = f"{key}[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("type"), str):
+            raise ConfigError(f"config file {where}: key {at}.type: missing; name its type")
+        try:
+            plugin = registry.probe(item["type"]) if probes else registry.target(item["type"])
+        except KeyturnError as exc:
+            raise ConfigError(f"config file {where}: key {at}.type: {exc}") from None
+        if kind.material not in plugin.accepts:
+            takers = sorted(t for t, p in plugins.items() if kind.material in p.accepts)
+            what = "probes" if probes else "targets"
+            raise ConfigError(
+                f"config file {where}: key {at}.type: a {kind.name} deploys to "
+                f"{' or '.join(f'type = {t!r}' for t in takers) or 'no installed type'}"
+                f" {what}, not {item['type']!r}"
+            )
+        try:
+            built.append(_resolved(plugin.config_model.model_validate(item), base))
+        except ValidationError as exc:
+            raise ConfigError(_first_error(where, exc, at)) from None
+    return built
+
+
+M = TypeVar("M", bound=PluginModel)
+
+
+def _resolved(model: M, base: Path) -> M:
+    """Relative paths in a plugin's model are relative to the config file's directory."""
+    changes = {
+        name: base / value
+        for name, value in model
+        if isinstance(value, Path) and not value.is_absolute()
+    }
+    return model.model_copy(update=changes) if changes else model

@@ -38,7 +38,8 @@ class Change:
     expected_version: int
     #: Rotation fields to set, by attribute name of :class:`Rotation`: state, data,
     #: next_attempt_at, lease_owner, lease_expires_at, attempts, last_error, halted_reason,
-    #: paused, request (None clears it), rollback_from, finished_at.
+    #: paused, request (None clears it), rollback_from, finished_at, wait_key, wait_for,
+    #: wait_since, wait_deadline (a waiting rotation's next check is its next_attempt_at).
     updates: dict[str, Any] = field(default_factory=dict)
     events: Sequence[Event] = ()
     #: Upserted by (rotation_id, phase, name).
@@ -224,6 +225,10 @@ class DeployedMaterial:
 
 
 class DeployTarget(Protocol):
+    """A synchronous signing-key writer (the file adapter). The engine sees targets through
+    their plugins (keyturn.targets), whose deploy and read_back are async and run a writer
+    like this one in keyturn's bounded thread pool."""
+
     @property
     def name(self) -> str: ...
 
@@ -310,7 +315,8 @@ class WebhookProvider(Protocol):
 
 
 class SecretsTarget(Protocol):
-    """Where webhook secrets are deployed for a receiver (e.g. a secrets file it reloads)."""
+    """A synchronous writer of a secret set for a receiver (e.g. a secrets file it reloads);
+    wrapped by an async target plugin as :class:`DeployTarget` is."""
 
     @property
     def name(self) -> str: ...

@@ -17,7 +17,8 @@ from keyturn.cli.wiring import Wiring, actor
 from keyturn.config import Config, load_config
 from keyturn.domain.errors import KeyturnError
 from keyturn.domain.lifecycle import State
-from keyturn.domain.model import CredentialKind, OperatorAction
+from keyturn.domain.model import OperatorAction
+from keyturn.engine.registry import discovered
 
 app = typer.Typer(
     name="keyturn",
@@ -109,19 +110,10 @@ def rotate(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Start a rotation of a managed credential; a worker carries it out."""
-    from keyturn.engine.operator import start_rotation
-
     w = state.wiring()
-    cfg = w.config.credentials.get(name)
     w.store.get_credential(name)  # an unknown name is a clear error before anything else
     w.checked_vault()
-    options = {
-        "algorithm": cfg.algorithm if cfg else "ed25519",
-        "via": cfg.registration if cfg else "credentials",
-    }
-    rotation = start_rotation(
-        w.store, w.clock, credential=name, reason=reason, actor=actor(), options=options
-    )
+    rotation = w.start_rotation(name, reason=reason, actor=actor())
     if as_json:
         _print_json({"id": rotation.id})
     else:
@@ -252,17 +244,22 @@ def credentials_list(as_json: Annotated[bool, typer.Option("--json")] = False) -
         out.print("no managed credentials; add one with `keyturn credentials import`")
         return
     for c in creds:
-        out.print(f"{c.name}  {c.kind.value}  {c.provider}  {c.credential_uuid}  {c.algorithm}")
+        out.print(f"{c.name}  {c.kind}  {c.provider}  {c.credential_uuid}  {c.algorithm}")
 
 
 @credentials_app.command("import")
 def credentials_import(
     name: Annotated[str, typer.Argument()],
-    kind: Annotated[str, typer.Option("--kind", help="service_account or pat.")],
+    kind: Annotated[str, typer.Option("--kind", help="An installed kind (`keyturn plugins`).")],
     provider: Annotated[str, typer.Option("--provider")],
-    private_key_file: Annotated[Path, typer.Option("--private-key-file")],
     credential_id: Annotated[str, typer.Option("--credential-id")],
-    credential_uuid: Annotated[str, typer.Option("--credential-uuid")],
+    private_key_file: Annotated[
+        Path | None, typer.Option("--private-key-file", help="Signing-key kinds: the key.")
+    ] = None,
+    secret_file: Annotated[
+        Path | None, typer.Option("--secret-file", help="Secret kinds: the secret.")
+    ] = None,
+    credential_uuid: Annotated[str | None, typer.Option("--credential-uuid")] = None,
     token_file: Annotated[
         Path | None, typer.Option("--token-file", help="Bearer token to store encrypted.")
     ] = None,
@@ -270,24 +267,26 @@ def credentials_import(
     """Start managing a credential that exists already (deploy targets come from the config)."""
     from keyturn.cli.setup import import_credential
 
+    if private_key_file is not None and secret_file is not None:
+        raise KeyturnError("pass --private-key-file or --secret-file, not both")
+    option, material = (
+        ("--secret-file", secret_file)
+        if secret_file is not None
+        else ("--private-key-file", private_key_file)
+    )
     w = state.wiring()
-    try:
-        kind_value = CredentialKind(kind)
-    except ValueError:
-        raise KeyturnError(
-            f"--kind {kind!r} is not known; use one of {', '.join(k.value for k in CredentialKind)}"
-        ) from None
     import_credential(
         w,
         name=name,
-        kind=kind_value,
+        kind=kind,
         provider=provider,
-        private_key_file=private_key_file,
+        material_file=material,
+        material_option=option if material is not None else "",
         credential_id=credential_id,
         credential_uuid=credential_uuid,
         token_file=token_file,
     )
-    out.print(f"managing {name} ({kind_value.value}, {credential_uuid})")
+    out.print(f"managing {name} ({kind}, {credential_uuid or credential_id})")
 
 
 # -------------------------------------------------------------------------------- reconcile
@@ -300,7 +299,7 @@ def reconcile(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
     w = state.wiring()
     w.checked_vault()
-    findings = asyncio.run(run_reconcile(w.store, w.provider_for, w.webhooks_for))
+    findings = asyncio.run(run_reconcile(w.store, w, discovered()))
     if as_json:
         _print_json([f.as_dict() for f in findings])
     elif not findings:
@@ -355,11 +354,10 @@ def worker(
     from keyturn.engine.worker import Worker
 
     w = state.wiring()
-    deps = w.engine_deps()
     n = concurrency if concurrency is not None else w.config.worker.concurrency
     if n < 1:
         raise KeyturnError("--concurrency must be at least 1")
-    runner = Worker(deps, concurrency=n)
+    runner = Worker(w.engine_deps(n), concurrency=n)
 
     async def go() -> None:
         loop = asyncio.get_running_loop()
@@ -370,39 +368,28 @@ def worker(
     asyncio.run(go())
 
 
+# ---------------------------------------------------------------------------------- plugins
+
+
+@app.command()
+def plugins(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The installed credential kinds, deploy targets and probes (entry points)."""
+    installed = discovered().installed
+    if as_json:
+        _print_json([vars(i) for i in installed])
+        return
+    for i in installed:
+        group = i.group.removeprefix("keyturn.")
+        out.print(f"{group:<8} {i.name:<16} {i.distribution:<14} {i.description}", markup=False)
+
+
 # ------------------------------------------------------------------------------- init, demo
 
 
-@app.command()
-def init(
-    workdir: Annotated[Path, typer.Argument(help="Directory for the config, key and database.")],
-    sandbox_bootstrap: Annotated[
-        Path, typer.Option("--sandbox-bootstrap", help="The sandbox's bootstrap.json.")
-    ],
-    receiver_url: Annotated[
-        str,
-        typer.Option(
-            "--receiver-url", help="Base URL of the webhook receiver (keyturn receiver serve)."
-        ),
-    ] = "http://127.0.0.1:8091",
-) -> None:
-    """Set up a working directory wired to a sandbox: its service account, its PAT, and a
-    webhook pointing at a receiver, managed as sandbox-service-account, sandbox-pat and
-    sandbox-webhook."""
-    from keyturn.cli.setup import init_workdir
+def _mount_quickstart() -> None:
+    from keyturn.quickstart.cli import mount
 
-    config_path = init_workdir(workdir, sandbox_bootstrap, receiver_url)
-    out.print(f"initialised {workdir}; use `keyturn --config {config_path} ...`")
-
-
-@app.command()
-def demo() -> None:
-    """Rotate a service-account key against a local sandbox, end to end, and check the result."""
-    from keyturn.cli.demo import run_demo
-
-    ok = run_demo(out)
-    if not ok:
-        raise typer.Exit(1)
+    mount(app, out)
 
 
 def _mount_sandbox() -> None:
@@ -414,9 +401,10 @@ def _mount_sandbox() -> None:
 def _mount_receiver() -> None:
     from keyturn.receiver import app as receiver_app
 
-    app.add_typer(receiver_app, name="receiver", help="The reference webhook receiver.")
+    app.add_typer(receiver_app, name="receiver", help="The reference event receiver.")
 
 
+_mount_quickstart()
 _mount_sandbox()
 _mount_receiver()
 

@@ -10,7 +10,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from keyturn.domain.errors import KeyturnError
 from keyturn.domain.model import ActionRecord, Event, ManagedCredential, Rotation
+from keyturn.engine.registry import discovered
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -45,7 +47,7 @@ def rotation_dict(r: Rotation) -> dict[str, Any]:
     return {
         "id": r.id,
         "credential": r.credential,
-        "kind": r.kind.value,
+        "kind": r.kind,
         "state": r.state.value,
         "version": r.version,
         "reason": r.reason,
@@ -73,10 +75,18 @@ def rotation_dict(r: Rotation) -> dict[str, Any]:
         "wait_for": r.wait_for,
         "wait_since": _iso(r.wait_since),
         "wait_deadline": _iso(r.wait_deadline),
-        "old_credential_uuid": r.data.get("old_credential_uuid"),
-        "new_credential_uuid": r.data.get("new_credential_uuid"),
-        **{k: r.data[k] for k in ("old_webhook_id", "new_webhook_id") if k in r.data},
+        **identities(r),
     }
+
+
+def identities(r: Rotation) -> dict[str, str | None]:
+    """The old and new side's provider ids, as the rotation's kind names them ({} when the
+    kind is not installed here)."""
+    try:
+        kind = discovered().kind(r.kind)
+        return kind.identities(kind.data_model.model_validate(r.data))
+    except (KeyturnError, ValueError):
+        return {}
 
 
 def event_dict(e: Event) -> dict[str, Any]:
@@ -107,7 +117,7 @@ def action_dict(a: ActionRecord) -> dict[str, Any]:
 def credential_dict(c: ManagedCredential) -> dict[str, Any]:
     return {
         "name": c.name,
-        "kind": c.kind.value,
+        "kind": c.kind,
         "provider": c.provider,
         "credential_id": c.credential_id,
         "credential_uuid": c.credential_uuid,
@@ -179,15 +189,14 @@ def timeline_table(events: list[Event]) -> Table:
 def show_rotation(
     console: Console, r: Rotation, events: list[Event], actions: list[ActionRecord]
 ) -> None:
-    console.print(f"[bold]{r.id}[/bold]  credential {r.credential} ({r.kind.value})")
+    console.print(f"[bold]{r.id}[/bold]  credential {r.credential} ({r.kind})")
     console.print(
         f"  state      {r.state.value}   status {status_of(r)}   version {r.version}", markup=False
     )
     console.print(f"  reason     {r.reason}")
-    for side in ("old", "new"):
-        ident = r.data.get(f"{side}_credential_uuid") or r.data.get(f"{side}_webhook_id")
+    for key, ident in identities(r).items():
         if ident:
-            console.print(f"  {side:<10} {ident}")
+            console.print(f"  {key.split('_')[0]:<10} {ident}")
     lease = f"{r.lease_owner} until {_iso(r.lease_expires_at)}" if r.lease_owner else "none"
     console.print(f"  lease      {lease}")
     if r.wait_for is not None:

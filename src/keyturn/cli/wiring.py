@@ -7,35 +7,27 @@ import getpass
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from keyturn.adapters.deploy import FileTarget
 from keyturn.adapters.dfns.budget import RateBudget
 from keyturn.adapters.keys import CryptoKeys
 from keyturn.adapters.store.budget import SharedRateBudget, shares_a_database
 from keyturn.adapters.store.migrate import open_store
 from keyturn.adapters.store.sql import SqlStore
 from keyturn.adapters.vault import AesGcmVault, load_master_key
-from keyturn.config import Config, CredentialConfig
-from keyturn.domain.errors import ConfigError, KeyturnError, ProviderError
+from keyturn.config import Config, ProviderConfig
+from keyturn.domain.errors import ConfigError, KeyturnError
+from keyturn.domain.model import Rotation
 from keyturn.domain.retry import RetryPolicy
-from keyturn.engine.run import CrashHook, EngineDeps, EngineSettings, no_crash
-from keyturn.ports import (
-    DeployTarget,
-    Fence,
-    KeyProvider,
-    RequestBudget,
-    SecretsProbe,
-    SecretsTarget,
-    Store,
-    WebhookInfo,
-    WebhookProvider,
-)
+from keyturn.engine.registry import discovered
+from keyturn.engine.run import BlockingPool, CrashHook, EngineDeps, EngineSettings, no_crash
+from keyturn.engine.spi import CredentialConfig
+from keyturn.ports import Fence, KeyProvider, RequestBudget, WebhookProvider
 
 T = TypeVar("T")
 MASTER_KEY_ENV = "KEYTURN_MASTER_KEY"
@@ -137,18 +129,64 @@ class Wiring:
             )
         return self.vault.open(self.store.get_secret(credential.token_ref)).decode()
 
-    def provider_for(self, name: str, *, fence: Fence | None = None) -> KeyProvider:
+    def credential_config(self, name: str) -> CredentialConfig:
+        cfg = self.config.credentials.get(name)
+        if cfg is None:
+            raise KeyturnError(
+                f"credential {name} has no [credentials.{name}] section in the configuration"
+            )
+        return cfg
+
+    def _provider_args(self, name: str) -> tuple[str, ProviderConfig, str]:
+        """(provider name, its config, the bearer token) of a managed credential (blocking)."""
+        credential = self.store.get_credential(name)
+        return credential.provider, self.config.provider(credential.provider), self.token_for(name)
+
+    async def key_provider(self, credential: str, *, fence: Fence | None = None) -> KeyProvider:
         from keyturn.adapters.dfns.provider import provider_for
 
-        credential = self.store.get_credential(name)
-        provider = self.config.provider(credential.provider)
+        name, provider, token = await asyncio.to_thread(self._provider_args, credential)
         return provider_for(
             provider.base_url,
-            self.token_for(name),
+            token,
             timeout=provider.timeout_seconds,
             fence=fence,
-            budget=self.budget(credential.provider),
+            budget=self.budget(name),
         )
+
+    def _signer_args(self, signer: str) -> tuple[str, ProviderConfig, str, str, bytes]:
+        credential = self.store.get_credential(signer)
+        if credential.key_ref is None:
+            raise KeyturnError(f"the webhook signer {signer} has no stored key")
+        key = self.vault.open(self.store.get_secret(credential.key_ref))
+        provider = self.config.provider(credential.provider)
+        return credential.provider, provider, self.token_for(signer), credential.credential_id, key
+
+    async def webhook_provider(
+        self, credential: str, *, signer: str, fence: Fence | None = None
+    ) -> WebhookProvider:
+        from keyturn.adapters.dfns.webhook_provider import webhook_provider_for
+
+        name, provider, token, cred_id, key = await asyncio.to_thread(self._signer_args, signer)
+        return webhook_provider_for(
+            provider.base_url,
+            token,
+            cred_id,
+            key,
+            timeout=provider.timeout_seconds,
+            fence=fence,
+            budget=self.budget(name),
+        )
+
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.pool.run(fn, *args)
+
+    @cached_property
+    def pool(self) -> BlockingPool:
+        return BlockingPool(self.config.worker.concurrency)
+
+    def algorithm_of(self, private_pem: bytes) -> str:
+        return self.keys.algorithm_of(private_pem)
 
     def budget(self, provider: str) -> RequestBudget | None:
         """The provider's request budget (`requests_per_minute`): one for the whole
@@ -175,69 +213,31 @@ class Wiring:
                 )
         return self._budgets[provider]
 
-    def targets_for(self, name: str) -> list[DeployTarget]:
+    def start_rotation(self, name: str, *, reason: str, actor: str) -> Rotation:
+        """A pending rotation of a managed credential, with the options its kind derives from
+        the configuration."""
+        from keyturn.engine.operator import start_rotation
+
+        registry = discovered()
+        managed = self.store.get_credential(name)
         cfg = self.config.credentials.get(name)
-        if cfg is None:
-            raise KeyturnError(
-                f"credential {name} has no [credentials.{name}] section in the configuration; "
-                "its deploy targets are unknown"
-            )
-        return [
-            FileTarget(t.name or f"file:{t.path}", t.path) for t in cfg.targets if t.type == "file"
-        ]
-
-    def _cred_config(self, name: str) -> CredentialConfig:
-        cfg = self.config.credentials.get(name)
-        if cfg is None:
-            raise KeyturnError(
-                f"credential {name} has no [credentials.{name}] section in the configuration"
-            )
-        return cfg
-
-    def webhooks_for(self, name: str, *, fence: Fence | None = None) -> WebhookProvider:
-        from keyturn.adapters.dfns.webhook_provider import webhook_provider_for
-
-        cfg = self._cred_config(name)
-        signer_name = cfg.signer or ""
-        signer = self.store.get_credential(signer_name)
-        if signer.key_ref is None:
-            raise KeyturnError(f"the webhook signer {signer_name} has no stored key")
-        key = self.vault.open(self.store.get_secret(signer.key_ref))
-        provider = self.config.provider(cfg.provider)
-        inner = webhook_provider_for(
-            provider.base_url,
-            self.token_for(signer_name),
-            signer.credential_id,
-            key,
-            timeout=provider.timeout_seconds,
-            fence=fence,
-            budget=self.budget(cfg.provider),
+        options = registry.kind(managed.kind).options(cfg) if cfg is not None else {}
+        return start_rotation(
+            self.store,
+            registry,
+            self.clock,
+            credential=name,
+            reason=reason,
+            actor=actor,
+            options=options,
         )
-        return _SignerAwareWebhooks(inner, self.store, signer_name, signer.key_ref)
 
-    def secret_targets_for(self, name: str) -> list[SecretsTarget]:
-        from keyturn.adapters.secrets_file import WebhookSecretsFileTarget
-
-        cfg = self._cred_config(name)
-        return [
-            WebhookSecretsFileTarget(t.name or f"secrets_file:{t.path}", t.path)
-            for t in cfg.targets
-            if t.type == "secrets_file"
-        ]
-
-    def probes_for(self, name: str) -> list[SecretsProbe]:
-        from keyturn.adapters.secrets_file import ReceiverStateProbe
-
-        return [
-            ReceiverStateProbe(p.name or f"receiver:{p.url}", p.url)
-            for p in self._cred_config(name).probes
-        ]
-
-    def grace_for(self, name: str) -> float:
-        return self._cred_config(name).grace_seconds
-
-    def engine_deps(self) -> EngineDeps:
+    def engine_deps(self, concurrency: int | None = None) -> EngineDeps:
+        """The engine's dependencies; plugins' blocking calls get a pool of `concurrency`
+        threads (the worker's), not the default one."""
         w = self.config.worker
+        if concurrency is not None:
+            self.pool = BlockingPool(concurrency)
         settings = EngineSettings(
             lease_seconds=w.lease_seconds,
             lease_margin_seconds=min(5.0, w.lease_seconds / 4),
@@ -248,6 +248,7 @@ class Wiring:
             ),
             retention=timedelta(days=self.config.keys.retention_days),
             poll_seconds=w.poll_seconds,
+            blocking_threads=concurrency or w.concurrency,
         )
         hook = crash_hook_from_env()
         return EngineDeps(
@@ -255,77 +256,7 @@ class Wiring:
             vault=self.checked_vault(),
             keys=self.keys,
             clock=self.clock,
-            provider_for=self.provider_for,
-            targets_for=self.targets_for,
+            services=self,
             settings=settings,
             crash_hook=hook,
-            webhooks_for=self.webhooks_for,
-            secret_targets_for=self.secret_targets_for,
-            probes_for=self.probes_for,
-            grace_for=self.grace_for,
         )
-
-
-class _SignerAwareWebhooks:
-    """A webhook provider whose signing credential is itself managed by keyturn. When the
-    provider refuses the signer while keyturn is rotating that signer (its old key deactivated
-    a moment before the store points at the new one), the refusal is transient: it becomes a
-    retryable error, and the next attempt signs with the signer's new key."""
-
-    _REFUSED = frozenset({401, 403})
-
-    def __init__(self, inner: WebhookProvider, store: Store, signer: str, key_ref: str) -> None:
-        self._inner = inner
-        self._store = store
-        self._signer = signer
-        self._key_ref = key_ref
-
-    def _moving(self) -> bool:
-        latest = self._store.latest_rotation(self._signer)
-        current = self._store.get_credential(self._signer).key_ref
-        return current != self._key_ref or (latest is not None and not latest.finished)
-
-    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await fn()
-        except ProviderError as exc:
-            refused = exc.code == "credential_not_allowed" or exc.status in self._REFUSED
-            if exc.retryable or not refused or not await asyncio.to_thread(self._moving):
-                raise
-            raise ProviderError(
-                f"{exc} (the signer {self._signer} is being rotated; retrying with its new key)",
-                retryable=True,
-                status=exc.status,
-                code=exc.code,
-                outcome_unknown=exc.outcome_unknown,
-            ) from None
-
-    async def get_webhook(self, webhook_id: str) -> WebhookInfo | None:
-        return await self._call(lambda: self._inner.get_webhook(webhook_id))
-
-    async def list_webhooks(self) -> list[WebhookInfo]:
-        return await self._call(self._inner.list_webhooks)
-
-    async def create_webhook(
-        self, *, url: str, events: Sequence[str], description: str, enabled: bool
-    ) -> tuple[WebhookInfo, str]:
-        return await self._call(
-            lambda: self._inner.create_webhook(
-                url=url, events=events, description=description, enabled=enabled
-            )
-        )
-
-    async def set_enabled(self, webhook_id: str, enabled: bool) -> None:
-        await self._call(lambda: self._inner.set_enabled(webhook_id, enabled))
-
-    async def delete_webhook(self, webhook_id: str) -> None:
-        await self._call(lambda: self._inner.delete_webhook(webhook_id))
-
-    async def ping(self, webhook_id: str) -> str:
-        return await self._call(lambda: self._inner.ping(webhook_id))
-
-    async def latest_delivery(self, webhook_id: str) -> datetime | None:
-        return await self._call(lambda: self._inner.latest_delivery(webhook_id))
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()

@@ -12,6 +12,9 @@ from keyturn.domain.lifecycle import FINAL_STATES, State
 
 
 class CredentialKind(StrEnum):
+    """The names of the built-in kinds (a kind is a plugin: any installed name is valid; the
+    registry is the authority, this is shorthand for tests and data)."""
+
     SERVICE_ACCOUNT = "service_account"
     PAT = "pat"
     WEBHOOK = "webhook"
@@ -39,7 +42,7 @@ class Phase(StrEnum):
 @dataclass(frozen=True)
 class ManagedCredential:
     name: str
-    kind: CredentialKind
+    kind: str
     provider: str
     credential_id: str
     credential_uuid: str
@@ -62,7 +65,7 @@ class OperatorRequest:
 class Rotation:
     id: str
     credential: str
-    kind: CredentialKind
+    kind: str
     state: State
     version: int
     reason: str

@@ -132,6 +132,25 @@ class Loaders:
             BatchLoader(store.get_credentials),
         )
 
+    @classmethod
+    def direct(cls, store: Store) -> Loaders:
+        """Reads one at a time, for a run outside a worker (nothing to close)."""
+        return cls(
+            DirectLoader(store.get_secrets),
+            DirectLoader(store.actions_of),
+            DirectLoader(store.get_credentials),
+        )
+
     async def aclose(self) -> None:
         for loader in (self.secrets, self.actions, self.credentials):
             await loader.aclose()
+
+
+class DirectLoader(BatchLoader[K, V]):
+    """A loader that reads at once, in a thread, with no background task."""
+
+    async def load(self, key: K) -> V | None:
+        return (await asyncio.to_thread(self._fetch, [key])).get(key)
+
+    async def aclose(self) -> None:
+        return None

@@ -16,33 +16,34 @@ from keyturn.domain.model import (
     Phase,
     Rotation,
 )
-from keyturn.engine.kinds import kind_for
+from keyturn.engine.registry import Registry
 from keyturn.engine.run import EngineDeps, RotationRun, db, new_rotation_id
-from keyturn.ports import Change, Clock, Store
+from keyturn.engine.steps import CLEAR_WAIT
+from keyturn.ports import Clock, Store
 
 
-def guard_facts(store: Store, rotation: Rotation) -> GuardFacts:
+def guard_facts(store: Store, registry: Registry, rotation: Rotation) -> GuardFacts:
     actions = store.actions(rotation.id)
     latest = store.latest_rotation(rotation.credential)
-    old_ref = rotation.data.get("old_key_ref")
+    kind = registry.kind(rotation.kind)
     retained = True
-    if old_ref:
-        sealed = store.get_secret(old_ref)
-        retained = sealed.purged_at is None and bool(sealed.ciphertext)
+    for ref in kind.retained(kind.data_model.model_validate(rotation.data)):
+        sealed = store.get_secret(ref)
+        retained = retained and sealed.purged_at is None and bool(sealed.ciphertext)
     return GuardFacts(
         any_intent=any(a.phase is Phase.FORWARD for a in actions),
         is_latest=latest is None or latest.id == rotation.id,
         old_key_retained=retained,
-        irreversible_reason=kind_for(rotation.kind).irreversible_reason(rotation, actions),
+        irreversible_reason=registry.irreversible_reason(rotation, actions),
     )
 
 
-def validate(store: Store, rotation: Rotation, action: OperatorAction) -> None:
+def validate(store: Store, registry: Registry, rotation: Rotation, action: OperatorAction) -> None:
     """Raise a one-line error if `action` cannot apply to `rotation` now."""
     if action is OperatorAction.ROLLBACK:
-        check_guards(rotation.state, Trigger.ROLLBACK, guard_facts(store, rotation))
+        check_guards(rotation.state, Trigger.ROLLBACK, guard_facts(store, registry, rotation))
     elif action is OperatorAction.CANCEL:
-        check_guards(rotation.state, Trigger.CANCEL, guard_facts(store, rotation))
+        check_guards(rotation.state, Trigger.CANCEL, guard_facts(store, registry, rotation))
     elif rotation.finished:
         raise TransitionRefused(rotation.state.value, action.value, "the rotation is finished")
     elif action is OperatorAction.RESUME and not (rotation.paused or rotation.halted_reason):
@@ -56,12 +57,18 @@ def validate(store: Store, rotation: Rotation, action: OperatorAction) -> None:
 
 
 def record_request(
-    store: Store, clock: Clock, rotation_id: str, action: OperatorAction, actor: str, reason: str
+    store: Store,
+    registry: Registry,
+    clock: Clock,
+    rotation_id: str,
+    action: OperatorAction,
+    actor: str,
+    reason: str,
 ) -> Rotation:
     if not reason.strip():
         raise KeyturnError("a reason is required for every operator action; pass --reason TEXT")
     rotation = store.get_rotation(rotation_id)
-    validate(store, rotation, action)
+    validate(store, registry, rotation, action)
     if rotation.request is not None:
         raise KeyturnError(
             f"rotation {rotation_id} already has a pending {rotation.request.action.value} request "
@@ -90,7 +97,9 @@ async def request_action(
 ) -> tuple[Rotation, Applied | None]:
     """Record an operator request; if no worker holds the rotation, carry it out now (as the
     next claimer would). Returns the rotation after the request and what was applied, if any."""
-    rotation = await db(record_request, deps.store, deps.clock, rotation_id, action, actor, reason)
+    rotation = await db(
+        record_request, deps.store, deps.registry, deps.clock, rotation_id, action, actor, reason
+    )
     now = deps.clock.now()
     if rotation.lease_owner and rotation.lease_expires_at and rotation.lease_expires_at > now:
         return rotation, None
@@ -101,9 +110,7 @@ async def request_action(
     except StaleVersion:
         return rotation, None  # a worker claimed it meanwhile; it carries the request out
     applied = await apply_request(run)
-    await run.commit(
-        Change(rotation.id, 0, updates={"lease_owner": None, "lease_expires_at": None})
-    )
+    await run.release()
     return run.rotation, applied
 
 
@@ -133,51 +140,41 @@ async def apply_request(run: RotationRun) -> Applied:
         )
 
     try:
-        validate(run.deps.store, rotation, request.action)  # the state may have moved on
+        # the state may have moved on
+        validate(run.deps.store, run.deps.registry, rotation, request.action)
     except KeyturnError as exc:
-        await run.commit(
-            Change(rotation.id, 0, updates={"request": None}, events=[note(f"refused: {exc}")])
-        )
+        await run.unit.write(updates={"request": None}, events=[note(f"refused: {exc}")])
         return Applied(request.action, f"refused: {exc}")
-    clear_halt = {"request": None, "paused": False, "halted_reason": None}
+    # Every verb but pause ends a wait: a resumed rotation waits anew, with a new deadline.
+    clear_halt = {"request": None, "paused": False, "halted_reason": None, **CLEAR_WAIT}
     if request.action is OperatorAction.PAUSE:
-        await run.commit(
-            Change(
-                rotation.id, 0, updates={"request": None, "paused": True}, events=[note("applied")]
-            )
-        )
+        await run.unit.write(updates={"request": None, "paused": True}, events=[note("applied")])
     elif request.action is OperatorAction.RESUME:
-        await run.commit(
-            Change(
-                rotation.id,
-                0,
-                updates={**clear_halt, "attempts": 0, "last_error": None, "next_attempt_at": None},
-                events=[note("applied")],
-            )
+        await run.unit.write(
+            updates={**clear_halt, "attempts": 0, "last_error": None, "next_attempt_at": None},
+            events=[note("applied")],
         )
     elif request.action is OperatorAction.CANCEL:
         await run.transition(
-            Trigger.CANCEL,
-            actor=request.actor,
-            reason=request.reason,
-            extra=Change(rotation.id, 0, updates=clear_halt),
+            Trigger.CANCEL, actor=request.actor, reason=request.reason, updates=clear_halt
         )
+        await run.unit.flush()
     else:
-        facts = await db(guard_facts, run.deps.store, rotation)
+        facts = await db(guard_facts, run.deps.store, run.deps.registry, rotation)
         check_guards(rotation.state, Trigger.ROLLBACK, facts)
         await run.transition(
             Trigger.ROLLBACK,
             actor=request.actor,
             reason=request.reason,
-            extra=Change(
-                rotation.id, 0, updates={**clear_halt, "rollback_from": State(rotation.state)}
-            ),
+            updates={**clear_halt, "rollback_from": State(rotation.state)},
         )
+        await run.unit.flush()
     return Applied(request.action, "applied")
 
 
 def start_rotation(
     store: Store,
+    registry: Registry,
     clock: Clock,
     *,
     credential: str,
@@ -188,7 +185,7 @@ def start_rotation(
 ) -> Rotation:
     """Create a pending rotation of a managed credential, due now."""
     managed = store.get_credential(credential)
-    kind = kind_for(managed.kind)
+    kind = registry.kind(managed.kind)
     now = clock.now()
     rotation = Rotation(
         id=rotation_id or new_rotation_id(),
@@ -200,7 +197,7 @@ def start_rotation(
         created_at=now,
         updated_at=now,
         next_attempt_at=now,
-        data=kind.initial_data(managed, options),
+        data=kind.start(managed, options).model_dump(mode="json", exclude_none=True),
     )
     event = Event(
         rotation_id=rotation.id,

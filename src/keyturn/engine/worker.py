@@ -16,7 +16,6 @@ from keyturn.domain.errors import KeyturnError, StaleVersion, StoreUnavailable
 from keyturn.domain.lifecycle import FORWARD
 from keyturn.domain.model import Event, Rotation
 from keyturn.engine.batch import CommitBatcher, Loaders
-from keyturn.engine.kinds import kind_for
 from keyturn.engine.operator import apply_request
 from keyturn.engine.run import (
     EngineDeps,
@@ -27,7 +26,7 @@ from keyturn.engine.run import (
     db,
     engine_logger,
 )
-from keyturn.ports import Change
+from keyturn.engine.steps import WaitExpired, Waiting, run_step
 
 log = structlog.get_logger("keyturn.worker")
 
@@ -152,12 +151,17 @@ class Worker:
 
     async def _drive(self, rotation: Rotation, claimed_at: float) -> None:
         run = RotationRun(
-            self.deps, rotation, self.owner, leased_at=claimed_at, logger=self._engine_log
+            self.deps,
+            rotation,
+            self.owner,
+            leased_at=claimed_at,
+            logger=self._engine_log,
+            batcher=self.batcher,
+            loaders=self.loaders,
+            # every run ends with a write (the release, a failure, a halt), so writes are held
+            hold_writes=True,
+            stopping=self._stopping,
         )
-        run.stopping = self._stopping
-        run.batcher = self.batcher
-        run.loaders = self.loaders
-        run.defer_writes = True  # every run ends with a commit: the release, a failure, a halt
         renewer = asyncio.create_task(self._renew(run))
         try:
             await self._advance(run)
@@ -179,7 +183,7 @@ class Worker:
             return
         finally:
             renewer.cancel()
-        await self._release(run)
+        await run.release()
 
     async def _advance(self, run: RotationRun) -> None:
         while True:
@@ -202,14 +206,65 @@ class Worker:
                 raise WorkerStopping()
             trigger = FORWARD[rotation.state]
             try:
-                await kind_for(rotation.kind).run_step(run, trigger)
+                await run_step(run, trigger)
             except OperatorInterrupt:
                 continue
+            except Waiting as wait:
+                await self._wait(run, trigger.value, wait)
+                return
             except (StaleVersion, LeaseLost, WorkerStopping, StoreUnavailable):
                 raise
+            except WaitExpired as exc:
+                await self._halt(run, trigger.value, str(exc), retryable=False)
+                return
             except KeyturnError as exc:
                 await self._failed(run, trigger.value, exc)
                 return
+
+    async def _wait(self, run: RotationRun, step: str, wait: Waiting) -> None:
+        """Record what the step waits for (an event when the wait begins or changes); the
+        release that follows gives back the lease and the slot. Not an attempt."""
+        rotation = run.rotation
+        events = []
+        if rotation.wait_key != wait.key or rotation.wait_for != wait.what:
+            events.append(
+                Event(
+                    rotation_id=rotation.id,
+                    at=self.deps.clock.now(),
+                    kind="run",
+                    actor=self.owner,
+                    trigger=step,
+                    from_state=rotation.state.value,
+                    reason=wait.what,
+                    detail={
+                        "status": "waiting",
+                        "wait": wait.key,
+                        "deadline": wait.deadline.isoformat(),
+                    },
+                )
+            )
+        await run.unit.add(updates=wait.updates(), events=events)
+
+    async def _halt(self, run: RotationRun, step: str, message: str, *, retryable: bool) -> None:
+        rotation = run.rotation
+        now = self.deps.clock.now()
+        reason = (
+            f"step {step}: {message}. Fix the cause, then run "
+            f"`keyturn rotations resume {rotation.id} --reason ...` "
+            f"(or roll back with `keyturn rotations rollback {rotation.id} --reason ...`)"
+        )
+        event = Event(
+            rotation_id=rotation.id,
+            at=now,
+            kind="run",
+            actor=self.owner,
+            trigger=step,
+            from_state=rotation.state.value,
+            reason=message,
+            detail={"status": "halted", "attempt": rotation.attempts, "retryable": retryable},
+        )
+        run.log.warning("step halted", step=step, error=message)
+        await run.unit.write(updates={"halted_reason": reason}, events=[event])
 
     async def _failed(self, run: RotationRun, step: str, exc: KeyturnError) -> None:
         rotation = run.rotation
@@ -246,31 +301,15 @@ class Worker:
             detail={"status": status, "attempt": attempts, "retryable": retryable},
         )
         run.log.warning("step failed", step=step, status=status, error=message)
-        await run.commit(Change(rotation.id, 0, updates=updates, events=[event]))
+        await run.unit.write(updates=updates, events=[event])
 
     async def _halt_quietly(self, run: RotationRun, reason: str) -> None:
         try:
-            await run.commit(
-                Change(
-                    run.rotation.id,
-                    0,
-                    updates={
-                        "halted_reason": reason,
-                        "lease_owner": None,
-                        "lease_expires_at": None,
-                    },
-                )
+            await run.unit.write(
+                updates={"halted_reason": reason, "lease_owner": None, "lease_expires_at": None}
             )
         except KeyturnError:
             run.log.warning("could not record the halt")
-
-    async def _release(self, run: RotationRun) -> None:
-        try:
-            await run.commit(
-                Change(run.rotation.id, 0, updates={"lease_owner": None, "lease_expires_at": None})
-            )
-        except StaleVersion:
-            run.log.warning("lease lost before release")
 
     async def _renew(self, run: RotationRun) -> None:
         interval = self.deps.settings.lease_seconds / 3

@@ -16,7 +16,7 @@ import os
 import secrets
 import string
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -195,8 +195,20 @@ class Counters:
         default_factory=lambda: defaultdict(lambda: defaultdict(int))
     )
 
+    #: The newest requests in arrival order (sequence number, route, status): what a test
+    #: compares a plan with, call for call. Bounded; not persisted.
+    log: deque[tuple[int, str, int]] = field(default_factory=lambda: deque(maxlen=100_000))
+    seq: int = 0
+
     def count(self, key: str, status: int) -> None:
         self.requests[key][str(status)] += 1
+        self.seq += 1
+        self.log.append((self.seq, key, status))
+
+    def since(self, after: int) -> list[dict[str, Any]]:
+        return [
+            {"seq": n, "route": key, "status": status} for n, key, status in self.log if n > after
+        ]
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         return {k: dict(v) for k, v in self.requests.items()}
@@ -389,7 +401,7 @@ class Sandbox:
         self.counters.count(spec.key, response.status_code)
         return response
 
-    async def _pipeline(self, spec: RouteSpec, request: Request) -> Response:
+    async def _pipeline(self, spec: RouteSpec, request: Request) -> Response:  # noqa: C901
         config = self.faults.config
         concrete = f"{request.method} {request.url.path}"
         faulty = self.faults.applies(spec.key, concrete)
@@ -925,6 +937,14 @@ class Sandbox:
             }
         )
 
+    async def control_requests(self, request: Request) -> Response:
+        """The request log in arrival order, after sequence number `since` (default 0)."""
+        try:
+            after = int(request.query_params.get("since", "0"))
+        except ValueError:
+            return error_response(400, "bad_request", "since must be an integer sequence number")
+        return JSONResponse({"seq": self.counters.seq, "requests": self.counters.since(after)})
+
     async def control_faults(self, request: Request) -> Response:
         if request.method == "PUT":
             try:
@@ -1063,6 +1083,7 @@ def build_app(sandbox: Sandbox) -> ASGIApp:
         routes.append(Route(spec.template, endpoint, methods=[spec.method]))
     routes.append(Route("/_sandbox/state", sandbox.control_state, methods=["GET"]))
     routes.append(Route("/_sandbox/faults", sandbox.control_faults, methods=["GET", "PUT"]))
+    routes.append(Route("/_sandbox/requests", sandbox.control_requests, methods=["GET"]))
     routes.append(Route("/_sandbox/events", sandbox.control_events, methods=["POST"]))
     routes.append(
         Route("/_sandbox/events/rate", sandbox.control_event_rate, methods=["GET", "PUT"])

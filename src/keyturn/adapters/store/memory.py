@@ -29,7 +29,6 @@ from keyturn.domain.lifecycle import State
 from keyturn.domain.model import (
     ActionRecord,
     ActionStatus,
-    CredentialKind,
     Event,
     ManagedCredential,
     OperatorAction,
@@ -142,7 +141,7 @@ class MemoryStore:
             self._check_secret_refs(credential)
             self._credentials[credential.name] = replace(
                 credential,
-                kind=CredentialKind(credential.kind),
+                kind=str(credential.kind),
                 created_at=_utc(credential.created_at) or now,
                 updated_at=_utc(credential.updated_at) or now,
             )
@@ -175,7 +174,7 @@ class MemoryStore:
                 raise KeyturnError(f"a rotation with id {rotation.id} already exists; use a new id")
             stored = replace(
                 rotation,
-                kind=CredentialKind(rotation.kind),
+                kind=str(rotation.kind),
                 state=State(rotation.state),
                 version=1,
                 created_at=_utc1(rotation.created_at),
@@ -270,7 +269,7 @@ class MemoryStore:
                 results.append(exc)
         return results
 
-    def commit(self, change: Change) -> Rotation:
+    def commit(self, change: Change) -> Rotation:  # noqa: C901 - a check per Change field
         unknown = sorted(set(change.updates) - UPDATABLE_FIELDS)
         if unknown:
             raise ValueError(
@@ -433,7 +432,7 @@ class MemoryStore:
         self._check_secret_refs(credential)
         self._credentials[credential.name] = replace(
             credential,
-            kind=CredentialKind(credential.kind),
+            kind=str(credential.kind),
             created_at=old.created_at,
             updated_at=_utc1(now),
         )

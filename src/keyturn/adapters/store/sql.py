@@ -61,7 +61,6 @@ from keyturn.domain.lifecycle import State
 from keyturn.domain.model import (
     ActionRecord,
     ActionStatus,
-    CredentialKind,
     Event,
     ManagedCredential,
     OperatorAction,
@@ -187,7 +186,7 @@ def _credential_from_row(row: Row[Any]) -> ManagedCredential:
     m = row._mapping
     return ManagedCredential(
         name=m["name"],
-        kind=CredentialKind(m["kind"]),
+        kind=str(m["kind"]),
         provider=m["provider"],
         credential_id=m["credential_id"],
         credential_uuid=m["credential_uuid"],
@@ -202,7 +201,7 @@ def _credential_from_row(row: Row[Any]) -> ManagedCredential:
 def _credential_values(credential: ManagedCredential, now: datetime) -> dict[str, Any]:
     return {
         "name": credential.name,
-        "kind": CredentialKind(credential.kind).value,
+        "kind": str(credential.kind),
         "provider": credential.provider,
         "credential_id": credential.credential_id,
         "credential_uuid": credential.credential_uuid,
@@ -227,7 +226,7 @@ def _rotation_from_row(row: Row[Any]) -> Rotation:
     return Rotation(
         id=m["id"],
         credential=m["credential"],
-        kind=CredentialKind(m["kind"]),
+        kind=str(m["kind"]),
         state=State(m["state"]),
         version=m["version"],
         reason=m["reason"],
@@ -294,7 +293,7 @@ def _rotation_values(rotation: Rotation) -> dict[str, Any]:
     values: dict[str, Any] = {
         "id": rotation.id,
         "credential": rotation.credential,
-        "kind": CredentialKind(rotation.kind).value,
+        "kind": str(rotation.kind),
         "state": State(rotation.state).value,
         "version": 1,
         "reason": rotation.reason,

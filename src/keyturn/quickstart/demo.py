@@ -15,13 +15,13 @@ from rich.text import Text
 
 from keyturn import logs
 from keyturn.cli import render
-from keyturn.cli.setup import SANDBOX_PAT, SANDBOX_SA, SANDBOX_WEBHOOK, init_workdir
 from keyturn.cli.wiring import Wiring, actor
 from keyturn.config import load_config
 from keyturn.domain.lifecycle import State
 from keyturn.domain.model import Rotation
-from keyturn.engine.operator import start_rotation
 from keyturn.engine.worker import Worker
+from keyturn.quickstart.init import SANDBOX_PAT, SANDBOX_SA, SANDBOX_WEBHOOK, init_workdir
+from keyturn.targets.files import PathConfig
 
 STEPS = [State.PENDING, State.NEW_ADDED, State.VERIFIED, State.OLD_DEACTIVATED]
 NAMES = [SANDBOX_SA, SANDBOX_PAT, SANDBOX_WEBHOOK]
@@ -69,7 +69,9 @@ def run_demo(console: Console) -> bool:
             )
             console.print(f"  sandbox at {sandbox.base_url}; initialised {config_path.parent}")
             w = Wiring(load_config(config_path))
-            secrets_file = w.config.credential(SANDBOX_WEBHOOK).targets[0].path
+            target = w.config.credential(SANDBOX_WEBHOOK).targets[0]
+            assert isinstance(target, PathConfig)
+            secrets_file = target.path
             with start_receiver(secrets_file, port=port) as receiver:
                 console.print(
                     f"  webhook receiver at {receiver.url}; the sandbox emits "
@@ -78,17 +80,10 @@ def run_demo(console: Console) -> bool:
                 sandbox.set_event_rate(EVENT_RATE)
                 before = {n: w.store.get_credential(n) for n in NAMES}
                 ids = [
-                    start_rotation(
-                        w.store,
-                        w.clock,
-                        credential=name,
-                        reason="keyturn demo",
-                        actor=actor(),
-                        options=_options(w, name),
-                    ).id
+                    w.start_rotation(name, reason="keyturn demo", actor=actor()).id
                     for name in NAMES
                 ]
-                worker = Worker(w.engine_deps(), concurrency=4)
+                worker = Worker(w.engine_deps(4), concurrency=4)
 
                 async def go() -> None:
                     task = asyncio.create_task(worker.run(until_idle=True))
@@ -140,18 +135,13 @@ def run_demo(console: Console) -> bool:
             return ok
 
 
-def _options(w: Wiring, name: str) -> dict[str, str]:
-    cfg = w.config.credential(name)
-    return {"algorithm": cfg.algorithm, "via": cfg.registration}
-
-
 async def _check_keys(w: Wiring, finals: list[Rotation]) -> list[Check]:
     checks: list[Check] = []
     for r in finals:
         name = r.credential
         old_uuid = str(r.data.get("old_credential_uuid"))
         new_uuid = str(r.data.get("new_credential_uuid"))
-        provider = w.provider_for(name)
+        provider = await w.key_provider(name)
         try:
             creds = {c.credential_uuid: c for c in await provider.list_credentials()}
         finally:
@@ -164,8 +154,8 @@ async def _check_keys(w: Wiring, finals: list[Rotation]) -> list[Check]:
             (new is not None and new.is_active, f"{name}: new credential {new_uuid} active")
         )
         expected = "".join(str(r.data.get("new_public_key", "")).split())
-        for target in w.targets_for(name):
-            held = target.read_back()
+        for target in w.engine_deps().targets(name):
+            held = await target.read_back()
             same = "".join(w.keys.public_pem(held.private_key_pem).split()) == expected
             checks.append(
                 (
@@ -178,7 +168,7 @@ async def _check_keys(w: Wiring, finals: list[Rotation]) -> list[Check]:
 
 async def _check_webhook(w: Wiring, old_id: str, r: Rotation) -> list[Check]:
     new_id = str(r.data.get("new_webhook_id"))
-    provider = w.webhooks_for(SANDBOX_WEBHOOK)
+    provider = await w.webhook_provider(SANDBOX_WEBHOOK, signer=SANDBOX_SA)
     try:
         old = await provider.get_webhook(old_id)
         new = await provider.get_webhook(new_id)
@@ -191,8 +181,8 @@ async def _check_webhook(w: Wiring, old_id: str, r: Rotation) -> list[Check]:
             f"{SANDBOX_WEBHOOK}: new webhook {new_id} enabled",
         ),
     ]
-    for target in w.secret_targets_for(SANDBOX_WEBHOOK):
-        _version, secrets = target.read_back()
+    for target in w.engine_deps().targets(SANDBOX_WEBHOOK):
+        _version, secrets = await target.read_back()
         checks.append((len(secrets) == 1, f"{SANDBOX_WEBHOOK}: {target.name} holds one secret"))
     return checks
 

@@ -1,0 +1,460 @@
+"""What a plugin declares and what the engine gives it: the seam between the engine and the
+credential kinds, deploy targets and probes. Plugins import these names through
+:mod:`keyturn.plugin`, never from here.
+
+A kind declares its steps as data: each step is an ordered list of :class:`Action` (one external
+effect each, run with intent before effect) and :class:`Wait` (a condition checked without
+holding a lease), then a :attr:`Step.finish` that says what the managed credential points at
+afterwards. The engine runs that list, generates crash kill points from it and plans with it,
+so what a rotation would do and what it does come from one declaration.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from keyturn.domain.lifecycle import Trigger
+from keyturn.domain.model import ActionRecord, ManagedCredential, Phase, Rotation, SealedSecret
+from keyturn.ports import Fence, KeyProvider, WebhookProvider
+
+Detail = dict[str, Any]
+T = TypeVar("T")
+C = TypeVar("C")
+D = TypeVar("D", bound="RotationData")
+
+
+# ------------------------------------------------------------------------------ configuration
+
+
+class PluginModel(BaseModel):
+    """Base of every plugin's configuration and data model: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TargetConfig(PluginModel):
+    """A deploy target's table (``[[credentials.NAME.targets]]``); a target type extends it."""
+
+    type: str
+    name: str | None = None
+
+
+class ProbeConfig(PluginModel):
+    """A probe's table (``[[credentials.NAME.probes]]``); a probe type extends it."""
+
+    type: str
+    name: str | None = None
+
+
+class CredentialConfig(PluginModel):
+    """The keys every ``[credentials.NAME]`` table has; a kind's model extends it."""
+
+    kind: str
+    provider: str
+    #: The bearer token: from this environment variable, or this file; otherwise the one stored
+    #: encrypted when the credential was imported.
+    token_env: str | None = None
+    token_file: Path | None = None
+    targets: list[TargetConfig] = Field(default_factory=list)
+    probes: list[ProbeConfig] = Field(default_factory=list)
+
+
+class RotationData(BaseModel):
+    """A kind's typed rotation data (no secrets: ids, fingerprints, secret references). The
+    engine stores it as JSON and gives each step the parsed model. Keys it does not declare
+    are kept (data written by another version of the kind is not lost)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+# ------------------------------------------------------------------------------------ facts
+
+
+class Facts(Protocol):
+    """What a step's conditions and its plan see: the data and the action records."""
+
+    @property
+    def data(self) -> Any: ...
+
+    def recorded(self, phase: Phase, name: str) -> bool:
+        """An intent (at least) of this action is recorded."""
+
+    def done(self, phase: Phase, name: str) -> bool:
+        """This action's outcome is recorded as done."""
+
+    @property
+    def targets(self) -> Sequence[str]:
+        """The names of the credential's deploy targets."""
+
+    @property
+    def probes(self) -> Sequence[str]: ...
+
+
+def always(_facts: Facts) -> bool:
+    return True
+
+
+# ------------------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class Call:
+    """One external call or write a step would make.
+
+    ``what`` is "provider" (``method`` and ``path``, the provider's route template; ``signed``
+    when it is a user action, preceded by the signing handshake), "target" or "probe" (``name``
+    and ``op``), or "wait" (``note`` says for what). ``repeat``: polled until a condition holds.
+    ``note``: what the call changes, in words (what becomes active)."""
+
+    what: str
+    method: str = ""
+    path: str = ""
+    signed: bool = False
+    name: str = ""
+    op: str = ""
+    repeat: bool = False
+    note: str = ""
+
+    @staticmethod
+    def provider(method: str, path: str, *, signed: bool = False, note: str = "") -> Call:
+        return Call("provider", method=method, path=path, signed=signed, note=note)
+
+    @staticmethod
+    def poll(method: str, path: str, *, note: str = "") -> Call:
+        return Call("provider", method=method, path=path, repeat=True, note=note)
+
+    @staticmethod
+    def target(name: str, op: str, *, note: str = "") -> Call:
+        return Call("target", name=name, op=op, note=note)
+
+    @staticmethod
+    def probe(name: str, op: str, *, note: str = "") -> Call:
+        return Call("probe", name=name, op=op, repeat=True, note=note)
+
+    @staticmethod
+    def wait(note: str) -> Call:
+        return Call("wait", note=note)
+
+    def provider_requests(self) -> list[str]:
+        """The provider routes this call sends, in order ("METHOD template")."""
+        if self.what != "provider":
+            return []
+        handshake = ["POST /auth/action/init", "POST /auth/action"] if self.signed else []
+        return [*handshake, f"{self.method} {self.path}"]
+
+    def describe(self) -> str:
+        if self.what == "provider":
+            text = f"{'signed ' if self.signed else ''}{self.method} {self.path}"
+        elif self.what == "wait":
+            text = f"wait for {self.note}"
+        else:
+            text = f"{self.what} {self.name}: {self.op}"
+        if self.repeat:
+            text += " (polled)"
+        if self.note and self.what != "wait":
+            text += f" ({self.note})"
+        return text
+
+
+@dataclass(frozen=True)
+class PlannedAction:
+    trigger: Trigger
+    phase: Phase
+    name: str
+    calls: tuple[Call, ...]
+    irreversible: bool = False
+
+
+# ----------------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an action returns when its outcome carries secrets the provider generated: they are
+    stored in the same commit as the outcome, at once (nothing else holds them)."""
+
+    detail: Detail
+    secrets: tuple[SealedSecret, ...] = ()
+
+
+def _no_calls(_facts: Facts) -> Sequence[Call]:
+    return ()
+
+
+@dataclass(frozen=True)
+class Action(Generic[C]):
+    """One external effect of a step, run with intent before effect.
+
+    - ``prepare``: before the intent, when the action is not done yet (seal new material; it is
+      written with the intent);
+    - ``run``: the call; its detail (ids, fingerprints, never secrets) is the outcome;
+    - ``reconcile``: after an intent without an outcome, what the provider already holds
+      (adopted instead of acting twice), or None to act again;
+    - ``done``: applies the outcome to the rotation data (also when resuming past it);
+    - ``when``: whether the step performs it at all, from the facts (the plan uses it too);
+    - ``plan``: the calls it makes, from the facts, without making any;
+    - ``irreversible``: from its intent on, rollback is refused.
+    """
+
+    phase: Phase
+    name: str
+    run: Callable[[C], Awaitable[Detail | Outcome]]
+    plan: Callable[[Facts], Sequence[Call]] = _no_calls
+    reconcile: Callable[[C], Awaitable[Detail | None]] | None = None
+    intent: Callable[[C], Mapping[str, Any]] | None = None
+    prepare: Callable[[C], Awaitable[None]] | None = None
+    done: Callable[[C, Detail], None] | None = None
+    when: Callable[[Facts], bool] = always
+    irreversible: bool = False
+
+
+@dataclass(frozen=True)
+class Wait(Generic[C]):
+    """A condition a step waits for (a holder, a bake time, an approval, a person).
+
+    ``check`` returns None once it holds, or the words of what it still waits for. Until then
+    the rotation is *waiting*: it records what for and since when, releases its lease and its
+    worker slot, and is claimed again ``every(ctx)`` seconds later. A check is not an attempt
+    and spends no retry budget; only the deadline (``deadline(ctx)`` seconds after the wait
+    began) ends it, by halting the rotation with the reason."""
+
+    phase: Phase
+    name: str
+    check: Callable[[C], Awaitable[str | None]]
+    every: Callable[[C], float]
+    deadline: Callable[[C], float]
+    plan: Callable[[Facts], Sequence[Call]] = _no_calls
+    when: Callable[[Facts], bool] = always
+
+
+@dataclass(frozen=True)
+class Finish:
+    """What a step's final transition writes besides the state: the managed credential's new
+    current side, and key retention (secret id -> purge time; None keeps it)."""
+
+    credential: ManagedCredential | None = None
+    purge_after: Mapping[str, datetime | None] = field(default_factory=dict)
+    detail: Detail = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Step(Generic[C]):
+    items: Sequence[Action[C] | Wait[C]]
+    finish: Callable[[C], Awaitable[Finish]] | None = None
+
+    @property
+    def actions(self) -> list[Action[C]]:
+        return [i for i in self.items if isinstance(i, Action)]
+
+
+# ---------------------------------------------------------------------------- reconcile
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str  # "orphan", "mismatch", "unreachable"
+    credential: str
+    message: str
+    rotation_id: str | None = None
+    provider_credential_uuid: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "credential": self.credential,
+            "message": self.message,
+            "rotation_id": self.rotation_id,
+            "provider_credential_uuid": self.provider_credential_uuid,
+        }
+
+
+@dataclass(frozen=True)
+class ReconcileInput:
+    """One managed credential, its configuration and its rotations (newest first) with their
+    action records, for a kind's read-only comparison with the provider."""
+
+    managed: ManagedCredential
+    config: CredentialConfig
+    rotations: Sequence[Rotation]
+    actions: Mapping[str, Sequence[ActionRecord]]
+    #: Ids of every rotation the store knows (of any credential).
+    known_rotations: frozenset[str]
+
+
+# ------------------------------------------------------------------------------------ import
+
+
+@dataclass(frozen=True)
+class ImportSpec:
+    """What `keyturn credentials import` needs for this kind."""
+
+    #: The material file's option and what it holds ("--private-key-file", "private key").
+    material_option: str = "--private-key-file"
+    material_purpose: str = "private_key"
+    needs_uuid: bool = True
+    #: A bearer token is needed (from --token-file or the config's token_env/token_file).
+    needs_token: bool = True
+
+
+# --------------------------------------------------------------------------------- services
+
+
+class Services(Protocol):
+    """What keyturn gives plugins at run time (the composition root implements it). Nothing
+    here blocks the event loop."""
+
+    def credential_config(self, name: str) -> CredentialConfig: ...
+
+    async def key_provider(self, credential: str, *, fence: Fence | None = None) -> KeyProvider:
+        """A provider session for a managed signing credential (its token bound in)."""
+
+    async def webhook_provider(
+        self, credential: str, *, signer: str, fence: Fence | None = None
+    ) -> WebhookProvider:
+        """A webhook session signed by the managed credential `signer` (its current key)."""
+
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call in keyturn's bounded thread pool (sized from the worker's
+        concurrency), never on the event loop."""
+
+    def algorithm_of(self, private_pem: bytes) -> str:
+        """The algorithm of a private key (KeyturnError if it is not one)."""
+
+
+class Session(Protocol):
+    async def aclose(self) -> None: ...
+
+
+# ------------------------------------------------------------------------- targets, probes
+
+
+class TargetPlugin(Protocol):
+    """A deploy target type (``type = "..."``)."""
+
+    type: str
+    description: str
+    config_model: builtins.type[TargetConfig]
+    #: The material it takes: a kind's :attr:`KindPlugin.material` must be in this set.
+    accepts: frozenset[str]
+
+    def build(self, config: TargetConfig, services: Services) -> Any:
+        """The target for this configuration: async ``deploy(material)``, ``read_back()`` and a
+        ``name``, for the material named by ``accepts``."""
+
+
+class ProbePlugin(Protocol):
+    type: str
+    description: str
+    config_model: builtins.type[ProbeConfig]
+    accepts: frozenset[str]
+
+    def build(self, config: ProbeConfig, services: Services) -> Any: ...
+
+
+# ------------------------------------------------------------------------------------ kinds
+
+
+class KindPlugin(Protocol):
+    """A credential kind. See :class:`keyturn.plugin.Kind` for the base class with defaults."""
+
+    name: str
+    description: str
+    config_model: type[CredentialConfig]
+    data_model: type[RotationData]
+    #: What its targets receive ("signing_key", "secret_set", ...).
+    material: str
+    #: Its current key can sign provider calls made for other credentials (a webhook signer).
+    signs_requests: bool
+    import_spec: ImportSpec
+    #: Its steps by the trigger each fires; FINISH_ROLLBACK is the rollback.
+    steps: Mapping[Trigger, Step[Any]]
+
+    def check_config(
+        self, name: str, config: CredentialConfig, signers: Collection[str]
+    ) -> str | None:
+        """A problem across keys or credentials (one line naming the key and the fix), or None.
+        `signers`: the configured credentials whose kind can sign provider calls."""
+
+    def options(self, config: CredentialConfig) -> dict[str, Any]:
+        """The rotate options the configuration implies (recorded with the rotation)."""
+
+    def start(self, credential: ManagedCredential, options: Mapping[str, Any]) -> RotationData:
+        """The new rotation's data (KeyturnError when the credential cannot be rotated)."""
+
+    def signer(self, config: CredentialConfig) -> str | None:
+        """Another managed credential whose key signs this kind's provider calls, if any."""
+
+    def retained(self, data: Any) -> Sequence[str]:
+        """Secret ids a rollback needs (the old side's material)."""
+
+    def identities(self, data: Any) -> dict[str, str | None]:
+        """The old and new side's provider ids, for people (keys start with old_ or new_)."""
+
+    def irreversible_words(self) -> str:
+        """What to add when rollback is refused after an irreversible action ('' for nothing)."""
+
+    async def open_session(self, services: Services, rotation: Rotation, fence: Fence) -> Any:
+        """The provider session a step's actions use (closed by the engine afterwards)."""
+
+    async def reconcile(self, services: Services, item: ReconcileInput) -> list[Finding]:
+        """Compare the provider with what the store says (read only)."""
+
+    def imported(
+        self, name: str, config: CredentialConfig, material: bytes, services: Services
+    ) -> str:
+        """Check an imported credential's material (KeyturnError naming the problem); the
+        algorithm recorded for it."""
+
+
+#: Groups of entry points plugins register under.
+KIND_GROUP = "keyturn.kinds"
+TARGET_GROUP = "keyturn.targets"
+PROBE_GROUP = "keyturn.probes"
+
+
+class Kind:
+    """Defaults for a kind; subclass it and set the class attributes."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    config_model: ClassVar[type[CredentialConfig]] = CredentialConfig
+    data_model: ClassVar[type[RotationData]] = RotationData
+    material: ClassVar[str] = "signing_key"
+    signs_requests: ClassVar[bool] = False
+    import_spec: ClassVar[ImportSpec] = ImportSpec()
+    steps: Mapping[Trigger, Step[Any]] = {}
+
+    def check_config(
+        self, name: str, config: CredentialConfig, signers: Collection[str]
+    ) -> str | None:
+        return None
+
+    def options(self, config: CredentialConfig) -> dict[str, Any]:
+        return {}
+
+    def signer(self, config: CredentialConfig) -> str | None:
+        return None
+
+    def retained(self, data: Any) -> Sequence[str]:
+        return ()
+
+    def identities(self, data: Any) -> dict[str, str | None]:
+        return {}
+
+    def irreversible_words(self) -> str:
+        return ""
+
+    async def reconcile(self, services: Services, item: ReconcileInput) -> list[Finding]:
+        return []
+
+    def imported(
+        self, name: str, config: CredentialConfig, material: bytes, services: Services
+    ) -> str:
+        return self.material

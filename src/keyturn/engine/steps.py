@@ -1,0 +1,320 @@
+"""Running a kind's declared step: its actions with intent before effect, its waits without a
+lease, its final transition. The kind only declares and performs; the engine does the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+from keyturn.domain.errors import KeyturnError, ProviderError
+from keyturn.domain.lifecycle import Trigger
+from keyturn.domain.model import ActionRecord, ActionStatus, ManagedCredential, Phase, Rotation
+from keyturn.engine.run import RotationRun, new_secret_id
+from keyturn.engine.spi import (
+    Action,
+    CredentialConfig,
+    Detail,
+    Finish,
+    KindPlugin,
+    Outcome,
+    RotationData,
+    Services,
+    Wait,
+)
+from keyturn.ports import Keys
+
+D = TypeVar("D", bound=RotationData)
+S = TypeVar("S")
+
+#: The rotation fields of a wait, cleared when it ends.
+CLEAR_WAIT: dict[str, Any] = {
+    "wait_key": None,
+    "wait_for": None,
+    "wait_since": None,
+    "wait_deadline": None,
+}
+
+
+class Waiting(Exception):
+    """The step waits: record what for, release the lease, check again at `next_check`."""
+
+    def __init__(
+        self, key: str, what: str, since: datetime, deadline: datetime, next_check: datetime
+    ) -> None:
+        super().__init__(what)
+        self.key = key
+        self.what = what
+        self.since = since
+        self.deadline = deadline
+        self.next_check = next_check
+
+    def updates(self) -> dict[str, Any]:
+        return {
+            "wait_key": self.key,
+            "wait_for": self.what,
+            "wait_since": self.since,
+            "wait_deadline": self.deadline,
+            "next_attempt_at": self.next_check,
+        }
+
+
+class WaitExpired(KeyturnError):
+    """A wait reached its deadline: the rotation halts with this reason."""
+
+
+@dataclass(frozen=True)
+class StepFacts:
+    data: Any
+    records: dict[tuple[Phase, str], ActionRecord]
+    targets: Sequence[str]
+    probes: Sequence[str]
+
+    def recorded(self, phase: Phase, name: str) -> bool:
+        return (phase, name) in self.records
+
+    def done(self, phase: Phase, name: str) -> bool:
+        record = self.records.get((phase, name))
+        return record is not None and record.status is ActionStatus.DONE
+
+
+class StepContext(Generic[D, S]):
+    """What a kind's actions see: the typed data, the provider session, the targets and probes,
+    and the few engine services an action needs (seal, open, the credential, the time)."""
+
+    def __init__(
+        self,
+        run: RotationRun,
+        kind: KindPlugin,
+        session: S,
+        config: CredentialConfig,
+    ) -> None:
+        self._run = run
+        self.kind = kind
+        self.session = session
+        self.config = config
+        self._data: D = kind.data_model.model_validate(run.rotation.data)  # type: ignore[assignment]
+        self._sealed: list[Any] = []
+        self._dirty = False
+
+    @property
+    def rotation(self) -> Rotation:
+        return self._run.rotation
+
+    @property
+    def data(self) -> D:
+        return self._data
+
+    @property
+    def targets(self) -> list[Any]:
+        return self._run.deps.targets(self.rotation.credential)
+
+    @property
+    def probes(self) -> list[Any]:
+        return self._run.deps.probes(self.rotation.credential)
+
+    @property
+    def keys(self) -> Keys:
+        return self._run.deps.keys
+
+    @property
+    def services(self) -> Services:
+        return self._run.deps.services
+
+    @property
+    def retention(self) -> timedelta:
+        return self._run.deps.settings.retention
+
+    def now(self) -> datetime:
+        return self._run.now()
+
+    def fence(self) -> None:
+        """Call before every request to the outside world a session does not fence itself."""
+        self._run.fence()
+
+    def update(self, **changes: Any) -> None:
+        """Change the rotation data (written with the rotation's next commit)."""
+        self._data = self._data.model_copy(update=changes)
+        self._dirty = True
+
+    def seal(self, purpose: str, plaintext: bytes) -> str:
+        """Encrypt material keyturn made; written before the next external call. Its id."""
+        ref = new_secret_id()
+        self._sealed.append(self._run.deps.vault.seal(ref, purpose, plaintext))
+        self._dirty = True
+        return ref
+
+    def take_sealed(self) -> list[Any]:
+        """What :meth:`seal` made since the last save, to return in an :class:`Outcome` (written
+        with the outcome, at once) instead of with the next commit."""
+        sealed, self._sealed = self._sealed, []
+        return sealed
+
+    async def open(self, ref: str) -> bytes:
+        return self._run.deps.vault.open(await self._run.secret(ref))
+
+    async def credential(self) -> ManagedCredential:
+        return await self._run.credential()
+
+    async def record(self, phase: Phase, name: str) -> ActionRecord | None:
+        return await self._run.actions.get(phase, name)
+
+    async def check_boundary(self) -> None:
+        """Inside a long action: notice an operator request or a stop."""
+        await self.save()
+        await self._run.check_boundary()
+
+    def dumped(self) -> dict[str, Any]:
+        return self._data.model_dump(mode="json", exclude_none=True)
+
+    async def save(self) -> None:
+        if self._dirty:
+            sealed, self._sealed = self._sealed, []
+            self._dirty = False
+            await self._run.unit.add(updates={"data": self.dumped()}, secrets=sealed)
+
+    async def facts(self) -> StepFacts:
+        return StepFacts(
+            self._data,
+            await self._run.actions.records(),
+            [t.name for t in self.targets],
+            [p.name for p in self.probes],
+        )
+
+
+async def run_step(run: RotationRun, trigger: Trigger) -> None:
+    """Run the rotation's step for `trigger` and fire it."""
+    deps = run.deps
+    kind = deps.registry.kind(run.rotation.kind)
+    step = kind.steps.get(trigger)
+    if step is None:
+        raise KeyturnError(f"kind {kind.name} declares no step for {trigger.value}")
+    config = deps.config(run.rotation.credential)
+    signer = kind.signer(config)
+    signer_ref = await _key_ref(run, signer) if signer else None
+    session = await kind.open_session(deps.services, run.rotation, run.fence)
+    try:
+        ctx: StepContext[Any, Any] = StepContext(run, kind, session, config)
+        for item in step.items:
+            if not item.when(await ctx.facts()):
+                continue
+            if isinstance(item, Wait):
+                await _wait(run, ctx, item)
+            else:
+                await _perform(run, ctx, item, signer, signer_ref)
+        finish = await step.finish(ctx) if step.finish is not None else Finish()
+        await ctx.save()
+        ends_wait = CLEAR_WAIT if run.rotation.wait_key is not None else {}
+        await run.transition(
+            trigger,
+            detail=finish.detail,
+            updates={"data": ctx.dumped(), **ends_wait},
+            credential=finish.credential,
+            purge_after=finish.purge_after,
+        )
+    finally:
+        close = getattr(session, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _perform(
+    run: RotationRun,
+    ctx: StepContext[Any, Any],
+    action: Action[Any],
+    signer: str | None,
+    signer_ref: str | None,
+) -> Detail:
+    async def call() -> Detail | Outcome:
+        try:
+            return await action.run(ctx)
+        except ProviderError as exc:
+            raise await _signer_refusal(run, exc, signer, signer_ref) from None
+
+    async def prepare() -> None:
+        if action.prepare is not None:
+            await action.prepare(ctx)
+        await ctx.save()
+
+    reconcile = action.reconcile
+    detail = await run.actions.perform(
+        action.phase,
+        action.name,
+        call,
+        reconcile=(lambda: reconcile(ctx)) if reconcile is not None else None,
+        intent=(lambda: action.intent(ctx)) if action.intent is not None else None,  # type: ignore[misc]
+        prepare=prepare,
+    )
+    if action.done is not None:
+        action.done(ctx, detail)
+        await ctx.save()
+    return detail
+
+
+_REFUSED = frozenset({401, 403})
+
+
+async def _key_ref(run: RotationRun, name: str) -> str | None:
+    found = await run.loaders.credentials.load(name)
+    return found.key_ref if found is not None else None
+
+
+async def _signer_refusal(
+    run: RotationRun, exc: ProviderError, signer: str | None, signer_ref: str | None
+) -> ProviderError:
+    """A call signed by another managed credential that keyturn is rotating: when the provider
+    refuses the signer because its old key was deactivated a moment before the store points at
+    the new one, the refusal is transient; the next attempt signs with the new key."""
+    refused = exc.code == "credential_not_allowed" or exc.status in _REFUSED
+    if signer is None or exc.retryable or not refused:
+        return exc
+    store = run.deps.store
+    latest = await _in_thread(store.latest_rotation, signer)
+    moving = (latest is not None and not latest.finished) or (
+        await _in_thread(store.get_credential, signer)
+    ).key_ref != signer_ref
+    if not moving:
+        return exc
+    return ProviderError(
+        f"{exc} (the signer {signer} is being rotated; retrying with its new key)",
+        retryable=True,
+        status=exc.status,
+        code=exc.code,
+        outcome_unknown=exc.outcome_unknown,
+    )
+
+
+async def _in_thread(fn: Any, *args: Any) -> Any:
+    import asyncio
+
+    return await asyncio.to_thread(fn, *args)
+
+
+async def _wait(run: RotationRun, ctx: StepContext[Any, Any], wait: Wait[Any]) -> None:
+    key = f"{wait.phase.value}.{wait.name}"
+    pending = await wait.check(ctx)
+    rotation = run.rotation
+    if pending is None:
+        if rotation.wait_key is not None:
+            await run.unit.add(updates=CLEAR_WAIT)
+        return
+    await ctx.save()
+    now = run.now()
+    same = rotation.wait_key == key
+    since = rotation.wait_since if same and rotation.wait_since is not None else now
+    deadline = (
+        rotation.wait_deadline
+        if same and rotation.wait_deadline is not None
+        else now + timedelta(seconds=wait.deadline(ctx))
+    )
+    if now >= deadline:
+        raise WaitExpired(
+            f"waited for {pending} since {_when(since)}; its deadline {_when(deadline)} passed"
+        )
+    next_check = min(deadline, now + timedelta(seconds=max(0.0, wait.every(ctx))))
+    raise Waiting(key, pending, since, deadline, next_check)
+
+
+def _when(at: datetime) -> str:
+    return at.isoformat(timespec="seconds")

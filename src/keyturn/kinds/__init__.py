@@ -1,0 +1,2 @@
+"""The built-in credential kinds, registered as plugins like any other (see
+:mod:`keyturn.plugin`): each imports only ``keyturn.plugin``."""

@@ -1,0 +1,44 @@
+"""The quickstart's commands, mounted on the `keyturn` app: `init` and `demo`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+
+def mount(app: typer.Typer, out: Console) -> None:
+    @app.command()
+    def init(
+        workdir: Annotated[
+            Path, typer.Argument(help="Directory for the config, key and database.")
+        ],
+        sandbox_bootstrap: Annotated[
+            Path, typer.Option("--sandbox-bootstrap", help="The sandbox's bootstrap.json.")
+        ],
+        receiver_url: Annotated[
+            str,
+            typer.Option(
+                "--receiver-url",
+                help="Base URL of the webhook receiver (keyturn receiver serve).",
+            ),
+        ] = "http://127.0.0.1:8091",
+    ) -> None:
+        """Set up a working directory wired to a sandbox's service account, PAT and webhook.
+
+        They are managed as sandbox-service-account, sandbox-pat and sandbox-webhook; the
+        webhook points at a receiver."""
+        from keyturn.quickstart.init import init_workdir
+
+        config_path = init_workdir(workdir, sandbox_bootstrap, receiver_url)
+        out.print(f"initialised {workdir}; use `keyturn --config {config_path} ...`")
+
+    @app.command()
+    def demo() -> None:
+        """Rotate all three kinds against a local sandbox, end to end, and check the result."""
+        from keyturn.quickstart.demo import run_demo
+
+        if not run_demo(out):
+            raise typer.Exit(1)

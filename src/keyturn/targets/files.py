@@ -1,0 +1,73 @@
+"""Deploy targets on the local filesystem: ``file`` (a directory holding a signing key and its
+credential ids) and ``secrets_file`` (the JSON file of webhook secrets a receiver accepts).
+Their writes are blocking; they run in keyturn's bounded thread pool."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from keyturn.adapters.deploy import FileTarget
+from keyturn.adapters.secrets_file import WebhookSecretsFileTarget
+from keyturn.plugin import DeployedMaterial, Services, TargetConfig
+
+
+class PathConfig(TargetConfig):
+    path: Path
+
+
+class KeyFiles:
+    """A signing key and its credential ids as two files in a directory."""
+
+    def __init__(self, target: FileTarget, services: Services) -> None:
+        self._target = target
+        self._services = services
+        self.name = target.name
+
+    async def deploy(self, material: DeployedMaterial) -> None:
+        await self._services.blocking(self._target.deploy, material)
+
+    async def read_back(self) -> DeployedMaterial:
+        return await self._services.blocking(self._target.read_back)
+
+
+class SecretsFile:
+    """The set of webhook secrets a receiver accepts, as one JSON file."""
+
+    def __init__(self, target: WebhookSecretsFileTarget, services: Services) -> None:
+        self._target = target
+        self._services = services
+        self.name = target.name
+
+    async def deploy(self, secrets: Sequence[str]) -> str:
+        return await self._services.blocking(self._target.deploy, secrets)
+
+    async def read_back(self) -> tuple[str, tuple[str, ...]]:
+        return await self._services.blocking(self._target.read_back)
+
+
+class FilePlugin:
+    type = "file"
+    description = "a directory receiving private_key.pem and credential.json (signing keys)"
+    config_model = PathConfig
+    accepts = frozenset({"signing_key"})
+
+    def build(self, config: TargetConfig, services: Services) -> KeyFiles:
+        assert isinstance(config, PathConfig)
+        return KeyFiles(FileTarget(config.name or f"file:{config.path}", config.path), services)
+
+
+class SecretsFilePlugin:
+    type = "secrets_file"
+    description = "a JSON file listing the webhook secrets a receiver accepts"
+    config_model = PathConfig
+    accepts = frozenset({"secret_set"})
+
+    def build(self, config: TargetConfig, services: Services) -> SecretsFile:
+        assert isinstance(config, PathConfig)
+        name = config.name or f"secrets_file:{config.path}"
+        return SecretsFile(WebhookSecretsFileTarget(name, config.path), services)
+
+
+FILE = FilePlugin()
+SECRETS_FILE = SecretsFilePlugin()
