@@ -6,10 +6,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-fast lint bench clean
 
-$(STAMP): pyproject.toml
+TOY    := tests/plugins/keyturn-toy
+
+$(STAMP): pyproject.toml $(TOY)/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# the toy plugin is installed like a third party's: its own distribution, its entry points
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e $(TOY)
 	touch $(STAMP)
 
 ## The main job: a real service-account key rotation against a local sandbox (SQLite).
@@ -29,6 +32,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests migrations
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/lint-imports --config $(TOY)/pyproject.toml
 
 bench: $(STAMP)
 	$(BIN)/pytest -q -s tests/bench
