@@ -16,7 +16,7 @@ import pytest
 
 from keyturn.sandbox.crypto import b64url_decode, b64url_encode
 from keyturn.sandbox.testing import PasskeyClient, SandboxError, SandboxProcess
-from keyturn.testing.authenticator import SoftwareAuthenticator
+from keyturn.testing.authenticator import SoftwareAuthenticator, state_file_secrets
 
 ORIGIN = "https://sandbox.keyturn.local"
 RP_ID = "sandbox.keyturn.local"
@@ -497,13 +497,12 @@ def test_sandbox_files_hold_no_passkey_key_nor_delegated_token(
     state_dir = sandbox.state_dir.resolve()
     for device_file in (sandbox.authenticator_state, new_device.path):
         assert device_file is not None and state_dir not in device_file.resolve().parents
-    passkeys = [
-        entry["private_key_pem"]
-        for path in (sandbox.authenticator_state, tmp_path / "new-device.json")
-        for entry in json.loads(path.read_text())["passkeys"]
-    ]
-    assert len(passkeys) == 3
-    secrets: dict[str, bytes | str] = {f"passkey {i}": pem for i, pem in enumerate(passkeys)}
+    bootstrap_keys = state_file_secrets(sandbox.authenticator_state)
+    secrets: dict[str, bytes | str] = {
+        **bootstrap_keys,
+        **state_file_secrets(tmp_path / "new-device.json"),
+    }
+    assert len(secrets) == 3
     secrets["delegated-login token"] = token
     secrets["credential code"] = code.json()["code"]
     assert all(len(variants(v)) >= 2 for v in secrets.values())
@@ -514,4 +513,4 @@ def test_sandbox_files_hold_no_passkey_key_nor_delegated_token(
     assert_no_secrets(files, secrets)
     # the scan does find what is there: the devices hold their keys
     found = {f.secret for f in scan_paths([sandbox.authenticator_state], secrets)}
-    assert found == {"passkey 0", "passkey 1"}
+    assert found == set(bootstrap_keys)

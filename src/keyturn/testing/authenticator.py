@@ -42,6 +42,7 @@ __all__ = [
     "AuthenticatorError",
     "PasskeyInfo",
     "SoftwareAuthenticator",
+    "state_file_secrets",
 ]
 
 #: The AAGUID this authenticator reports unless told otherwise (16 bytes, "keyturn-softauth").
@@ -368,3 +369,18 @@ class _SdkSigner:
 
     def __repr__(self) -> str:
         return f"_SdkSigner(origin={self._origin!r})"
+
+
+def state_file_secrets(path: Path) -> dict[str, str]:
+    """The private keys in an authenticator state file, named by credential id, for a secret
+    scan (keyturn.testing.secret_scan) of the places they must never reach."""
+    try:
+        document = json.loads(Path(path).read_text())
+        return {
+            f"passkey {entry['credential_id']}": str(entry["private_key_pem"])
+            for entry in document["passkeys"]
+        }
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AuthenticatorError(
+            f"cannot read the authenticator state {path}: {type(exc).__name__}"
+        ) from None
