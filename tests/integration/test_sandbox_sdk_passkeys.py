@@ -119,3 +119,59 @@ def test_sdk_code_flow_registers_a_passkey_on_a_new_domain(
     assert forbidden.value.status_code == 403
     for client in (service, as_user, browser, on_new_domain, stale):
         client.close()
+
+
+def test_sdk_service_account_registers_an_end_user_with_a_passkey(
+    sandbox_factory: Callable[..., SandboxProcess], tmp_path: Path
+) -> None:
+    sandbox = sandbox_factory()
+    boot = sandbox.bootstrap["service_account"]
+    signer = KeySigner(credential_id=boot["credential_id"], private_key=boot["private_key_pem"])
+    service = DfnsClient(
+        DfnsClientConfig(auth_token=boot["token"], base_url=sandbox.base_url, signer=signer)
+    )
+    challenge = service.auth.create_delegated_registration_challenge(
+        {"email": "jane@example.co", "kind": "EndUser"}
+    )
+    assert challenge["user"]["name"] == "jane@example.co"
+    device = SoftwareAuthenticator(tmp_path / "jane.json")
+    info = device.make_credential(
+        rp_id=challenge["rp"]["id"],
+        origin=ORIGIN,
+        challenge=challenge["challenge"],
+        user_id=challenge["user"]["id"],
+    )
+    registering = DfnsClient(
+        DfnsClientConfig(
+            auth_token=challenge["temporaryAuthenticationToken"], base_url=sandbox.base_url
+        )
+    )
+    registered = registering.auth.register(
+        {"firstFactorCredential": {"credentialKind": "Fido2", "credentialInfo": info}}
+    )
+    assert registered["user"]["username"] == "jane@example.co"
+    with pytest.raises(DfnsError) as spent:  # the temporary token served once
+        registering.auth.register(
+            {"firstFactorCredential": {"credentialKind": "Fido2", "credentialInfo": info}}
+        )
+    assert spent.value.status_code == 401
+    with pytest.raises(DfnsError) as taken:
+        service.auth.create_delegated_registration_challenge(
+            {"email": "jane@example.co", "kind": "EndUser"}
+        )
+    assert taken.value.status_code == 409
+
+    token = service.auth.delegated_login({"username": "jane@example.co"})["token"]
+    jane = DfnsClient(
+        DfnsClientConfig(
+            auth_token=token, base_url=sandbox.base_url, signer=device.sdk_signer(ORIGIN)
+        )
+    )
+    [passkey] = jane.auth.list_credentials()["items"]
+    assert passkey["kind"] == "Fido2" and passkey["credentialId"] == info["credId"]
+    code = jane.auth.create_credential_code(
+        {"expiration": (datetime.now(UTC) + timedelta(seconds=30)).isoformat()}
+    )
+    assert code["code"]
+    for client in (service, registering, jane):
+        client.close()

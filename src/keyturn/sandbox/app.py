@@ -973,7 +973,12 @@ class Sandbox:
         self, ctx: Ctx, challenge: CredentialChallenge
     ) -> tuple[int, Any]:
         name = ctx.field("credentialName", str, required=False) or "Passkey"
-        info = ctx.need("credentialInfo", dict)
+        credential = await self._register_fido2(challenge, ctx.need("credentialInfo", dict), name)
+        return 200, credential.to_api()
+
+    async def _register_fido2(
+        self, challenge: CredentialChallenge, info: dict[str, Any], name: str
+    ) -> Credential:
         values = [info.get(f) for f in ("credId", "clientData", "attestationData")]
         if not all(isinstance(v, str) and v for v in values):
             raise bad_request("credentialInfo needs credId, clientData and attestationData strings")
@@ -1009,7 +1014,7 @@ class Sandbox:
             )
         except Conflict as exc:
             raise ApiError(409, "conflict", str(exc)) from None
-        return 200, credential.to_api()
+        return credential
 
     async def credential_create(self, ctx: Ctx) -> tuple[int, Any]:
         return await self._create_key_credential(
@@ -1122,6 +1127,58 @@ class Sandbox:
         return await self._create_key_credential(ctx, via_code=True, caller_principal=None)
 
     # ------------------------------------------------------------------------- delegated auth
+
+    async def delegated_registration(self, ctx: Ctx) -> tuple[int, Any]:
+        """Service accounts only: create an end user and the challenge their first passkey
+        signs; `temporaryAuthenticationToken` is the bearer of POST /auth/registration."""
+        if ctx.who.principal.kind != "ServiceAccount":
+            raise ApiError(
+                403, "forbidden", "only a service account may call /auth/registration/delegated"
+            )
+        email = ctx.need("email", str).strip()
+        kind = ctx.field("kind", str, required=False) or "EndUser"
+        if kind not in ("EndUser", "CustomerEmployee") or not email:
+            raise bad_request('send {email, kind: "EndUser" or "CustomerEmployee"}')
+        if any(p.org_id == ctx.who.org_id and p.name == email for p in self.principals.values()):
+            raise ApiError(409, "conflict", "a user with this username already exists")
+        principal = Principal(new_id("us", 8), ctx.who.org_id, kind, email)
+        await self.db(self.store.insert_principal, principal)
+        self.principals[principal.id] = principal
+        body = await self._new_credential_challenge(
+            principal.org_id, principal, "Fido2", via_code=False, request=ctx.request
+        )
+        temporary = make_jwt(
+            {"registration": body["challengeIdentifier"], "sub": principal.id}, self.jwt_secret
+        )
+        body = {k: v for k, v in body.items() if k not in ("kind", "challengeIdentifier")}
+        return 200, {**body, "temporaryAuthenticationToken": temporary}
+
+    async def register(self, ctx: Ctx) -> tuple[int, Any]:
+        """Complete registration: the new user's first passkey, with the temporary token."""
+        scheme, _, bearer = ctx.request.headers.get("authorization", "").partition(" ")
+        claims = read_jwt(bearer.strip(), self.jwt_secret) if scheme.lower() == "bearer" else None
+        identifier = claims.get("registration") if claims else None
+        challenge = self.credential_challenges.pop(str(identifier), None) if identifier else None
+        if challenge is None or challenge.expires < time.monotonic():
+            raise ApiError(
+                401,
+                "unauthorized",
+                "send the temporaryAuthenticationToken of a live registration as the bearer",
+            )
+        first = ctx.need("firstFactorCredential", dict)
+        if first.get("credentialKind") != "Fido2" or not isinstance(
+            first.get("credentialInfo"), dict
+        ):
+            raise bad_request(
+                'firstFactorCredential needs credentialKind "Fido2" and a credentialInfo object'
+            )
+        name = str(first.get("credentialName") or "Passkey")
+        credential = await self._register_fido2(challenge, first["credentialInfo"], name)
+        principal = self.principals[challenge.principal_id]
+        return 200, {
+            "credential": {"uuid": credential.uuid, "kind": "Fido2", "name": credential.name},
+            "user": {"id": principal.id, "username": principal.name, "orgId": principal.org_id},
+        }
 
     async def delegated_login(self, ctx: Ctx) -> tuple[int, Any]:
         """Service accounts only: a token for an end user, without the user's credentials.
@@ -1391,6 +1448,8 @@ class Sandbox:
             read("POST", "/auth/action/init", self.action_init),
             read("POST", "/auth/action", self.action_sign),
             signed("POST", "/auth/login/delegated", self.delegated_login),
+            signed("POST", "/auth/registration/delegated", self.delegated_registration),
+            read("POST", "/auth/registration", self.register, auth=False, mutating=True),
             read("POST", "/auth/credentials/init", self.credential_init),
             read("POST", "/auth/credentials/code/init", self.code_init, auth=False),
             read(
