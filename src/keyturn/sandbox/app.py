@@ -55,6 +55,7 @@ from keyturn.sandbox.store import (
     Webhook,
 )
 from keyturn.sandbox.webauthn import (
+    Registration,
     WebAuthnError,
     rp_id_for_origin,
     user_handle_matches,
@@ -432,7 +433,7 @@ class Sandbox:
 
     @staticmethod
     def _fido2_credential(
-        org_id: str, principal_id: str, name: str, registration: Any, now: str
+        org_id: str, principal_id: str, name: str, registration: Registration, now: str
     ) -> Credential:
         return Credential(
             uuid=new_id("cr", 10),
@@ -450,7 +451,7 @@ class Sandbox:
         )
 
     @staticmethod
-    def _fido2_state(uuid: str, registration: Any) -> Fido2State:
+    def _fido2_state(uuid: str, registration: Registration) -> Fido2State:
         return Fido2State(
             uuid=uuid,
             sign_count=registration.sign_count,
