@@ -47,10 +47,21 @@ from keyturn.sandbox.faults import DROP, FaultConfig, FaultConfigError, Faults
 from keyturn.sandbox.store import (
     Conflict,
     Credential,
+    Fido2State,
     Principal,
+    RelyingParties,
     Store,
     TokenRecord,
     Webhook,
+)
+from keyturn.sandbox.webauthn import (
+    Registration,
+    WebAuthnError,
+    rp_id_for_origin,
+    user_handle_matches,
+    validate_relying_parties,
+    verify_assertion,
+    verify_registration,
 )
 from keyturn.sandbox.webhooks import Deliveries, utc_now_iso
 
@@ -58,6 +69,11 @@ T = TypeVar("T")
 
 RP = {"id": "sandbox.keyturn.local", "name": "keyturn Dfns sandbox"}
 ORIGIN = "http://sandbox.keyturn.local"
+#: Where passkeys live unless --webauthn-origin / --webauthn-rp-id (or /_sandbox/) say otherwise.
+PASSKEY_ORIGIN = "https://sandbox.keyturn.local"
+PASSKEY_RP_ID = "sandbox.keyturn.local"
+#: A credential code lives at most this long (before --time-scale).
+CODE_MAX_TTL = 60.0
 WEBHOOK_LIMIT = 5
 CHALLENGE_TTL = 300.0
 USER_ACTION_TTL = 600.0
@@ -243,6 +259,15 @@ class SandboxSettings:
     event_rate: float = 0.0
     time_scale: float = 1.0
     faults: FaultConfig = field(default_factory=FaultConfig)
+    #: End users (one passkey each) created at bootstrap; their authenticator state (with the
+    #: passkeys' private keys) goes to `authenticator_state`, which must lie outside state_dir.
+    end_users: int = 0
+    authenticator_state: Path | None = None
+    #: The organisation's allowed WebAuthn origins and rpIds; empty keeps what is stored.
+    webauthn_origins: list[str] = field(default_factory=list)
+    webauthn_rp_ids: list[str] = field(default_factory=list)
+    #: "required" or "preferred"; None keeps what is stored.
+    user_verification: str | None = None
 
 
 class Sandbox:
@@ -251,6 +276,20 @@ class Sandbox:
             raise ValueError("--time-scale must be greater than 0")
         if settings.service_accounts < 1:
             raise ValueError("--service-accounts must be at least 1")
+        if settings.end_users < 0:
+            raise ValueError("--end-users must be zero or more")
+        if settings.end_users and settings.authenticator_state is None:
+            raise ValueError("--end-users needs --authenticator-state FILE (outside --state-dir)")
+        if settings.authenticator_state is not None:
+            state_dir = settings.state_dir.resolve()
+            target = settings.authenticator_state.resolve()
+            if target == state_dir or state_dir in target.parents:
+                raise ValueError(
+                    "--authenticator-state must lie outside --state-dir: the sandbox's own files"
+                    " never hold a passkey's private key"
+                )
+        if settings.user_verification not in (None, "required", "preferred"):
+            raise ValueError('--user-verification must be "required" or "preferred"')
         self.settings = settings
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(settings.state_dir / "sandbox.sqlite3")
@@ -265,6 +304,7 @@ class Sandbox:
         self.org_id = org
         self.tokens = self.store.tokens()
         self.principals = self.store.principals()
+        self.relying_parties = self._relying_parties_at_start()
         self.faults = Faults(settings.faults)
         self.counters = Counters()
         self.deliveries = Deliveries(self.store, time_scale=settings.time_scale)
@@ -327,12 +367,139 @@ class Sandbox:
         doc["service_accounts"] = accounts
         doc["pat"] = add("pat", "User", "Pat", "pat-owner@sandbox.local", "ecdsa-p256")
         doc["user"] = add("user", "User", "User", "user@sandbox.local", "ed25519")
+        relying_parties = self._start_relying_parties(org_id, None)
+        fido2: list[Fido2State] = []
+        if self.settings.end_users:
+            doc["end_users"] = self._bootstrap_end_users(
+                org_id, relying_parties, principals, credentials, fido2
+            )
+            doc["authenticator_state"] = str(self.settings.authenticator_state)
         self.store.bootstrap(
             meta={"org_id": org_id, "jwt_secret": secret.hex(), "bootstrap": json.dumps(doc)},
             principals=principals,
             tokens=tokens,
             credentials=credentials,
+            fido2=fido2,
+            relying_parties=relying_parties,
         )
+
+    def _bootstrap_end_users(
+        self,
+        org_id: str,
+        rp: RelyingParties,
+        principals: list[Principal],
+        credentials: list[Credential],
+        fido2: list[Fido2State],
+    ) -> list[dict[str, Any]]:
+        """N end users with one passkey each, made by a software authenticator whose state
+        (private keys included) goes to the authenticator state file, never to the sandbox's
+        own files. Each passkey goes through the same verification as one registered over HTTP.
+        """
+        from keyturn.testing.authenticator import SoftwareAuthenticator
+
+        assert self.settings.authenticator_state is not None
+        device = SoftwareAuthenticator()
+        origin, rp_id = rp.origins[0], rp_id_for_origin(rp.origins[0], rp.origins, rp.rp_ids)
+        users: list[dict[str, Any]] = []
+        now = utc_now_iso()
+        for i in range(self.settings.end_users):
+            principal = Principal(
+                new_id("us", 8), org_id, "EndUser", f"end-user-{i + 1}@sandbox.local"
+            )
+            challenge = random_token(32)
+            info = device.make_credential(
+                rp_id=rp_id,
+                origin=origin,
+                challenge=challenge,
+                user_id=principal.id,
+                user_name=principal.name,
+                attestation="packed" if i % 2 else "none",
+            )
+            registration = verify_registration(
+                cred_id=info["credId"],
+                client_data_b64=info["clientData"],
+                attestation_b64=info["attestationData"],
+                challenge=challenge,
+                origins=rp.origins,
+                rp_ids=rp.rp_ids,
+                require_uv=rp.user_verification == "required",
+            )
+            credential = self._fido2_credential(
+                org_id, principal.id, "bootstrap passkey", registration, now
+            )
+            principals.append(principal)
+            credentials.append(credential)
+            fido2.append(self._fido2_state(credential.uuid, registration))
+            users.append(
+                {
+                    "username": principal.name,
+                    "user_id": principal.id,
+                    "credential_id": credential.credential_id,
+                    "credential_uuid": credential.uuid,
+                    "rp_id": registration.rp_id,
+                    "origin": registration.origin,
+                }
+            )
+        device.save(self.settings.authenticator_state)
+        return users
+
+    @staticmethod
+    def _fido2_credential(
+        org_id: str, principal_id: str, name: str, registration: Registration, now: str
+    ) -> Credential:
+        return Credential(
+            uuid=new_id("cr", 10),
+            credential_id=registration.credential_id,
+            org_id=org_id,
+            principal_id=principal_id,
+            kind="Fido2",
+            name=name,
+            public_key=registration.public_key_pem,
+            algorithm=registration.algorithm,
+            is_active=True,
+            date_created=now,
+            origin=registration.origin,
+            relying_party_id=registration.rp_id,
+        )
+
+    @staticmethod
+    def _fido2_state(uuid: str, registration: Registration) -> Fido2State:
+        return Fido2State(
+            uuid=uuid,
+            sign_count=registration.sign_count,
+            aaguid=registration.aaguid,
+            attestation_format=registration.attestation_format,
+        )
+
+    # ------------------------------------------------------------------------ relying parties
+
+    def _start_relying_parties(self, org_id: str, stored: RelyingParties | None) -> RelyingParties:
+        """The start settings over what is stored (or the defaults); ValueError if invalid."""
+        settings = self.settings
+        origins = settings.webauthn_origins or (stored.origins if stored else [PASSKEY_ORIGIN])
+        rp_ids = settings.webauthn_rp_ids or (stored.rp_ids if stored else [PASSKEY_RP_ID])
+        uv = settings.user_verification or (stored.user_verification if stored else "required")
+        try:
+            clean_origins, clean_rp_ids = validate_relying_parties(origins, rp_ids)
+        except WebAuthnError as exc:
+            raise ValueError(exc.message) from None
+        return RelyingParties(org_id, clean_origins, clean_rp_ids, uv)
+
+    def _relying_parties_at_start(self) -> dict[str, RelyingParties]:
+        stored = self.store.relying_parties(self.org_id)
+        current = self._start_relying_parties(self.org_id, stored)
+        if current != stored:
+            self.store.put_relying_parties(current)
+        return {self.org_id: current}
+
+    def rp_of(self, org_id: str) -> RelyingParties:
+        return self.relying_parties[org_id]
+
+    def rp_entity(self, org_id: str, request: Request) -> dict[str, str]:
+        """The `rp` to offer: the rpId usable from the request's Origin, else the default."""
+        rp = self.rp_of(org_id)
+        rp_id = rp_id_for_origin(request.headers.get("origin"), rp.origins, rp.rp_ids)
+        return {"id": rp_id, "name": RP["name"]}
 
     @staticmethod
     def _claims(token: TokenRecord) -> dict[str, Any]:
@@ -517,17 +684,31 @@ class Sandbox:
             for c in credentials
             if c.is_active and c.kind == "Key"
         ]
+        passkeys = [
+            {"type": "public-key", "id": c.credential_id}
+            for c in credentials
+            if c.is_active and c.kind == "Fido2"
+        ]
+        kinds = [{"kind": "Key", "factor": "first", "requiresSecondFactor": False}]
+        rp: dict[str, str] = dict(RP)
+        user_verification = "required"
+        if passkeys or ctx.who.principal.kind == "EndUser":
+            kinds.append({"kind": "Fido2", "factor": "first", "requiresSecondFactor": False})
+            rp = self.rp_entity(ctx.who.org_id, ctx.request)
+            user_verification = self.rp_of(ctx.who.org_id).user_verification
         return 200, {
             "challenge": challenge.challenge,
             "challengeIdentifier": challenge.identifier,
-            "supportedCredentialKinds": [
-                {"kind": "Key", "factor": "first", "requiresSecondFactor": False}
-            ],
-            "rp": RP,
-            "userVerification": "required",
+            "supportedCredentialKinds": kinds,
+            "rp": rp,
+            "userVerification": user_verification,
             "attestation": "direct",
             "externalAuthenticationUrl": "",
-            "allowCredentials": {"key": allowed, "passwordProtectedKey": [], "webauthn": []},
+            "allowCredentials": {
+                "key": allowed,
+                "passwordProtectedKey": [],
+                "webauthn": passkeys,
+            },
         }
 
     async def action_sign(self, ctx: Ctx) -> tuple[int, Any]:
@@ -540,11 +721,20 @@ class Sandbox:
         if challenge.principal_id != ctx.who.principal.id:
             raise bad_request("this challenge was issued to another caller")
         first = ctx.need("firstFactor", dict)
-        if first.get("kind") != "Key":
-            raise bad_request('firstFactor.kind must be "Key" (the only kind the sandbox serves)')
+        if first.get("kind") not in ("Key", "Fido2"):
+            raise bad_request('firstFactor.kind must be "Key" or "Fido2"')
         assertion = first.get("credentialAssertion")
         if not isinstance(assertion, dict):
             raise bad_request("firstFactor.credentialAssertion must be an object")
+        if first.get("kind") == "Fido2":
+            await self._check_fido2_assertion(ctx, challenge, assertion)
+        else:
+            await self._check_key_assertion(ctx, challenge, assertion)
+        return 200, {"userAction": self._grant(challenge)}
+
+    async def _check_key_assertion(
+        self, ctx: Ctx, challenge: ActionChallenge, assertion: dict[str, Any]
+    ) -> None:
         cred_id, client_data_b64, signature_b64 = (
             assertion.get("credId"),
             assertion.get("clientData"),
@@ -577,9 +767,15 @@ class Sandbox:
             raise ApiError(
                 401, "unauthorized", 'clientData must have type "key.get" and this challenge'
             )
+        if credential.kind != "Key":
+            raise ApiError(
+                401, "unauthorized", f'credential {cred_id} is a {credential.kind}; sign as "Fido2"'
+            )
         public_key = load_public_key(credential.public_key)
         if not public_key.verify(signature, client_data):
             raise ApiError(401, "unauthorized", "the signature does not verify for this credential")
+
+    def _grant(self, challenge: ActionChallenge) -> str:
         token = "ua-" + random_token(32)
         self._prune()
         self.user_actions[token] = UserActionGrant(
@@ -589,15 +785,86 @@ class Sandbox:
             payload=challenge.payload,
             expires=time.monotonic() + USER_ACTION_TTL,
         )
-        return 200, {"userAction": token}
+        return token
+
+    async def _check_fido2_assertion(
+        self, ctx: Ctx, challenge: ActionChallenge, assertion: dict[str, Any]
+    ) -> None:
+        """A passkey's WebAuthn assertion over this challenge (401 naming the failed check)."""
+        fields = ("credId", "clientData", "authenticatorData", "signature")
+        values = [assertion.get(f) for f in fields]
+        if not all(isinstance(v, str) and v for v in values):
+            raise bad_request(
+                "a Fido2 credentialAssertion needs credId, clientData, authenticatorData and"
+                " signature strings (base64url)"
+            )
+        cred_id, client_data, authenticator_data, signature = (str(v) for v in values)
+        credential = await self.db(self.store.credential_by_cred_id, cred_id)
+        if credential is None or credential.principal_id != ctx.who.principal.id:
+            raise ApiError(
+                401, "unauthorized", "unknown credential for this caller", {"check": "credential"}
+            )
+        if credential.kind != "Fido2":
+            raise ApiError(
+                401,
+                "unauthorized",
+                f'credential {cred_id} is a {credential.kind} credential; sign as "Key"',
+                {"check": "credential"},
+            )
+        if not credential.is_active:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "the passkey is deactivated; sign with an active one",
+                {"check": "credential"},
+            )
+        state = await self.db(self.store.fido2_state, credential.uuid)
+        if state is None:
+            raise ApiError(500, "internal_error", "the passkey's counter state is missing")
+        user_handle = assertion.get("userHandle")
+        if user_handle and (
+            not isinstance(user_handle, str)
+            or not user_handle_matches(user_handle, credential.principal_id)
+        ):
+            raise ApiError(
+                401, "unauthorized", "userHandle names another user", {"check": "user_handle"}
+            )
+        rp = self.rp_of(credential.org_id)
+        try:
+            verified = verify_assertion(
+                public_key_pem=credential.public_key,
+                rp_id=credential.relying_party_id,
+                stored_sign_count=state.sign_count,
+                client_data_b64=client_data,
+                authenticator_data_b64=authenticator_data,
+                signature_b64=signature,
+                challenge=challenge.challenge,
+                origins=rp.origins,
+                rp_ids=rp.rp_ids,
+                require_uv=rp.user_verification == "required",
+            )
+        except WebAuthnError as exc:
+            raise ApiError(401, "unauthorized", exc.message, {"check": exc.check}) from None
+        advanced = await self.db(
+            self.store.advance_sign_count, credential.uuid, state.sign_count, verified.sign_count
+        )
+        if not advanced:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "another assertion of this passkey was accepted meanwhile; sign again",
+                {"check": "sign_count"},
+            )
 
     # -------------------------------------------------------------------------- credentials
 
-    def _new_credential_challenge(
-        self, org_id: str, principal: Principal, kind: str, *, via_code: bool
+    async def _new_credential_challenge(
+        self, org_id: str, principal: Principal, kind: str, *, via_code: bool, request: Request
     ) -> dict[str, Any]:
-        if kind != "Key":
-            raise bad_request(f'credential kind {kind!r} is not served by the sandbox; use "Key"')
+        if kind not in ("Key", "Fido2"):
+            raise bad_request(
+                f'credential kind {kind!r} is not served by the sandbox; use "Key" or "Fido2"'
+            )
         self._prune()
         challenge = CredentialChallenge(
             identifier=new_id("cc", 16),
@@ -609,6 +876,8 @@ class Sandbox:
             expires=time.monotonic() + CHALLENGE_TTL,
         )
         self.credential_challenges[challenge.identifier] = challenge
+        if kind == "Fido2":
+            return await self._fido2_challenge(challenge, principal, request)
         return {
             "kind": kind,
             "challengeIdentifier": challenge.identifier,
@@ -624,10 +893,38 @@ class Sandbox:
             "excludeCredentials": [],
         }
 
+    async def _fido2_challenge(
+        self, challenge: CredentialChallenge, principal: Principal, request: Request
+    ) -> dict[str, Any]:
+        rp = self.rp_of(challenge.org_id)
+        existing = await self.db(self.store.list_credentials, principal.id)
+        return {
+            "kind": "Fido2",
+            "challengeIdentifier": challenge.identifier,
+            "challenge": challenge.challenge,
+            "rp": self.rp_entity(challenge.org_id, request),
+            "user": {"id": principal.id, "name": principal.name, "displayName": principal.name},
+            "supportedCredentialKinds": {"firstFactor": ["Fido2", "Key"], "secondFactor": []},
+            "authenticatorSelection": {
+                "residentKey": "required",
+                "requireResidentKey": True,
+                "userVerification": rp.user_verification,
+            },
+            "attestation": "direct",
+            "pubKeyCredParams": [
+                {"type": "public-key", "alg": -7},
+                {"type": "public-key", "alg": -257},
+                {"type": "public-key", "alg": -8},
+            ],
+            "excludeCredentials": [
+                {"type": "public-key", "id": c.credential_id} for c in existing if c.kind == "Fido2"
+            ],
+        }
+
     async def credential_init(self, ctx: Ctx) -> tuple[int, Any]:
         kind = ctx.need("kind", str)
-        return 200, self._new_credential_challenge(
-            ctx.who.org_id, ctx.who.principal, kind, via_code=False
+        return 200, await self._new_credential_challenge(
+            ctx.who.org_id, ctx.who.principal, kind, via_code=False, request=ctx.request
         )
 
     async def _create_key_credential(
@@ -644,9 +941,13 @@ class Sandbox:
             raise bad_request(
                 "unknown or already used challengeIdentifier; create a new credential challenge"
             )
-        kind = ctx.field("credentialKind", str, required=False) or "Key"
-        if kind != "Key":
-            raise bad_request(f'credentialKind {kind!r} is not served by the sandbox; use "Key"')
+        kind = ctx.field("credentialKind", str, required=False) or challenge.kind
+        if kind != challenge.kind:
+            raise bad_request(
+                f"credentialKind {kind!r} differs from the challenge's kind {challenge.kind!r}"
+            )
+        if kind == "Fido2":
+            return await self._create_fido2_credential(ctx, challenge)
         name = ctx.field("credentialName", str, required=False) or "Key credential"
         info = ctx.need("credentialInfo", dict)
         cred_id = info.get("credId")
@@ -685,6 +986,53 @@ class Sandbox:
         except Conflict as exc:
             raise ApiError(409, "conflict", str(exc)) from None
         return 200, credential.to_api()
+
+    async def _create_fido2_credential(
+        self, ctx: Ctx, challenge: CredentialChallenge
+    ) -> tuple[int, Any]:
+        name = ctx.field("credentialName", str, required=False) or "Passkey"
+        credential = await self._register_fido2(challenge, ctx.need("credentialInfo", dict), name)
+        return 200, credential.to_api()
+
+    async def _register_fido2(
+        self, challenge: CredentialChallenge, info: dict[str, Any], name: str
+    ) -> Credential:
+        values = [info.get(f) for f in ("credId", "clientData", "attestationData")]
+        if not all(isinstance(v, str) and v for v in values):
+            raise bad_request("credentialInfo needs credId, clientData and attestationData strings")
+        cred_id, client_data, attestation = (str(v) for v in values)
+        if not all(c in string.ascii_letters + string.digits + "-_" for c in cred_id):
+            raise bad_request("credentialInfo.credId must be base64url (A-Z a-z 0-9 - _)")
+        rp = self.rp_of(challenge.org_id)
+        try:
+            registration = verify_registration(
+                cred_id=cred_id,
+                client_data_b64=client_data,
+                attestation_b64=attestation,
+                challenge=challenge.challenge,
+                origins=rp.origins,
+                rp_ids=rp.rp_ids,
+                require_uv=rp.user_verification == "required",
+            )
+        except WebAuthnError as exc:
+            raise ApiError(
+                400,
+                "invalid_attestation",
+                f"invalid Fido2 attestation: {exc.message}",
+                {"check": exc.check},
+            ) from None
+        credential = self._fido2_credential(
+            challenge.org_id, challenge.principal_id, name, registration, utc_now_iso()
+        )
+        try:
+            await self.db(
+                self.store.insert_fido2_credential,
+                credential,
+                self._fido2_state(credential.uuid, registration),
+            )
+        except Conflict as exc:
+            raise ApiError(409, "conflict", str(exc)) from None
+        return credential
 
     async def credential_create(self, ctx: Ctx) -> tuple[int, Any]:
         return await self._create_key_credential(
@@ -750,20 +1098,29 @@ class Sandbox:
         return 200, {}
 
     async def code_create(self, ctx: Ctx) -> tuple[int, Any]:
-        raw = ctx.need("expiration", str)
+        raw = ctx.body.get("expiration") if isinstance(ctx.body, dict) else None
         try:
-            expiration = datetime.fromisoformat(raw)
-        except ValueError:
-            raise bad_request("expiration must be an ISO 8601 date-time") from None
+            if isinstance(raw, int | float) and not isinstance(raw, bool):
+                # the SDKs also send epoch time: milliseconds (JavaScript's Date) or seconds
+                expiration = datetime.fromtimestamp(raw / 1000 if raw > 1e11 else raw, UTC)
+            elif isinstance(raw, str):
+                expiration = datetime.fromisoformat(raw)
+            else:
+                raise bad_request("missing required field 'expiration' in the request body")
+        except (ValueError, OverflowError, OSError):
+            raise bad_request("expiration must be an ISO 8601 date-time or epoch time") from None
         if expiration.tzinfo is None:
             expiration = expiration.replace(tzinfo=UTC)
         now = datetime.now(UTC)
-        if expiration <= now or expiration > now + timedelta(seconds=61):
+        if expiration <= now or expiration > now + timedelta(seconds=CODE_MAX_TTL + 1):
             raise bad_request("expiration must be in the future and at most 1 minute ahead")
         alphabet = string.ascii_uppercase + string.digits
         code = "-".join("".join(secrets.choice(alphabet) for _ in range(3)) for _ in range(3))
         stamp = expiration.astimezone(UTC).isoformat().replace("+00:00", "Z")
-        await self.db(self.store.insert_code, code, ctx.who.org_id, ctx.who.principal.id, stamp)
+        # --time-scale shortens the code's real lifetime (the response keeps the asked one).
+        lifetime = (expiration - now) / self.settings.time_scale
+        effective = (now + lifetime).astimezone(UTC).isoformat()
+        await self.db(self.store.insert_code, code, ctx.who.org_id, ctx.who.principal.id, effective)
         return 200, {"code": code, "expiration": stamp}
 
     async def code_init(self, ctx: Ctx) -> tuple[int, Any]:
@@ -774,13 +1131,95 @@ class Sandbox:
         if found is None:
             raise invalid
         org_id, principal_id, expiration = found
-        if datetime.fromisoformat(expiration) < datetime.now(UTC):
+        expires = datetime.fromisoformat(expiration.replace("Z", "+00:00"))
+        if expires.tzinfo is None:
+            expires = expires.replace(tzinfo=UTC)
+        if expires < datetime.now(UTC):
             raise invalid
         principal = self.principals[principal_id]
-        return 200, self._new_credential_challenge(org_id, principal, kind, via_code=True)
+        return 200, await self._new_credential_challenge(
+            org_id, principal, kind, via_code=True, request=ctx.request
+        )
 
     async def code_verify(self, ctx: Ctx) -> tuple[int, Any]:
         return await self._create_key_credential(ctx, via_code=True, caller_principal=None)
+
+    # ------------------------------------------------------------------------- delegated auth
+
+    async def delegated_registration(self, ctx: Ctx) -> tuple[int, Any]:
+        """Service accounts only: create an end user and the challenge their first passkey
+        signs; `temporaryAuthenticationToken` is the bearer of POST /auth/registration."""
+        if ctx.who.principal.kind != "ServiceAccount":
+            raise ApiError(
+                403, "forbidden", "only a service account may call /auth/registration/delegated"
+            )
+        email = ctx.need("email", str).strip()
+        kind = ctx.field("kind", str, required=False) or "EndUser"
+        if kind not in ("EndUser", "CustomerEmployee") or not email:
+            raise bad_request('send {email, kind: "EndUser" or "CustomerEmployee"}')
+        if any(p.org_id == ctx.who.org_id and p.name == email for p in self.principals.values()):
+            raise ApiError(409, "conflict", "a user with this username already exists")
+        principal = Principal(new_id("us", 8), ctx.who.org_id, kind, email)
+        await self.db(self.store.insert_principal, principal)
+        self.principals[principal.id] = principal
+        body = await self._new_credential_challenge(
+            principal.org_id, principal, "Fido2", via_code=False, request=ctx.request
+        )
+        temporary = make_jwt(
+            {"registration": body["challengeIdentifier"], "sub": principal.id}, self.jwt_secret
+        )
+        body = {k: v for k, v in body.items() if k not in ("kind", "challengeIdentifier")}
+        return 200, {**body, "temporaryAuthenticationToken": temporary}
+
+    async def register(self, ctx: Ctx) -> tuple[int, Any]:
+        """Complete registration: the new user's first passkey, with the temporary token."""
+        scheme, _, bearer = ctx.request.headers.get("authorization", "").partition(" ")
+        claims = read_jwt(bearer.strip(), self.jwt_secret) if scheme.lower() == "bearer" else None
+        identifier = claims.get("registration") if claims else None
+        challenge = self.credential_challenges.pop(str(identifier), None) if identifier else None
+        if challenge is None or challenge.expires < time.monotonic():
+            raise ApiError(
+                401,
+                "unauthorized",
+                "send the temporaryAuthenticationToken of a live registration as the bearer",
+            )
+        first = ctx.need("firstFactorCredential", dict)
+        if first.get("credentialKind") != "Fido2" or not isinstance(
+            first.get("credentialInfo"), dict
+        ):
+            raise bad_request(
+                'firstFactorCredential needs credentialKind "Fido2" and a credentialInfo object'
+            )
+        name = str(first.get("credentialName") or "Passkey")
+        credential = await self._register_fido2(challenge, first["credentialInfo"], name)
+        principal = self.principals[challenge.principal_id]
+        return 200, {
+            "credential": {"uuid": credential.uuid, "kind": "Fido2", "name": credential.name},
+            "user": {"id": principal.id, "username": principal.name, "orgId": principal.org_id},
+        }
+
+    async def delegated_login(self, ctx: Ctx) -> tuple[int, Any]:
+        """Service accounts only: a token for an end user, without the user's credentials.
+        The token reads as the user; writes still need the user's own signature."""
+        if ctx.who.principal.kind != "ServiceAccount":
+            raise ApiError(
+                403, "forbidden", "only a service account may call /auth/login/delegated"
+            )
+        username = ctx.need("username", str)
+        user = next(
+            (
+                p
+                for p in self.principals.values()
+                if p.org_id == ctx.who.org_id and p.name == username and p.kind != "ServiceAccount"
+            ),
+            None,
+        )
+        if user is None:
+            raise ApiError(404, "not_found", "no user with this username in the organisation")
+        token = TokenRecord(new_id("to", 8), user.org_id, "Delegated", user.id, user.name)
+        await self.db(self.store.insert_token, token)
+        self.tokens[token.id] = token
+        return 200, {"token": make_jwt(self._claims(token), self.jwt_secret)}
 
     # ------------------------------------------------------------------------------ webhooks
 
@@ -945,6 +1384,43 @@ class Sandbox:
             return error_response(400, "bad_request", "since must be an integer sequence number")
         return JSONResponse({"seq": self.counters.seq, "requests": self.counters.since(after)})
 
+    async def control_relying_parties(self, request: Request) -> Response:
+        """GET or PUT {"origins": [...], "rpIds": [...], "userVerification"?}: the allowed
+        WebAuthn origins and rpIds of an organisation (?orgId=, default the sandbox's)."""
+        org_id = request.query_params.get("orgId", self.org_id)
+        if org_id not in self.relying_parties:
+            return error_response(404, "not_found", f"organisation {org_id} not found")
+        current = self.relying_parties[org_id]
+        if request.method == "PUT":
+            try:
+                body = json.loads(await request.body() or b"{}")
+            except ValueError:
+                return error_response(400, "bad_request", "the body must be JSON")
+            if not isinstance(body, dict):
+                return error_response(400, "bad_request", "the body must be a JSON object")
+            origins = body.get("origins", current.origins)
+            rp_ids = body.get("rpIds", current.rp_ids)
+            uv = body.get("userVerification", current.user_verification)
+            if not all(
+                isinstance(v, list) and all(isinstance(i, str) for i in v)
+                for v in (origins, rp_ids)
+            ):
+                return error_response(
+                    400, "bad_request", "origins and rpIds must be lists of strings"
+                )
+            if uv not in ("required", "preferred"):
+                return error_response(
+                    400, "bad_request", 'userVerification must be "required" or "preferred"'
+                )
+            try:
+                clean_origins, clean_rp_ids = validate_relying_parties(origins, rp_ids)
+            except WebAuthnError as exc:
+                return error_response(400, "bad_request", exc.message, {"check": exc.check})
+            current = RelyingParties(org_id, clean_origins, clean_rp_ids, uv)
+            await self.db(self.store.put_relying_parties, current)
+            self.relying_parties[org_id] = current
+        return JSONResponse(current.to_api())
+
     async def control_faults(self, request: Request) -> Response:
         if request.method == "PUT":
             try:
@@ -997,6 +1473,9 @@ class Sandbox:
         return [
             read("POST", "/auth/action/init", self.action_init),
             read("POST", "/auth/action", self.action_sign),
+            signed("POST", "/auth/login/delegated", self.delegated_login),
+            signed("POST", "/auth/registration/delegated", self.delegated_registration),
+            read("POST", "/auth/registration", self.register, auth=False, mutating=True),
             read("POST", "/auth/credentials/init", self.credential_init),
             read("POST", "/auth/credentials/code/init", self.code_init, auth=False),
             read(
@@ -1085,6 +1564,9 @@ def build_app(sandbox: Sandbox) -> ASGIApp:
     routes.append(Route("/_sandbox/faults", sandbox.control_faults, methods=["GET", "PUT"]))
     routes.append(Route("/_sandbox/requests", sandbox.control_requests, methods=["GET"]))
     routes.append(Route("/_sandbox/events", sandbox.control_events, methods=["POST"]))
+    routes.append(
+        Route("/_sandbox/relying-parties", sandbox.control_relying_parties, methods=["GET", "PUT"])
+    )
     routes.append(
         Route("/_sandbox/events/rate", sandbox.control_event_rate, methods=["GET", "PUT"])
     )

@@ -56,6 +56,28 @@ def serve(
         list[str] | None,
         typer.Option(help='Restrict faults to a route, e.g. "POST /auth/credentials" (repeat).'),
     ] = None,
+    end_users: Annotated[
+        int, typer.Option(help="End users with one passkey each to create on first start.")
+    ] = 0,
+    authenticator_state: Annotated[
+        Path | None,
+        typer.Option(
+            help="File (outside --state-dir) for the end users' authenticator, private keys"
+            " included; needed with --end-users."
+        ),
+    ] = None,
+    webauthn_origin: Annotated[
+        list[str] | None,
+        typer.Option(help="Allowed WebAuthn origin, e.g. https://app.example.com (repeat)."),
+    ] = None,
+    webauthn_rp_id: Annotated[
+        list[str] | None,
+        typer.Option(help="Allowed WebAuthn rpId, e.g. example.com (repeat; first is default)."),
+    ] = None,
+    user_verification: Annotated[
+        str | None,
+        typer.Option(help='"required" or "preferred" user verification for passkeys.'),
+    ] = None,
 ) -> None:
     """Serve the sandbox in the foreground; SIGTERM or Ctrl-C stops it."""
     from keyturn.sandbox.app import SandboxSettings
@@ -91,11 +113,19 @@ def serve(
         event_rate=event_rate,
         time_scale=time_scale,
         faults=faults,
+        end_users=end_users,
+        authenticator_state=authenticator_state,
+        webauthn_origins=list(webauthn_origin or []),
+        webauthn_rp_ids=list(webauthn_rp_id or []),
+        user_verification=user_verification,
     )
     try:
         run(settings, host=host, port=port)
     except KeyboardInterrupt:
         pass
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     except OSError as exc:
         typer.echo(f"error: cannot use state dir {state_dir}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1) from None

@@ -8,6 +8,7 @@ arrive in batches.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -74,6 +75,18 @@ CREATE TABLE IF NOT EXISTS deliveries (
     recorded_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS deliveries_webhook ON deliveries (webhook_id, seq);
+CREATE TABLE IF NOT EXISTS fido2_credentials (
+    uuid TEXT PRIMARY KEY REFERENCES credentials(uuid),
+    sign_count INTEGER NOT NULL,
+    aaguid TEXT NOT NULL,
+    attestation_format TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS relying_parties (
+    org_id TEXT PRIMARY KEY,
+    origins TEXT NOT NULL,
+    rp_ids TEXT NOT NULL,
+    user_verification TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
 """
 
@@ -104,6 +117,34 @@ class Credential:
             "publicKey": self.public_key,
             "relyingPartyId": self.relying_party_id,
             "origin": self.origin,
+        }
+
+
+@dataclass(frozen=True)
+class Fido2State:
+    """What the sandbox keeps about a passkey beyond its public key (never a private key)."""
+
+    uuid: str
+    sign_count: int
+    aaguid: str
+    attestation_format: str
+
+
+@dataclass(frozen=True)
+class RelyingParties:
+    """An organisation's allowed WebAuthn origins and rpIds (the first rpId is the default)."""
+
+    org_id: str
+    origins: list[str]
+    rp_ids: list[str]
+    user_verification: str  # "required" | "preferred"
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "orgId": self.org_id,
+            "origins": list(self.origins),
+            "rpIds": list(self.rp_ids),
+            "userVerification": self.user_verification,
         }
 
 
@@ -143,7 +184,7 @@ class Webhook:
 class Principal:
     id: str
     org_id: str
-    kind: str  # "ServiceAccount" | "User"
+    kind: str  # "ServiceAccount" | "User" | "EndUser"
     name: str
 
 
@@ -151,7 +192,7 @@ class Principal:
 class TokenRecord:
     id: str
     org_id: str
-    kind: str  # "Service" | "Pat" | "User"
+    kind: str  # "Service" | "Pat" | "User" | "Delegated"
     principal_id: str
     name: str
 
@@ -291,6 +332,8 @@ class Store:
         principals: Sequence[Principal],
         tokens: Sequence[TokenRecord],
         credentials: Sequence[Credential],
+        fido2: Sequence[Fido2State] = (),
+        relying_parties: RelyingParties | None = None,
     ) -> None:
         """Write the whole initial organisation in one transaction."""
         with self._tx() as db:
@@ -304,7 +347,26 @@ class Store:
             )
             for credential in credentials:
                 self._insert_credential(db, credential)
+            for state in fido2:
+                self._insert_fido2(db, state)
+            if relying_parties is not None:
+                self._put_relying_parties(db, relying_parties)
             db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", sorted(meta.items()))
+
+    def insert_principal(self, principal: Principal) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO principals (id, org_id, kind, name) VALUES (?, ?, ?, ?)",
+                (principal.id, principal.org_id, principal.kind, principal.name),
+            )
+
+    def insert_token(self, token: TokenRecord) -> None:
+        """Record an issued token (its id only: the token itself is never stored)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO tokens (id, org_id, kind, principal_id, name) VALUES (?, ?, ?, ?, ?)",
+                (token.id, token.org_id, token.kind, token.principal_id, token.name),
+            )
 
     def tokens(self) -> dict[str, TokenRecord]:
         with self._read() as db:
@@ -352,6 +414,62 @@ class Store:
         with self._tx() as db:
             self._insert_credential(db, credential)
 
+    @staticmethod
+    def _insert_fido2(db: sqlite3.Connection, state: Fido2State) -> None:
+        db.execute(
+            "INSERT INTO fido2_credentials (uuid, sign_count, aaguid, attestation_format)"
+            " VALUES (?, ?, ?, ?)",
+            (state.uuid, state.sign_count, state.aaguid, state.attestation_format),
+        )
+
+    def insert_fido2_credential(self, credential: Credential, state: Fido2State) -> None:
+        """A passkey: its credential row and its counter state, in one transaction."""
+        with self._tx() as db:
+            self._insert_credential(db, credential)
+            self._insert_fido2(db, state)
+
+    def fido2_state(self, uuid: str) -> Fido2State | None:
+        with self._read() as db:
+            row = db.execute("SELECT * FROM fido2_credentials WHERE uuid = ?", (uuid,)).fetchone()
+        if row is None:
+            return None
+        return Fido2State(
+            row["uuid"], int(row["sign_count"]), row["aaguid"], row["attestation_format"]
+        )
+
+    def advance_sign_count(self, uuid: str, expected: int, new: int) -> bool:
+        """Compare-and-set of a passkey's counter (False when another assertion won the race)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE fido2_credentials SET sign_count = ? WHERE uuid = ? AND sign_count = ?",
+                (new, uuid, expected),
+            )
+            return cur.rowcount == 1
+
+    # ------------------------------------------------------------------------ relying parties
+
+    @staticmethod
+    def _put_relying_parties(db: sqlite3.Connection, rp: RelyingParties) -> None:
+        db.execute(
+            "INSERT INTO relying_parties (org_id, origins, rp_ids, user_verification)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (org_id) DO UPDATE SET origins = excluded.origins,"
+            " rp_ids = excluded.rp_ids, user_verification = excluded.user_verification",
+            (rp.org_id, json.dumps(rp.origins), json.dumps(rp.rp_ids), rp.user_verification),
+        )
+
+    def put_relying_parties(self, rp: RelyingParties) -> None:
+        with self._tx() as db:
+            self._put_relying_parties(db, rp)
+
+    def relying_parties(self, org_id: str) -> RelyingParties | None:
+        with self._read() as db:
+            row = db.execute("SELECT * FROM relying_parties WHERE org_id = ?", (org_id,)).fetchone()
+        if row is None:
+            return None
+        return RelyingParties(
+            org_id, json.loads(row["origins"]), json.loads(row["rp_ids"]), row["user_verification"]
+        )
+
     def list_credentials(self, principal_id: str) -> list[Credential]:
         with self._read() as db:
             rows = db.execute(
@@ -381,6 +499,7 @@ class Store:
     def delete_credential(self, uuid: str) -> bool:
         with self._tx() as db:
             cur = db.execute("DELETE FROM credentials WHERE uuid = ?", (uuid,))
+            db.execute("DELETE FROM fido2_credentials WHERE uuid = ?", (uuid,))
             return cur.rowcount == 1
 
     def credential_counts(self) -> dict[str, dict[str, int]]:
@@ -397,20 +516,26 @@ class Store:
 
     # ---------------------------------------------------------------------------------- codes
 
+    @staticmethod
+    def _code_key(code: str) -> str:
+        # A code lets anyone add a credential while it lives: only its hash is stored.
+        return "sha256:" + hashlib.sha256(code.strip().upper().encode("utf-8")).hexdigest()
+
     def insert_code(self, code: str, org_id: str, principal_id: str, expiration: str) -> None:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO codes (code, org_id, principal_id, expiration) VALUES (?, ?, ?, ?)",
-                (code, org_id, principal_id, expiration),
+                (self._code_key(code), org_id, principal_id, expiration),
             )
 
     def consume_code(self, code: str) -> tuple[str, str, str] | None:
         """(org_id, principal_id, expiration) of an unused code, marking it used."""
+        key = self._code_key(code)
         with self._tx() as db:
-            row = db.execute("SELECT * FROM codes WHERE code = ? AND used = 0", (code,)).fetchone()
+            row = db.execute("SELECT * FROM codes WHERE code = ? AND used = 0", (key,)).fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE codes SET used = 1 WHERE code = ?", (code,))
+            db.execute("UPDATE codes SET used = 1 WHERE code = ?", (key,))
             return row["org_id"], row["principal_id"], row["expiration"]
 
     # ------------------------------------------------------------------------------- webhooks

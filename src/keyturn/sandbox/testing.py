@@ -9,6 +9,11 @@
 The process is `sys.executable -m keyturn.sandbox serve ...` on a free port (chosen by the
 sandbox itself, so parallel test workers never race for one); its stderr goes to
 `<state_dir>/sandbox.log`.
+
+Passkeys: ``start_sandbox(tmp_path / "sb", end_users=2)`` bootstraps two end users with one
+passkey each; ``sandbox.authenticator()`` loads the device that holds them (its state file lies
+next to the state dir, never in it), ``sandbox.delegated_login(username)`` logs one in, and
+``sandbox.passkey_client(token, device)`` signs that user's actions with the device.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,7 +36,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from keyturn.sandbox.crypto import b64url_encode
 
+if TYPE_CHECKING:
+    from keyturn.testing.authenticator import SoftwareAuthenticator
+
 __all__ = [
+    "PasskeyClient",
     "SandboxClient",
     "SandboxError",
     "SandboxProcess",
@@ -59,6 +68,8 @@ class SandboxProcess:
         event_rate: float = 0,
         time_scale: float = 1.0,
         extra_args: Sequence[str] = (),
+        end_users: int = 0,
+        authenticator_state: Path | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.port = port
@@ -66,6 +77,12 @@ class SandboxProcess:
         self.event_rate = event_rate
         self.time_scale = time_scale
         self.extra_args = list(extra_args)
+        self.end_users = end_users
+        if authenticator_state is None and end_users:
+            authenticator_state = (
+                self.state_dir.parent / f"{self.state_dir.name}-authenticator.json"
+            )
+        self.authenticator_state = authenticator_state
         self.bootstrap: dict[str, Any] = {}
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -111,6 +128,12 @@ class SandboxProcess:
             str(self.event_rate),
             "--time-scale",
             str(self.time_scale),
+            *(["--end-users", str(self.end_users)] if self.end_users else []),
+            *(
+                ["--authenticator-state", str(self.authenticator_state)]
+                if self.authenticator_state is not None
+                else []
+            ),
             *self.extra_args,
         ]
 
@@ -249,6 +272,59 @@ class SandboxProcess:
         result = self._control("POST", "/_sandbox/events", {"kind": kind, "data": data or {}})
         return int(result["queued"])
 
+    def relying_parties(self) -> dict[str, Any]:
+        """The organisation's allowed WebAuthn origins, rpIds and user verification."""
+        result: dict[str, Any] = self._control("GET", "/_sandbox/relying-parties")
+        return result
+
+    def set_relying_parties(
+        self,
+        *,
+        origins: Sequence[str] | None = None,
+        rp_ids: Sequence[str] | None = None,
+        user_verification: str | None = None,
+    ) -> dict[str, Any]:
+        """Replace the given WebAuthn settings (SandboxError with the reason if refused)."""
+        body: dict[str, Any] = {}
+        if origins is not None:
+            body["origins"] = list(origins)
+        if rp_ids is not None:
+            body["rpIds"] = list(rp_ids)
+        if user_verification is not None:
+            body["userVerification"] = user_verification
+        result: dict[str, Any] = self._control("PUT", "/_sandbox/relying-parties", body)
+        return result
+
+    def authenticator(self) -> SoftwareAuthenticator:
+        """The software authenticator holding the bootstrap end users' passkeys."""
+        from keyturn.testing.authenticator import SoftwareAuthenticator
+
+        if self.authenticator_state is None:
+            raise SandboxError("this sandbox has no end users; start it with end_users=N")
+        return SoftwareAuthenticator.load(self.authenticator_state)
+
+    def end_user(self, index: int = 0) -> dict[str, Any]:
+        """The bootstrap entry of an end user: username, user_id, credential_id/uuid, rp_id."""
+        users: list[dict[str, Any]] = self.bootstrap.get("end_users", [])
+        return users[index]
+
+    def delegated_login(self, username: str, role: str = "service_account") -> str:
+        """A Delegated Login token for `username`, signed by a service account."""
+        with self.client(role) as sa:
+            response = sa.request(
+                "POST", "/auth/login/delegated", {"username": username}, sign=True
+            )
+        if response.status_code != 200:
+            raise SandboxError(f"delegated login answered {response.status_code}: {response.text}")
+        return str(response.json()["token"])
+
+    def passkey_client(
+        self, token: str, device: SoftwareAuthenticator, origin: str | None = None, **options: Any
+    ) -> PasskeyClient:
+        """A client acting as an end user (`token` from delegated_login) signing with `device`."""
+        chosen = origin or str(self.bootstrap.get("end_users", [{}])[0].get("origin", ""))
+        return PasskeyClient(self.base_url, token, device, chosen, **options)
+
     def client(self, role: str = "service_account", *, timeout: float = 10.0) -> SandboxClient:
         """A signing client for a bootstrap principal: "service_account", "pat" or "user"."""
         entry = self.bootstrap[role]
@@ -269,6 +345,8 @@ def start_sandbox(
     event_rate: float = 0,
     time_scale: float = 1.0,
     extra_args: Sequence[str] = (),
+    end_users: int = 0,
+    authenticator_state: Path | None = None,
 ) -> SandboxProcess:
     """Start a sandbox subprocess and wait until it serves (bootstrap.json written)."""
     return SandboxProcess(
@@ -278,6 +356,8 @@ def start_sandbox(
         event_rate=event_rate,
         time_scale=time_scale,
         extra_args=extra_args,
+        end_users=end_users,
+        authenticator_state=authenticator_state,
     ).start()
 
 
@@ -434,5 +514,59 @@ class SandboxClient:
                 "clientData": client_data,
                 "attestationData": attestation,
             },
+        }
+        return self.request("POST", "/auth/credentials", body, sign=True)
+
+
+class PasskeyClient(SandboxClient):
+    """A SandboxClient acting as an end user whose user actions a passkey signs (Fido2)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        device: SoftwareAuthenticator,
+        origin: str,
+        *,
+        timeout: float = 10.0,
+        **options: Any,
+    ) -> None:
+        super().__init__(base_url, token, "", b"", timeout=timeout)
+        self.device = device
+        self.origin = origin
+        #: passed to device.first_factor (credential_id=, challenge_encoding=, ...)
+        self.options = options
+
+    def __repr__(self) -> str:
+        return f"PasskeyClient(base_url={self.base_url!r}, origin={self.origin!r})"
+
+    def assertion(self, challenge: dict[str, Any]) -> dict[str, Any]:
+        return self.device.first_factor(challenge, origin=self.origin, **self.options)
+
+    def fido2_challenge(self) -> dict[str, Any]:
+        init = self._http.post("/auth/credentials/init", json={"kind": "Fido2"})
+        if init.status_code != 200:
+            raise SandboxError(f"/auth/credentials/init answered {init.status_code}: {init.text}")
+        return dict(init.json())
+
+    def create_passkey(
+        self, device: SoftwareAuthenticator, origin: str, name: str = "passkey", **options: Any
+    ) -> httpx.Response:
+        """Create Credential (Fido2) for a new passkey made by `device` at `origin`, signed by
+        this client's passkey. `options` go to device.make_credential."""
+        challenge = self.fido2_challenge()
+        info = device.make_credential(
+            rp_id=options.pop("rp_id", challenge["rp"]["id"]),
+            origin=origin,
+            challenge=challenge["challenge"],
+            user_id=challenge["user"]["id"],
+            user_name=challenge["user"]["name"],
+            **options,
+        )
+        body = {
+            "challengeIdentifier": challenge["challengeIdentifier"],
+            "credentialName": name,
+            "credentialKind": "Fido2",
+            "credentialInfo": info,
         }
         return self.request("POST", "/auth/credentials", body, sign=True)

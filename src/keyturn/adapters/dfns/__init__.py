@@ -4,7 +4,7 @@ Public API: :class:`DfnsClient`, :class:`KeySigner`, :class:`DfnsKeyProvider`,
 :func:`provider_for`, the typed results in :mod:`.models` and the errors in :mod:`.errors`.
 """
 
-from keyturn.adapters.dfns.client import DfnsClient
+from keyturn.adapters.dfns.client import AssertionRelay, DfnsClient
 from keyturn.adapters.dfns.errors import (
     CredentialNotAllowed,
     DfnsApiError,
@@ -22,7 +22,9 @@ from keyturn.adapters.dfns.models import (
     Credential,
     CredentialChallenge,
     CredentialCode,
+    DelegatedToken,
     PingResult,
+    UserActionChallenge,
     Webhook,
     WebhookEvent,
     WebhookEventPage,
@@ -32,10 +34,12 @@ from keyturn.adapters.dfns.provider import DfnsKeyProvider, provider_for
 from keyturn.adapters.dfns.signing import KeySigner, new_credential_id
 
 __all__ = [
+    "AssertionRelay",
     "Credential",
     "CredentialChallenge",
     "CredentialCode",
     "CredentialNotAllowed",
+    "DelegatedToken",
     "DfnsApiError",
     "DfnsBadResponse",
     "DfnsClient",
@@ -50,6 +54,7 @@ __all__ = [
     "MissingSigner",
     "PingResult",
     "PolicyPending",
+    "UserActionChallenge",
     "Webhook",
     "WebhookEvent",
     "WebhookEventPage",

@@ -7,6 +7,11 @@ The client does not retry; errors say whether retrying is safe (see :mod:`.error
 
 Nothing here logs or puts into an error the bearer token, a user-action token, a webhook secret,
 a credential code or key material; request bodies and response bodies are never logged.
+
+End users' passkeys: a service account logs a user in with :meth:`DfnsClient.delegated_login`;
+:meth:`DfnsClient.as_user` gives a client that reads as that user and has each of its writes
+signed by the user's passkey through an :data:`AssertionRelay` (the challenge goes to the user's
+browser or device, the Fido2 assertion comes back), since a delegated token alone cannot write.
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ from keyturn.adapters.dfns.models import (
     Credential,
     CredentialChallenge,
     CredentialCode,
+    DelegatedToken,
     MissingField,
     PingResult,
+    UserActionChallenge,
     Webhook,
     WebhookEvent,
     WebhookEventPage,
@@ -53,6 +60,10 @@ from keyturn.ports import RequestBudget
 log = logging.getLogger("keyturn.dfns")
 
 T = TypeVar("T")
+
+#: Signs a user action elsewhere (the user's browser or device): given the challenge, returns
+#: `/auth/action`'s firstFactor, e.g. {"kind": "Fido2", "credentialAssertion": {...}}.
+AssertionRelay = Callable[[UserActionChallenge], Awaitable[Mapping[str, Any]]]
 
 _MAX_PAGES = 1000
 _TIMEOUT_PHASES: tuple[tuple[type[httpx.TimeoutException], str], ...] = (
@@ -147,6 +158,7 @@ class DfnsClient:
             raise ConfigError(f"the Dfns client timeout must be positive seconds, got {timeout}")
         self._token = token
         self._signer = signer
+        self._relay: AssertionRelay | None = None
         self._timeout = float(timeout)
         self._http = httpx.AsyncClient(
             base_url=self._base_url,
@@ -168,16 +180,34 @@ class DfnsClient:
         """A client with the same base URL, token, timeout and connection pool, signing with
         `signer`. It borrows this client's connections: close this one, not the derived one
         (closing the derived client is a no-op)."""
+        return self._derive(signer)
+
+    def _derive(self, signer: KeySigner | None) -> DfnsClient:
         derived = object.__new__(DfnsClient)
         derived._base_url = self._base_url
         derived._token = self._token
         derived._signer = signer
+        derived._relay = None
         derived._timeout = self._timeout
         derived._safe_retries = self._safe_retries
         derived._fence = self._fence
         derived._budget = self._budget
         derived._http = self._http
         derived._owns_http = False
+        return derived
+
+    def as_user(
+        self, token: DelegatedToken | str, relay: AssertionRelay | None = None
+    ) -> DfnsClient:
+        """A client acting as an end user (`token` from :meth:`delegated_login`), with this
+        client's base URL, timeout and connection pool. It reads as the user; its signed calls
+        are signed through `relay` (the user's passkey, elsewhere), never by this client's
+        signer. Close this client, not the derived one."""
+        value = token.reveal() if isinstance(token, DelegatedToken) else token
+        _check_token(value)
+        derived = self._derive(None)
+        derived._token = value
+        derived._relay = relay
         return derived
 
     @property
@@ -324,6 +354,7 @@ class DfnsClient:
         authenticated: bool = True,
         params: Mapping[str, str] | None = None,
         retry: bool | None = None,
+        origin: str | None = None,
     ) -> Any:
         """Send one request; sign it first when `signed`. Returns the parsed JSON body.
 
@@ -342,6 +373,7 @@ class DfnsClient:
                     authenticated=authenticated,
                     params=params,
                     retry=False,
+                    origin=origin,
                 )
             )
         content = b"" if body is None else compact_json(body)
@@ -350,6 +382,8 @@ class DfnsClient:
             headers["Authorization"] = f"Bearer {self._token}"
         if content:
             headers["Content-Type"] = "application/json"
+        if origin is not None:
+            headers["Origin"] = origin
         if signed:
             headers["X-DFNS-USERACTION"] = await self.sign_user_action(method, path, content)
         response = await self._send(
@@ -398,13 +432,64 @@ class DfnsClient:
     async def sign_user_action(self, method: str, path: str, body: bytes | str = b"") -> str:
         """Get a user-action token for `method path` with exactly `body` (the bytes that will be
         sent; empty for no body): init, sign the challenge, `POST /auth/action`. The exchange
-        has no effect until the token is used, so it is retried as a whole on retryable errors."""
+        has no effect until the token is used, so it is retried as a whole on retryable errors.
+        A client from :meth:`as_user` has the challenge signed through its relay, once (a
+        person may be asked): a failure reaches the caller."""
+        if self._signer is None and self._relay is not None:
+            return await self.relay_user_action(method, path, body, self._relay)
         return await self._safely(lambda: self._sign_user_action_once(method, path, body))
 
-    async def _sign_user_action_once(self, method: str, path: str, body: bytes | str) -> str:
-        signer = self._signer
-        if signer is None:
-            raise MissingSigner(method=method, path=path)
+    async def user_action_challenge(
+        self, method: str, path: str, body: bytes | str = b""
+    ) -> UserActionChallenge:
+        """`POST /auth/action/init` for `method path` with exactly `body`: the challenge to be
+        signed, here or by the user's device (see :meth:`complete_user_action`)."""
+        init = await self._safely(lambda: self._init_user_action(method, path, body))
+        return self._parse(
+            UserActionChallenge.from_api, init, "POST", "/auth/action/init", mutating=False
+        )
+
+    async def complete_user_action(
+        self, challenge: UserActionChallenge, first_factor: Mapping[str, Any]
+    ) -> str:
+        """`POST /auth/action` with a firstFactor made elsewhere (e.g. a passkey's Fido2
+        assertion from the user's browser); the user-action token."""
+        result = await self._call(
+            "POST",
+            "/auth/action",
+            body={
+                "challengeIdentifier": challenge.challenge_identifier,
+                "firstFactor": dict(first_factor),
+            },
+            mutating=False,
+            retry=False,
+        )
+        token = result.get("userAction") if isinstance(result, Mapping) else None
+        if not isinstance(token, str) or not token:
+            raise DfnsBadResponse(
+                method="POST",
+                path="/auth/action",
+                status=200,
+                problem="no userAction token",
+                mutating=False,
+            )
+        return token
+
+    async def relay_user_action(
+        self, method: str, path: str, body: bytes | str, relay: AssertionRelay
+    ) -> str:
+        """A user-action token for `method path body` whose assertion `relay` obtains from
+        elsewhere (the user's browser): init, relay, `POST /auth/action`."""
+        challenge = await self.user_action_challenge(method, path, body)
+        first_factor = await relay(challenge)
+        if not isinstance(first_factor, Mapping) or not first_factor.get("kind"):
+            raise InvalidRequest(
+                "the assertion relay must return a firstFactor object with a kind,"
+                ' e.g. {"kind": "Fido2", "credentialAssertion": {...}}'
+            )
+        return await self.complete_user_action(challenge, first_factor)
+
+    async def _init_user_action(self, method: str, path: str, body: bytes | str) -> Any:
         if not path.startswith("/") or "?" in path or "#" in path:
             raise InvalidRequest(
                 f"user-action path {path!r} must be a pathname starting with / and no query"
@@ -415,7 +500,7 @@ class DfnsClient:
             raise InvalidRequest(
                 f"the body of {method} {path} is not UTF-8 text; user actions sign JSON bodies"
             ) from None
-        init = await self._call(
+        return await self._call(
             "POST",
             "/auth/action/init",
             body={
@@ -427,6 +512,12 @@ class DfnsClient:
             mutating=False,
             retry=False,
         )
+
+    async def _sign_user_action_once(self, method: str, path: str, body: bytes | str) -> str:
+        signer = self._signer
+        if signer is None:
+            raise MissingSigner(method=method, path=path)
+        init = await self._init_user_action(method, path, body)
         if not isinstance(init, Mapping) or not init.get("challenge"):
             raise DfnsBadResponse(
                 method="POST",
@@ -576,6 +667,75 @@ class DfnsClient:
         )
         return self._parse(Credential.from_api, data, "POST", path, mutating=True)
 
+    # ------------------------------------------------------------------ end users, passkeys
+
+    async def delegated_login(self, username: str) -> DelegatedToken:
+        """Delegated Login (service accounts only, signed): a token for the end user
+        `username`, without the user's credentials. Use it with :meth:`as_user`."""
+        if not isinstance(username, str) or not username:
+            raise InvalidRequest("the username to log in is empty")
+        path = "/auth/login/delegated"
+        data = await self._call("POST", path, body={"username": username}, signed=True)
+        token = data.get("token") if isinstance(data, Mapping) else None
+        if not isinstance(token, str) or not token:
+            raise DfnsBadResponse(
+                method="POST", path=path, status=200, problem="no token", mutating=True
+            )
+        return DelegatedToken(token)
+
+    async def list_user_credentials(self, user: DelegatedToken | str) -> list[Credential]:
+        """The credentials (Key and Fido2) of the end user whose delegated token is `user`."""
+        return await self.as_user(user).list_credentials()
+
+    async def fido2_challenge(self, *, origin: str | None = None) -> CredentialChallenge:
+        """Create Credential Challenge for a passkey: `raw` holds the creation options (rp,
+        user, pubKeyCredParams, excludeCredentials, ...) for the user's browser. `origin` is
+        the browser's origin, from which the provider picks the rp."""
+        path = "/auth/credentials/init"
+        data = await self._call("POST", path, body={"kind": "Fido2"}, mutating=False, origin=origin)
+        return self._parse(CredentialChallenge.from_api, data, "POST", path, mutating=False)
+
+    async def create_fido2_credential(
+        self, challenge: CredentialChallenge, credential_info: Mapping[str, str], name: str
+    ) -> Credential:
+        """Create Credential for a passkey the user's device made (`credential_info`: credId,
+        clientData, attestationData, base64url), signed by an existing credential of the user
+        (this client's signer, or its relay for a client from :meth:`as_user`)."""
+        path = "/auth/credentials"
+        data = await self._call(
+            "POST", path, body=_fido2_credential_body(challenge, credential_info, name), signed=True
+        )
+        return self._parse(Credential.from_api, data, "POST", path, mutating=True)
+
+    async def fido2_code_challenge(
+        self, code: str | CredentialCode, *, origin: str | None = None
+    ) -> CredentialChallenge:
+        """Challenge With Code for a passkey (unauthenticated), as seen from `origin`."""
+        path = "/auth/credentials/code/init"
+        data = await self._call(
+            "POST",
+            path,
+            body={"code": _code_text(code), "credentialKind": "Fido2"},
+            mutating=False,
+            authenticated=False,
+            origin=origin,
+        )
+        return self._parse(CredentialChallenge.from_api, data, "POST", path, mutating=False)
+
+    async def create_fido2_credential_with_code(
+        self, challenge: CredentialChallenge, credential_info: Mapping[str, str], name: str
+    ) -> Credential:
+        """Create Credential With Code for a passkey (unauthenticated, unsigned)."""
+        path = "/auth/credentials/code/verify"
+        data = await self._call(
+            "POST",
+            path,
+            body=_fido2_credential_body(challenge, credential_info, name),
+            mutating=True,
+            authenticated=False,
+        )
+        return self._parse(Credential.from_api, data, "POST", path, mutating=True)
+
     # -------------------------------------------------------------------------- webhooks
 
     async def create_webhook(
@@ -714,6 +874,23 @@ def _key_credential_body(
         "credentialName": name,
         "credentialKind": "Key",
         "credentialInfo": new_signer.attestation(challenge.challenge),
+    }
+
+
+def _fido2_credential_body(
+    challenge: CredentialChallenge, credential_info: Mapping[str, str], name: str
+) -> dict[str, Any]:
+    """Create Credential's body for a passkey made by the user's device."""
+    info = {k: credential_info.get(k) for k in ("credId", "clientData", "attestationData")}
+    if not all(isinstance(v, str) and v for v in info.values()):
+        raise InvalidRequest(
+            "a Fido2 credentialInfo needs credId, clientData and attestationData (base64url)"
+        )
+    return {
+        "challengeIdentifier": challenge.challenge_identifier,
+        "credentialName": name,
+        "credentialKind": "Fido2",
+        "credentialInfo": info,
     }
 
 

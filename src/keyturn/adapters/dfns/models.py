@@ -60,6 +60,67 @@ class WebhookSecret:
         return hash(("WebhookSecret", self._value))
 
 
+class DelegatedToken:
+    """A user's access token from Delegated Login. It reads as the user (writes still need the
+    user's own signature); masked in repr and str, and it cannot be pickled."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The token itself: use it as a bearer (DfnsClient.as_user); never log or store it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "DelegatedToken('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DelegatedToken) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("DelegatedToken", self._value))
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a DelegatedToken is a credential and cannot be pickled")
+
+
+def _ids(entries: object) -> tuple[str, ...]:
+    if not isinstance(entries, list):
+        return ()
+    return tuple(str(e["id"]) for e in entries if isinstance(e, Mapping) and e.get("id"))
+
+
+@dataclass(frozen=True)
+class UserActionChallenge:
+    """A user-action challenge (`POST /auth/action/init`) to be signed, possibly elsewhere:
+    `raw` is the whole response, to hand to the user's browser or device as it came."""
+
+    challenge: str
+    challenge_identifier: str
+    rp_id: str | None = None
+    user_verification: str | None = None
+    allowed_keys: tuple[str, ...] = ()
+    allowed_passkeys: tuple[str, ...] = ()
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> UserActionChallenge:
+        allowed = _mapping(data.get("allowCredentials"))
+        return cls(
+            challenge=_req(data, "user-action challenge", "challenge"),
+            challenge_identifier=_req(data, "user-action challenge", "challengeIdentifier"),
+            rp_id=_opt(_mapping(data.get("rp")), "id"),
+            user_verification=_opt(data, "userVerification"),
+            allowed_keys=_ids(allowed.get("key")),
+            allowed_passkeys=_ids(allowed.get("webauthn")),
+            raw=dict(data),
+        )
+
+
 @dataclass(frozen=True)
 class Credential:
     credential_id: str
@@ -98,6 +159,8 @@ class CredentialChallenge:
     rp_name: str | None = None
     user_id: str | None = None
     user_name: str | None = None
+    #: The whole response (for Fido2: the creation options a browser needs, as they came).
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_api(cls, data: Mapping[str, Any]) -> CredentialChallenge:
@@ -111,6 +174,7 @@ class CredentialChallenge:
             rp_name=_opt(rp, "name"),
             user_id=_opt(user, "id"),
             user_name=_opt(user, "name"),
+            raw=dict(data),
         )
 
 
