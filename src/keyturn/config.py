@@ -253,6 +253,9 @@ def _parts(
     built: list[PluginModel] = []
     for i, item in enumerate(items):
         at = f"{key}[{i}]"
+        if isinstance(item, dict) and "type" not in item:
+            field = "probes" if probes else "targets"
+            item = {**item, "type": _default_type(registry, field, kind.material)}
         if not isinstance(item, dict) or not isinstance(item.get("type"), str):
             raise ConfigError(f"config file {where}: key {at}.type: missing; name its type")
         try:
@@ -262,10 +265,10 @@ def _parts(
         if kind.material not in plugin.accepts:
             takers = sorted(t for t, p in plugins.items() if kind.material in p.accepts)
             what = "probes" if probes else "targets"
+            wanted = " or ".join(f'type = "{t}"' for t in takers) or "no installed type"
             raise ConfigError(
-                f"config file {where}: key {at}.type: a {kind.name} deploys to "
-                f"{' or '.join(f'type = {t!r}' for t in takers) or 'no installed type'}"
-                f" {what}, not {item['type']!r}"
+                f"config file {where}: key {at}.type: a {kind.name} deploys to {wanted}"
+                f' {what}, not "{item["type"]}"'
             )
         try:
             built.append(_resolved(plugin.config_model.model_validate(item), base))

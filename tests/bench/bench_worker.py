@@ -17,8 +17,10 @@ import signal
 import sys
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import structlog
 
@@ -27,16 +29,22 @@ from keyturn.adapters.keys import CryptoKeys
 from keyturn.adapters.store.sql import SqlStore
 from keyturn.adapters.vault import AesGcmVault, parse_master_key
 from keyturn.cli.wiring import SystemClock
+from keyturn.domain.errors import KeyturnError
+from keyturn.engine.registry import Registry
 from keyturn.engine.run import EngineDeps, EngineSettings
+from keyturn.engine.spi import CredentialConfig, Services, TargetConfig
 from keyturn.engine.worker import Worker
+from keyturn.kinds.signing_key import SERVICE_ACCOUNT, SigningKeyConfig
 from keyturn.ports import (
     DeployedMaterial,
-    DeployTarget,
     Fence,
     KeyProvider,
     ProviderCredential,
     SigningKey,
+    WebhookProvider,
 )
+
+T = TypeVar("T")
 
 #: How many credentials' state the fakes keep (far more than rotations in flight): bounded, so
 #: the bench harness itself never makes the worker's memory grow with the number of rotations.
@@ -103,10 +111,6 @@ class InstantProvider:
         return None
 
 
-def provider_for(name: str, *, fence: Fence | None = None) -> KeyProvider:
-    return InstantProvider(name, fence)
-
-
 class NullTarget:
     """A deploy target that writes nothing; it reads back what was last deployed for the
     credential (kept for the most recent KEEP credentials only)."""
@@ -120,18 +124,69 @@ class NullTarget:
     def name(self) -> str:
         return "null"
 
-    def deploy(self, material: DeployedMaterial) -> None:
+    async def deploy(self, material: DeployedMaterial) -> None:
         self.held[self.credential] = material
         self.held.move_to_end(self.credential)
         if len(self.held) > KEEP:
             self.held.popitem(last=False)
 
-    def read_back(self) -> DeployedMaterial:
+    async def read_back(self) -> DeployedMaterial:
         return self.held[self.credential]
 
 
-def targets_for(name: str) -> list[DeployTarget]:
-    return [NullTarget(name)]
+class NullConfig(TargetConfig):
+    #: The managed credential the target reads back for.
+    credential: str
+
+
+class NullPlugin:
+    """The ``null`` target type: a :class:`NullTarget` per credential."""
+
+    type = "null"
+    description = "writes nothing; reads back what was last deployed"
+    config_model = NullConfig
+    accepts = frozenset({"signing_key"})
+
+    def build(self, config: TargetConfig, services: Services) -> NullTarget:
+        assert isinstance(config, NullConfig)
+        return NullTarget(config.credential)
+
+
+REGISTRY = Registry.of(kinds=[SERVICE_ACCOUNT], targets=[NullPlugin()])
+
+
+class BenchServices:
+    """What the composition root gives the engine, for the bench: every credential is a
+    service account at the instant provider with one null target."""
+
+    def __init__(self) -> None:
+        self._configs: OrderedDict[str, CredentialConfig] = OrderedDict()
+
+    def credential_config(self, name: str) -> CredentialConfig:
+        cfg = self._configs.get(name)
+        if cfg is None:
+            cfg = self._configs[name] = SigningKeyConfig(
+                kind="service_account",
+                provider="bench",
+                targets=[NullConfig(type="null", credential=name)],
+            )
+            if len(self._configs) > KEEP:
+                self._configs.popitem(last=False)
+        return cfg
+
+    async def key_provider(self, credential: str, *, fence: Fence | None = None) -> KeyProvider:
+        return InstantProvider(credential, fence)
+
+    async def webhook_provider(
+        self, credential: str, *, signer: str, fence: Fence | None = None
+    ) -> WebhookProvider:
+        raise KeyturnError("the bench rotates service accounts only")
+
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    def algorithm_of(self, private_pem: bytes) -> str:
+        return CryptoKeys().algorithm_of(private_pem)
 
 
 def main() -> None:
@@ -147,11 +202,11 @@ def main() -> None:
         vault=AesGcmVault(key),
         keys=CryptoKeys(),
         clock=SystemClock(),
-        provider_for=provider_for,
-        targets_for=targets_for,
+        services=BenchServices(),
         settings=EngineSettings(
             poll_seconds=float(os.environ.get("BENCH_POLL_SECONDS", "1.0")),
         ),
+        registry=REGISTRY,
     )
     runner = Worker(deps, concurrency=concurrency)
 

@@ -41,7 +41,6 @@ from keyturn.cli.setup import import_credential
 from keyturn.cli.wiring import Wiring
 from keyturn.config import load_config
 from keyturn.domain.model import CredentialKind
-from keyturn.engine.operator import start_rotation
 from keyturn.sandbox.testing import SandboxProcess, start_sandbox
 
 FINAL = {"old_deactivated", "rolled_back", "cancelled"}
@@ -310,15 +309,8 @@ class Fleet:
         w = self.wiring()
         try:
             for name in self.names:
-                cfg = w.config.credential(name)
-                rotation = start_rotation(
-                    w.store,
-                    w.clock,
-                    credential=name,
-                    reason=reason,
-                    actor="fleet-test",
-                    options={"algorithm": cfg.algorithm, "via": cfg.registration},
-                )
+                # as `keyturn rotate NAME` does: the options its kind derives from the config
+                rotation = w.start_rotation(name, reason=reason, actor="fleet-test")
                 self.rotation_ids[name] = rotation.id
         finally:
             w.store.close()
@@ -518,7 +510,8 @@ def make_fleet(
                     name=name,
                     kind=CredentialKind.SERVICE_ACCOUNT,
                     provider="sandbox",
-                    private_key_file=key,
+                    material_file=key,
+                    material_option="--private-key-file",
                     credential_id=acct["credential_id"],
                     credential_uuid=acct["credential_uuid"],
                     token_file=token,

@@ -104,17 +104,20 @@ class Kt:
         from keyturn.cli.wiring import SystemClock, actor
         from keyturn.config import load_config
         from keyturn.engine.operator import start_rotation
+        from keyturn.engine.registry import discovered
 
-        cfg = load_config(self.config).credentials[name]
+        registry = discovered()
+        cfg = load_config(self.config, registry).credentials[name]
         store = open_store(self.database_url)
         try:
             rotation = start_rotation(
                 store,
+                registry,
                 SystemClock(),
                 credential=name,
                 reason=reason,
                 actor=actor(),
-                options={"algorithm": cfg.algorithm, "via": cfg.registration},
+                options=registry.kind(cfg.kind).options(cfg),
             )
         finally:
             store.close()
@@ -201,16 +204,18 @@ ACTION_BOUNDARIES = ("before_intent", "after_intent", "after_call", "after_outco
 
 
 def kill_points_of(kind: Any, *, rollback: bool) -> list[str]:
-    """Every action boundary and transition commit of a rotation kind (its declared `steps`),
-    forward or in rollback, so a new action gets its own kill points."""
+    """Every action boundary and transition commit of a rotation kind (the actions its `steps`
+    declare), forward or in rollback, so a new action gets its own kill points."""
     from keyturn.domain.lifecycle import Trigger
 
     points = []
-    for trigger, actions in kind.steps.items():
+    for trigger, step in kind.steps.items():
         if (trigger is Trigger.FINISH_ROLLBACK) != rollback:
             continue
-        for phase, name in actions:
-            points += [f"{phase.value}.{name}.{moment}" for moment in ACTION_BOUNDARIES]
+        for action in step.actions:
+            points += [
+                f"{action.phase.value}.{action.name}.{moment}" for moment in ACTION_BOUNDARIES
+            ]
         points.append(f"transition.{trigger.value}.after_commit")
     return points
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from harness import Kt
 
 from keyturn.domain.lifecycle import Trigger
-from keyturn.engine.kinds.signing_key import SERVICE_ACCOUNT
+from keyturn.kinds.signing_key import SERVICE_ACCOUNT
 
 #: Every boundary of an action: before its intent is recorded, after the intent commit, after
 #: the provider call (before the outcome commit), after the outcome commit.
@@ -21,11 +21,13 @@ ACTION_BOUNDARIES = ("before_intent", "after_intent", "after_call", "after_outco
 def kill_points(rollback: bool) -> list[str]:
     """Generated from the kind's declared actions, so a new action gets its own kill points."""
     points = []
-    for trigger, actions in SERVICE_ACCOUNT.steps.items():
+    for trigger, step in SERVICE_ACCOUNT.steps.items():
         if (trigger is Trigger.FINISH_ROLLBACK) != rollback:
             continue
-        for phase, name in actions:
-            points += [f"{phase.value}.{name}.{moment}" for moment in ACTION_BOUNDARIES]
+        for action in step.actions:
+            points += [
+                f"{action.phase.value}.{action.name}.{moment}" for moment in ACTION_BOUNDARIES
+            ]
         points.append(f"transition.{trigger.value}.after_commit")
     return points
 

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from fakes import FakeServices, builtin_registry
 
 from keyturn.adapters.deploy import FileTarget
 from keyturn.adapters.fake_provider import FakeKeyProvider
@@ -38,9 +39,13 @@ from keyturn.domain.model import (
 )
 from keyturn.domain.retry import RetryPolicy
 from keyturn.engine.operator import record_request, request_action, start_rotation
-from keyturn.engine.run import EngineDeps, EngineSettings, RotationRun, merge
+from keyturn.engine.run import EngineDeps, EngineSettings, RotationRun
+from keyturn.engine.spi import Services, TargetConfig
+from keyturn.engine.unit import merge
 from keyturn.engine.worker import Worker
+from keyturn.kinds.signing_key import SigningKeyConfig
 from keyturn.ports import Change, DeployedMaterial, Store
+from keyturn.targets.files import KeyFiles, PathConfig
 
 NAME = "svc"
 
@@ -60,6 +65,24 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         s = SqlStore(url)
         yield s
         s.close()
+
+
+class StuckTarget(FileTarget):
+    def deploy(self, material: DeployedMaterial) -> None:  # drops every write
+        return None
+
+
+class StuckPlugin:
+    """A `file` target that silently keeps what it held (drops every deploy)."""
+
+    type = "stuck"
+    description = "drops every write"
+    config_model = PathConfig
+    accepts = frozenset({"signing_key"})
+
+    def build(self, config: TargetConfig, services: Services) -> KeyFiles:
+        assert isinstance(config, PathConfig)
+        return KeyFiles(StuckTarget(config.name or "stuck", config.path), services)
 
 
 class Env:
@@ -85,13 +108,16 @@ class Env:
         self.target = FileTarget("t1", tmp_path / "deploy")
         self.target.deploy(DeployedMaterial(old.private_pem, "old-cred", self.old_uuid))
         self.hook: Callable[[str], None] = lambda _b: None
+        self.registry = builtin_registry(StuckPlugin())
+        self.services = FakeServices(providers=lambda _n: self.provider)
+        self.use_target("file")
         self.deps = EngineDeps(
             store=store,
             vault=self.vault,
             keys=self.keys,
             clock=Clock(),
-            provider_for=lambda _n, fence=None: self.provider,
-            targets_for=lambda _n: [self.target],
+            services=self.services,
+            registry=self.registry,
             settings=EngineSettings(
                 lease_seconds=10,
                 lease_margin_seconds=1,
@@ -101,9 +127,18 @@ class Env:
             crash_hook=lambda b: self.hook(b),
         )
 
+    def use_target(self, type_: str) -> None:
+        """The credential's one deploy target: of this type, at the directory `target` reads."""
+        self.services.configs[NAME] = SigningKeyConfig(
+            kind="service_account",
+            provider="fake",
+            targets=[PathConfig(type=type_, name="t1", path=self.target.directory)],
+        )
+
     def rotate(self) -> str:
         r = start_rotation(
             self.store,
+            self.registry,
             Clock(),
             credential=NAME,
             reason="test",
@@ -122,7 +157,9 @@ class Env:
 
     def request(self, rid: str, action: OperatorAction) -> None:
         """Record only (as while a worker holds the rotation); the next worker applies it."""
-        record_request(self.store, Clock(), rid, action, "oncall", f"test {action.value}")
+        record_request(
+            self.store, self.registry, Clock(), rid, action, "oncall", f"test {action.value}"
+        )
 
     def request_now(self, rid: str, action: OperatorAction) -> None:
         """As the CLI does: applied at once when no worker holds the rotation."""
@@ -304,15 +341,11 @@ def test_a_second_rotation_of_a_rotating_credential_is_refused(env: Env) -> None
         env.rotate()
 
 
-def test_prove_uses_what_the_target_holds(env: Env, tmp_path: Path) -> None:
+def test_prove_uses_what_the_target_holds(env: Env) -> None:
     """A target that silently keeps the old key must stop verification (not pass on keyturn's
     own copy)."""
 
-    class StuckTarget(FileTarget):
-        def deploy(self, material: DeployedMaterial) -> None:  # drops every write
-            return None
-
-    env.target = StuckTarget("stuck", tmp_path / "deploy")
+    env.use_target("stuck")  # StuckTarget at the same directory
     rid = env.rotate()
     env.work()
     r = env.store.get_rotation(rid)
@@ -366,9 +399,8 @@ def test_a_held_write_survives_a_failed_commit(env: Env) -> None:
     )[0]
 
     async def go() -> None:
-        run = RotationRun(env.deps, rotation, "w")
-        run.defer_writes = True
-        await run.commit(Change(rid, 0, updates={"attempts": 5}), defer=True)
+        run = RotationRun(env.deps, rotation, "w", hold_writes=True)
+        await run.unit.add(updates={"attempts": 5})  # held (no intent, no secrets)
         assert run.rotation.attempts == 5 and store.get_rotation(rid).attempts == 0
         real = store.commit
         calls = 0
@@ -382,8 +414,8 @@ def test_a_held_write_survives_a_failed_commit(env: Env) -> None:
 
         store.commit = flaky  # type: ignore[method-assign]
         with pytest.raises(StoreUnavailable):
-            await run.commit(Change(rid, 0, updates={"last_error": "x"}))
-        await run.commit(Change(rid, 0, updates={"last_error": "y"}))
+            await run.unit.write(updates={"last_error": "x"})
+        await run.unit.write(updates={"last_error": "y"})
         assert store.get_rotation(rid).attempts == 5
         assert store.get_rotation(rid).last_error == "y"
 

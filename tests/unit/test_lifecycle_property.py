@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from fakes import builtin_registry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,10 +25,13 @@ from keyturn.domain.model import (
     ManagedCredential,
     OperatorAction,
     Rotation,
+    SealedSecret,
 )
 from keyturn.engine.operator import apply_request, record_request
 from keyturn.engine.run import EngineDeps, RotationRun
 from keyturn.ports import Change, Store
+
+REGISTRY = builtin_registry()
 
 # The lifecycle, written out by hand: (state, trigger) -> destination.
 ALLOWED: dict[tuple[str, str], str] = {
@@ -78,10 +82,11 @@ def _new_rotation(store: Store) -> Rotation:
             provider="p",
             credential_id="id",
             credential_uuid="cr-1",
-            key_ref=None,
+            key_ref=f"sec_{name}",
             algorithm="ed25519",
         ),
-        [],
+        # the old key a rollback needs (retained: never purged here)
+        [SealedSecret(f"sec_{name}", "private_key", "mk", b"n" * 12, b"sealed", Clock().now())],
     )
     now = Clock().now()
     from keyturn.domain.model import Event
@@ -95,6 +100,12 @@ def _new_rotation(store: Store) -> Rotation:
         reason="property",
         created_at=now,
         updated_at=now,
+        data={
+            "old_credential_id": "id",
+            "old_credential_uuid": "cr-1",
+            "old_key_ref": f"sec_{name}",
+            "old_algorithm": "ed25519",
+        },
     )
     return store.create_rotation(
         rotation,
@@ -109,8 +120,8 @@ def check_sequence(store: Store, sequence: list[tuple[str, Any]]) -> None:
         vault=cast(Any, None),
         keys=cast(Any, None),
         clock=Clock(),
-        provider_for=cast(Any, None),
-        targets_for=cast(Any, None),
+        services=cast(Any, None),
+        registry=REGISTRY,
     )
     run = RotationRun(deps, rotation, "prop")
     expected = "pending"
@@ -152,7 +163,9 @@ def check_sequence(store: Store, sequence: list[tuple[str, Any]]) -> None:
                 else:  # resume
                     ok = paused
                 try:
-                    record_request(store, Clock(), rotation.id, OperatorAction(arg), "op", "why")
+                    record_request(
+                        store, REGISTRY, Clock(), rotation.id, OperatorAction(arg), "op", "why"
+                    )
                 except KeyturnError:
                     assert not ok, f"request {arg} in {expected} should be accepted"
                     assert store.get_rotation(rotation.id) == before
@@ -162,7 +175,7 @@ def check_sequence(store: Store, sequence: list[tuple[str, Any]]) -> None:
                     assert after.version == before.version  # requests never fence the holder
                     pending_request = arg
                 # the lease holder re-reads the row (as at an action boundary)
-                run.rotation = store.get_rotation(rotation.id)
+                run.unit.rotation = store.get_rotation(rotation.id)
             elif op == "apply" and pending_request is not None:
                 applied = await apply_request(run)
                 # The state may have moved on since the request was accepted: then the holder

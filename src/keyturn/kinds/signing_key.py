@@ -341,6 +341,11 @@ def _recorded(phase: Phase, name: str) -> Any:
     return lambda facts: facts.recorded(phase, name)
 
 
+async def _finish_add_new(ctx: Ctx) -> Finish:
+    """The add_new transition's event records the new side's id."""
+    return Finish(detail={"new_credential_uuid": ctx.data.new_credential_uuid})
+
+
 STEPS: Mapping[Trigger, Step[Ctx]] = {
     Trigger.ADD_NEW: Step(
         [
@@ -354,7 +359,8 @@ STEPS: Mapping[Trigger, Step[Ctx]] = {
                 intent=lambda ctx: {"fingerprint": ctx.data.new_fingerprint, "via": ctx.data.via},
                 done=_registered,
             )
-        ]
+        ],
+        finish=_finish_add_new,
     ),
     Trigger.VERIFY: Step(
         [

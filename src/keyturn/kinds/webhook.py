@@ -361,6 +361,11 @@ def _plan_probes(facts: Facts) -> list[Call]:
     return [Call.probe(p, "loaded_version", note="both secrets loaded") for p in facts.probes]
 
 
+async def _finish_add_new(ctx: Ctx) -> Finish:
+    """The add_new transition's event records the new side's id."""
+    return Finish(detail={"new_webhook_id": ctx.data.new_webhook_id})
+
+
 STEPS: Mapping[Trigger, Step[Ctx]] = {
     Trigger.ADD_NEW: Step(
         [
@@ -374,7 +379,8 @@ STEPS: Mapping[Trigger, Step[Ctx]] = {
                 intent=lambda ctx: {"url": ctx.data.url, "events": ctx.data.events},
                 done=_created,
             )
-        ]
+        ],
+        finish=_finish_add_new,
     ),
     Trigger.VERIFY: Step(
         [
