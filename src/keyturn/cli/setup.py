@@ -19,12 +19,15 @@ def _secret_id() -> str:
     return f"sec_{uuid.uuid4().hex}"
 
 
-def _read(option: str, path: Path, what: str) -> bytes:
+def _read(option: str, path: Path, what: str, *, strip: bool = True) -> bytes:
+    """The file's bytes; surrounding whitespace removed only when `strip` (text, not binary
+    material: a random secret may begin or end with a byte that looks like whitespace)."""
     try:
-        data = path.read_bytes().strip()
+        raw = path.read_bytes()
+        data = raw.strip() if strip else raw
     except OSError as exc:
         raise KeyturnError(f"{option} {path} cannot be read ({exc.strerror})") from None
-    if not data:
+    if not data.strip():
         raise KeyturnError(f"{option} {path} is empty; it must hold the {what}")
     return data
 
@@ -70,7 +73,12 @@ def import_credential(
         raise KeyturnError(f"a {kind} credential needs {spec.material_option} FILE")
     if spec.needs_uuid and not credential_uuid:
         raise KeyturnError(f"a {kind} credential needs --credential-uuid UUID")
-    material = _read(spec.material_option, material_file, spec.material_purpose.replace("_", " "))
+    material = _read(
+        spec.material_option,
+        material_file,
+        spec.material_purpose.replace("_", " "),
+        strip=spec.strip_material,
+    )
     algorithm = plugin.imported(name, cfg, material, w)
     token: bytes | None = None
     if token_file is not None:

@@ -301,6 +301,9 @@ class ImportSpec:
     needs_uuid: bool = True
     #: A bearer token is needed (from --token-file or the config's token_env/token_file).
     needs_token: bool = True
+    #: The material is text whose surrounding whitespace (a trailing newline) is not part of
+    #: it; binary material is stored exactly as read.
+    strip_material: bool = False
 
 
 # --------------------------------------------------------------------------------- services

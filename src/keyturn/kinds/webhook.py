@@ -485,6 +485,7 @@ class WebhookKind(Kind):
         material_purpose="webhook_secret",
         needs_uuid=False,
         needs_token=False,
+        strip_material=True,
     )
     steps = STEPS
 

@@ -74,6 +74,18 @@ def test_an_unknown_config_key_of_the_toy_kind_is_refused(toy: Toy) -> None:
     assert "key credentials.toy1.bake_secs: unknown key" in bad.stderr
 
 
+def test_binary_material_is_imported_byte_for_byte(tmp_path: Path) -> None:
+    # Bytes that look like whitespace at either end are part of a binary secret.
+    first = b"\n\t " + bytes(range(32, 64)) + b"\r\n"
+    toy = make_toy(tmp_path / "work", bake=3000, first=first)
+    rid = toy.rotate_here()
+    toy.worker_here()
+    toy.rollback_here(rid)
+    toy.worker_here()
+    assert toy.show(rid)["state"] == "rolled_back"
+    assert toy.deployed == first
+
+
 @pytest.mark.parametrize("point", kill_points(rollback=False))
 def test_forward_kill(toy: Toy, point: str, tmp_path: Path) -> None:
     rid = toy.rotate_here()

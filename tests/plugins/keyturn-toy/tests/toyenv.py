@@ -110,7 +110,7 @@ class Toy:
         return data
 
 
-def make_toy(workdir: Path, *, bake: float = 0) -> Toy:
+def make_toy(workdir: Path, *, bake: float = 0, first: bytes | None = None) -> Toy:
     from keyturn.adapters.store.migrate import upgrade
     from keyturn.adapters.vault import new_master_key
     from keyturn.cli.setup import import_credential
@@ -122,7 +122,7 @@ def make_toy(workdir: Path, *, bake: float = 0) -> Toy:
     key.write_text(new_master_key() + "\n")
     key.chmod(0o600)
     (workdir / "keyturn.toml").write_text(CONFIG.format(bake=bake))
-    first = secrets.token_bytes(32)
+    first = first if first is not None else secrets.token_bytes(32)
     (workdir / "first.secret").write_bytes(first)
     (workdir / "ledger.json").write_text(
         json.dumps({"k0": {"fingerprint": fingerprint(first), "active": True}})
