@@ -22,6 +22,7 @@ from keyturn.engine.spi import (
     RotationData,
     Services,
     Wait,
+    always,
 )
 from keyturn.ports import Keys
 
@@ -197,19 +198,18 @@ async def run_step(run: RotationRun, trigger: Trigger) -> None:
     try:
         ctx: StepContext[Any, Any] = StepContext(run, kind, session, config)
         for item in step.items:
-            if not item.when(await ctx.facts()):
+            if item.when is not always and not item.when(await ctx.facts()):
                 continue
             if isinstance(item, Wait):
                 await _wait(run, ctx, item)
             else:
                 await _perform(run, ctx, item, signer, signer_ref)
         finish = await step.finish(ctx) if step.finish is not None else Finish()
-        await ctx.save()
-        ends_wait = CLEAR_WAIT if run.rotation.wait_key is not None else {}
+        await ctx.save()  # the data, if it changed, is held for the transition's write
         await run.transition(
             trigger,
             detail=finish.detail,
-            updates={"data": ctx.dumped(), **ends_wait},
+            updates=CLEAR_WAIT if run.rotation.wait_key is not None else None,
             credential=finish.credential,
             purge_after=finish.purge_after,
         )
