@@ -15,8 +15,8 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from keyturn.domain.errors import KeyturnError, NotFound, StaleVersion
-from keyturn.domain.lifecycle import FINAL_STATES, State, Trigger, fire
+from keyturn.domain.errors import NotFound, StaleVersion
+from keyturn.domain.lifecycle import FINAL_STATES, Trigger, fire
 from keyturn.domain.model import Event, ManagedCredential, Rotation, SealedSecret
 from keyturn.domain.retry import RetryPolicy
 from keyturn.engine.actions import ActionLog
@@ -302,14 +302,3 @@ def new_secret_id() -> str:
 
 def new_rotation_id() -> str:
     return f"rot_{uuid.uuid4().hex[:20]}"
-
-
-def is_final(state: State) -> bool:
-    return state in FINAL_STATES
-
-
-def require(value: T | None, what: str) -> T:
-    """A value a step needs from the rotation data (a bug in the kind if it is missing)."""
-    if value is None:
-        raise KeyturnError(f"the rotation data has no {what}")
-    return value

@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 from keyturn.domain.errors import KeyturnError, ProviderError
 from keyturn.domain.lifecycle import Trigger
 from keyturn.domain.model import ActionRecord, ActionStatus, ManagedCredential, Phase, Rotation
-from keyturn.engine.run import RotationRun, new_secret_id
+from keyturn.engine.run import RotationRun, db, new_secret_id
 from keyturn.engine.spi import (
     Action,
     CredentialConfig,
@@ -270,9 +270,9 @@ async def _signer_refusal(
     if signer is None or exc.retryable or not refused:
         return exc
     store = run.deps.store
-    latest = await _in_thread(store.latest_rotation, signer)
+    latest = await db(store.latest_rotation, signer)
     moving = (latest is not None and not latest.finished) or (
-        await _in_thread(store.get_credential, signer)
+        await db(store.get_credential, signer)
     ).key_ref != signer_ref
     if not moving:
         return exc
@@ -283,12 +283,6 @@ async def _signer_refusal(
         code=exc.code,
         outcome_unknown=exc.outcome_unknown,
     )
-
-
-async def _in_thread(fn: Any, *args: Any) -> Any:
-    import asyncio
-
-    return await asyncio.to_thread(fn, *args)
 
 
 async def _wait(run: RotationRun, ctx: StepContext[Any, Any], wait: Wait[Any]) -> None:
