@@ -100,7 +100,9 @@ def test_unreachable_receiver_is_recorded_as_an_error(sandbox: SandboxProcess) -
     ping = client.request("POST", f"/webhooks/{webhook['id']}/ping", sign=True).json()
     assert ping["status"] == ""
     assert ping["error"]
-    assert sandbox.state()["deliveries"][webhook["id"]] == {"delivered": 0, "failed": 1}
+    stats = sandbox.state()["deliveries"][webhook["id"]]
+    assert (stats["delivered"], stats["failed"], stats["in_flight"]) == (0, 1, 0)
+    assert len(stats["errors"]) == 1 and "ConnectError" in stats["errors"][0], stats["errors"]
 
 
 def test_disabled_and_unsubscribed_webhooks_get_nothing(

@@ -264,7 +264,8 @@ class Worker:
             detail={"status": "halted", "attempt": rotation.attempts, "retryable": retryable},
         )
         run.log.warning("step halted", step=step, error=message)
-        await run.unit.write(updates={"halted_reason": reason}, events=[event])
+        # held: the release that follows writes it, so the halt and the lease's end are one commit
+        await run.unit.add(updates={"halted_reason": reason}, events=[event])
 
     async def _failed(self, run: RotationRun, step: str, exc: KeyturnError) -> None:
         rotation = run.rotation
@@ -301,7 +302,8 @@ class Worker:
             detail={"status": status, "attempt": attempts, "retryable": retryable},
         )
         run.log.warning("step failed", step=step, status=status, error=message)
-        await run.unit.write(updates=updates, events=[event])
+        # held: the release that follows writes it with the lease's end, in one commit
+        await run.unit.add(updates=updates, events=[event])
 
     async def _halt_quietly(self, run: RotationRun, reason: str) -> None:
         try:

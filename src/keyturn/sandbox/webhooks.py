@@ -51,7 +51,9 @@ class Job:
 class WebhookStats:
     delivered: int = 0
     failed: int = 0
+    in_flight: int = 0  # posts sent and not yet answered
     event_ids: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the last few failures, for a test's message
 
 
 class Deliveries:
@@ -197,6 +199,8 @@ class Deliveries:
         }
         status = ""
         error: str | None = None
+        stats = self.stats.setdefault(webhook.id, WebhookStats())
+        stats.in_flight += 1
         try:
             response = await self._client.post(webhook.url, content=body, headers=headers)
             status = str(response.status_code)
@@ -204,13 +208,15 @@ class Deliveries:
                 error = f"receiver answered {response.status_code}"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"[:300] or type(exc).__name__
+        finally:
+            stats.in_flight -= 1
         delivered = error is None
-        stats = self.stats.setdefault(webhook.id, WebhookStats())
         stats.event_ids.append(event_id)
         if delivered:
             stats.delivered += 1
         else:
             stats.failed += 1
+            stats.errors = [*stats.errors[-4:], f"{event_id} attempt {job.attempt}: {error}"]
         self._buffer.append(
             DeliveryRecord(
                 event_id=event_id,
@@ -289,7 +295,12 @@ class Deliveries:
     def snapshot(self, *, with_events: bool) -> dict[str, Any]:
         deliveries: dict[str, Any] = {}
         for webhook_id, stats in self.stats.items():
-            entry: dict[str, Any] = {"delivered": stats.delivered, "failed": stats.failed}
+            entry: dict[str, Any] = {
+                "delivered": stats.delivered,
+                "failed": stats.failed,
+                "in_flight": stats.in_flight,
+                "errors": list(stats.errors),
+            }
             if with_events:
                 entry["event_ids"] = list(stats.event_ids)
             deliveries[webhook_id] = entry
