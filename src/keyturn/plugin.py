@@ -14,6 +14,11 @@ A kind subclasses :class:`Kind`: its configuration model (extends :class:`Creden
 its typed rotation data (extends :class:`RotationData`), and its steps, declared as
 :class:`Step` lists of :class:`Action` and :class:`Wait`. ``keyturn plugins`` lists what is
 installed.
+
+A kind reaches the provider through ``services.provider_session(factory, credential)``: keyturn
+resolves the credential's provider, token and (``with_key=True``) current signing key into a
+:class:`ProviderAccess`, and the factory turns that into a session; :func:`dfns_key_session` and
+:func:`dfns_webhook_session` are the Dfns ones.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from keyturn.engine.spi import (
     PluginModel,
     ProbeConfig,
     ProbePlugin,
+    ProviderAccess,
     ReconcileInput,
     RotationData,
     Services,
@@ -89,6 +95,7 @@ __all__ = [
     "PluginModel",
     "ProbeConfig",
     "ProbePlugin",
+    "ProviderAccess",
     "ProviderCredential",
     "ProviderError",
     "R",
@@ -107,4 +114,41 @@ __all__ = [
     "Wait",
     "WebhookInfo",
     "WebhookProvider",
+    "dfns_key_session",
+    "dfns_webhook_session",
 ]
+
+
+def dfns_key_session(access: ProviderAccess) -> KeyProvider:
+    """A Dfns session as `access`'s credential for its signing credentials (register, list,
+    activate, deactivate); the key that signs a write comes with each call."""
+    from keyturn.adapters.dfns.provider import provider_for
+
+    return provider_for(
+        access.base_url,
+        access.token,
+        timeout=access.timeout_seconds,
+        fence=access.fence,
+        budget=access.budget,
+    )
+
+
+def dfns_webhook_session(access: ProviderAccess) -> WebhookProvider:
+    """A Dfns session for webhooks whose writes `access`'s credential signs with its current
+    key (ask for the access with ``with_key=True``)."""
+    from keyturn.adapters.dfns.webhook_provider import webhook_provider_for
+
+    if access.key is None:
+        raise KeyturnError(
+            f"credential {access.credential}: a webhook session signs its writes with the "
+            "credential's current key; open it with provider_session(..., with_key=True)"
+        )
+    return webhook_provider_for(
+        access.base_url,
+        access.token,
+        access.key.credential_id,
+        access.key.private_key_pem,
+        timeout=access.timeout_seconds,
+        fence=access.fence,
+        budget=access.budget,
+    )

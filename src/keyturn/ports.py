@@ -265,14 +265,6 @@ class RequestBudget(Protocol):
     def succeeded(self) -> None: ...
 
 
-class KeyProviderFactory(Protocol):
-    def __call__(self, name: str, *, fence: Fence | None = None) -> KeyProvider: ...
-
-
-class WebhookProviderFactory(Protocol):
-    def __call__(self, name: str, *, fence: Fence | None = None) -> WebhookProvider: ...
-
-
 # ----------------------------------------------------------------------------------- webhooks
 
 

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 
@@ -29,22 +29,20 @@ from keyturn.adapters.keys import CryptoKeys
 from keyturn.adapters.store.sql import SqlStore
 from keyturn.adapters.vault import AesGcmVault, parse_master_key
 from keyturn.cli.wiring import SystemClock
-from keyturn.domain.errors import KeyturnError
 from keyturn.engine.registry import Registry
 from keyturn.engine.run import EngineDeps, EngineSettings
-from keyturn.engine.spi import CredentialConfig, Services, TargetConfig
+from keyturn.engine.spi import CredentialConfig, ProviderAccess, Services, TargetConfig
 from keyturn.engine.worker import Worker
 from keyturn.kinds.signing_key import SERVICE_ACCOUNT, SigningKeyConfig
 from keyturn.ports import (
     DeployedMaterial,
     Fence,
-    KeyProvider,
     ProviderCredential,
     SigningKey,
-    WebhookProvider,
 )
 
 T = TypeVar("T")
+S = TypeVar("S")
 
 #: How many credentials' state the fakes keep (far more than rotations in flight): bounded, so
 #: the bench harness itself never makes the worker's memory grow with the number of rotations.
@@ -174,13 +172,17 @@ class BenchServices:
                 self._configs.popitem(last=False)
         return cfg
 
-    async def key_provider(self, credential: str, *, fence: Fence | None = None) -> KeyProvider:
-        return InstantProvider(credential, fence)
-
-    async def webhook_provider(
-        self, credential: str, *, signer: str, fence: Fence | None = None
-    ) -> WebhookProvider:
-        raise KeyturnError("the bench rotates service accounts only")
+    async def provider_session(
+        self,
+        factory: Callable[[ProviderAccess], S],
+        credential: str,
+        *,
+        with_key: bool = False,
+        fence: Fence | None = None,
+    ) -> S:
+        """The instant provider, whatever the kind asked for (the bench rotates service
+        accounts only)."""
+        return cast(S, InstantProvider(credential, fence))
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)

@@ -7,19 +7,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from keyturn.adapters.keys import CryptoKeys
 from keyturn.domain.errors import KeyturnError
 from keyturn.engine.registry import Registry
-from keyturn.engine.spi import CredentialConfig, TargetPlugin
+from keyturn.engine.spi import CredentialConfig, ProviderAccess, TargetPlugin
 from keyturn.kinds.signing_key import PAT, SERVICE_ACCOUNT
 from keyturn.kinds.webhook import WEBHOOK
-from keyturn.ports import Fence, KeyProvider, WebhookProvider
+from keyturn.ports import Fence
 from keyturn.targets.files import FILE, SECRETS_FILE
 from keyturn.targets.receiver import RECEIVER
 
 T = TypeVar("T")
+S = TypeVar("S")
 
 
 def builtin_registry(*extra_targets: TargetPlugin) -> Registry:
@@ -33,12 +34,12 @@ def builtin_registry(*extra_targets: TargetPlugin) -> Registry:
 
 @dataclass
 class FakeServices:
-    """The Services protocol over fixed parts: `configs` by credential name, `key_provider`
-    returns what `providers(name)` gives (e.g. one FakeKeyProvider)."""
+    """The Services protocol over fixed parts: `configs` by credential name; a provider
+    session is what `sessions(credential)` gives (e.g. one FakeKeyProvider), whatever factory
+    the kind asked with."""
 
     configs: dict[str, CredentialConfig] = field(default_factory=dict)
-    providers: Callable[[str], KeyProvider] | None = None
-    webhooks: Callable[[str, str], WebhookProvider] | None = None
+    sessions: Callable[[str], Any] | None = None
     keys: CryptoKeys = field(default_factory=CryptoKeys)
 
     def credential_config(self, name: str) -> CredentialConfig:
@@ -47,17 +48,17 @@ class FakeServices:
         except KeyError:
             raise KeyturnError(f"credential {name} has no [credentials.{name}] section") from None
 
-    async def key_provider(self, credential: str, *, fence: Fence | None = None) -> KeyProvider:
-        if self.providers is None:
-            raise KeyturnError(f"credential {credential}: no key provider configured here")
-        return self.providers(credential)
-
-    async def webhook_provider(
-        self, credential: str, *, signer: str, fence: Fence | None = None
-    ) -> WebhookProvider:
-        if self.webhooks is None:
-            raise KeyturnError(f"credential {credential}: no webhook provider configured here")
-        return self.webhooks(credential, signer)
+    async def provider_session(
+        self,
+        factory: Callable[[ProviderAccess], S],
+        credential: str,
+        *,
+        with_key: bool = False,
+        fence: Fence | None = None,
+    ) -> S:
+        if self.sessions is None:
+            raise KeyturnError(f"credential {credential}: no provider session configured here")
+        return cast(S, self.sessions(credential))
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)

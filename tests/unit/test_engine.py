@@ -109,7 +109,7 @@ class Env:
         self.target.deploy(DeployedMaterial(old.private_pem, "old-cred", self.old_uuid))
         self.hook: Callable[[str], None] = lambda _b: None
         self.registry = builtin_registry(StuckPlugin())
-        self.services = FakeServices(providers=lambda _n: self.provider)
+        self.services = FakeServices(sessions=lambda _n: self.provider)
         self.use_target("file")
         self.deps = EngineDeps(
             store=store,

@@ -20,16 +20,17 @@ from keyturn.adapters.store.budget import SharedRateBudget, shares_a_database
 from keyturn.adapters.store.migrate import open_store
 from keyturn.adapters.store.sql import SqlStore
 from keyturn.adapters.vault import AesGcmVault, load_master_key
-from keyturn.config import Config, ProviderConfig
+from keyturn.config import Config
 from keyturn.domain.errors import ConfigError, KeyturnError
 from keyturn.domain.model import Rotation
 from keyturn.domain.retry import RetryPolicy
 from keyturn.engine.registry import discovered
 from keyturn.engine.run import BlockingPool, CrashHook, EngineDeps, EngineSettings, no_crash
-from keyturn.engine.spi import CredentialConfig
-from keyturn.ports import Fence, KeyProvider, RequestBudget, WebhookProvider
+from keyturn.engine.spi import CredentialConfig, ProviderAccess
+from keyturn.ports import Fence, RequestBudget, SigningKey
 
 T = TypeVar("T")
+S = TypeVar("S")
 MASTER_KEY_ENV = "KEYTURN_MASTER_KEY"
 #: Fault injection for the crash tests: the worker SIGKILLs itself at this action boundary,
 #: after writing the boundary's name to the marker file (so a test can assert where it landed).
@@ -137,46 +138,46 @@ class Wiring:
             )
         return cfg
 
-    def _provider_args(self, name: str) -> tuple[str, ProviderConfig, str]:
-        """(provider name, its config, the bearer token) of a managed credential (blocking)."""
+    def _access(self, name: str, with_key: bool, fence: Fence | None) -> ProviderAccess:
+        """How to call the provider as the managed credential `name` (blocking: the store, the
+        vault, a token file)."""
         credential = self.store.get_credential(name)
-        return credential.provider, self.config.provider(credential.provider), self.token_for(name)
-
-    async def key_provider(self, credential: str, *, fence: Fence | None = None) -> KeyProvider:
-        from keyturn.adapters.dfns.provider import provider_for
-
-        name, provider, token = await asyncio.to_thread(self._provider_args, credential)
-        return provider_for(
-            provider.base_url,
-            token,
-            timeout=provider.timeout_seconds,
-            fence=fence,
-            budget=self.budget(name),
-        )
-
-    def _signer_args(self, signer: str) -> tuple[str, ProviderConfig, str, str, bytes]:
-        credential = self.store.get_credential(signer)
-        if credential.key_ref is None:
-            raise KeyturnError(f"the webhook signer {signer} has no stored key")
-        key = self.vault.open(self.store.get_secret(credential.key_ref))
         provider = self.config.provider(credential.provider)
-        return credential.provider, provider, self.token_for(signer), credential.credential_id, key
-
-    async def webhook_provider(
-        self, credential: str, *, signer: str, fence: Fence | None = None
-    ) -> WebhookProvider:
-        from keyturn.adapters.dfns.webhook_provider import webhook_provider_for
-
-        name, provider, token, cred_id, key = await asyncio.to_thread(self._signer_args, signer)
-        return webhook_provider_for(
-            provider.base_url,
-            token,
-            cred_id,
-            key,
-            timeout=provider.timeout_seconds,
+        key: SigningKey | None = None
+        if with_key:
+            if not discovered().kind(credential.kind).signs_requests:
+                raise KeyturnError(
+                    f"credential {name} is a {credential.kind} credential: its stored material "
+                    "does not sign provider calls; name a credential whose kind signs them"
+                )
+            if credential.key_ref is None:
+                raise KeyturnError(
+                    f"credential {name} has no stored signing key; import it with "
+                    f"`keyturn credentials import {name} --private-key-file ...`"
+                )
+            pem = self.vault.open(self.store.get_secret(credential.key_ref))
+            key = SigningKey(credential.credential_id, pem)
+        return ProviderAccess(
+            credential=name,
+            provider=credential.provider,
+            base_url=provider.base_url,
+            token=self.token_for(name),
+            timeout_seconds=provider.timeout_seconds,
+            budget=self.budget(credential.provider),
             fence=fence,
-            budget=self.budget(name),
+            key=key,
         )
+
+    async def provider_session(
+        self,
+        factory: Callable[[ProviderAccess], S],
+        credential: str,
+        *,
+        with_key: bool = False,
+        fence: Fence | None = None,
+    ) -> S:
+        access = await asyncio.to_thread(self._access, credential, with_key, fence)
+        return factory(access)
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.pool.run(fn, *args)

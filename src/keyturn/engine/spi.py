@@ -22,10 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from keyturn.domain.lifecycle import Trigger
 from keyturn.domain.model import ActionRecord, ManagedCredential, Phase, Rotation, SealedSecret
-from keyturn.ports import Fence, KeyProvider, WebhookProvider
+from keyturn.ports import Fence, RequestBudget, SigningKey
 
 Detail = dict[str, Any]
 T = TypeVar("T")
+S = TypeVar("S")
 C = TypeVar("C")
 D = TypeVar("D", bound="RotationData")
 
@@ -309,19 +310,39 @@ class ImportSpec:
 # --------------------------------------------------------------------------------- services
 
 
+@dataclass(frozen=True)
+class ProviderAccess:
+    """How to call the provider as one managed credential: where it is, the credential's
+    bearer token, the installation's request budget for that provider, the lease's fence (a
+    session calls it before every write) and, when asked for, the credential's current signing
+    key. A kind turns it into a session with a factory (see :func:`keyturn.plugin.dfns_session`)."""
+
+    credential: str
+    provider: str
+    base_url: str
+    token: str = field(repr=False)
+    timeout_seconds: float
+    budget: RequestBudget | None = None
+    fence: Fence | None = None
+    key: SigningKey | None = field(default=None, repr=False)
+
+
 class Services(Protocol):
     """What keyturn gives plugins at run time (the composition root implements it). Nothing
     here blocks the event loop."""
 
     def credential_config(self, name: str) -> CredentialConfig: ...
 
-    async def key_provider(self, credential: str, *, fence: Fence | None = None) -> KeyProvider:
-        """A provider session for a managed signing credential (its token bound in)."""
-
-    async def webhook_provider(
-        self, credential: str, *, signer: str, fence: Fence | None = None
-    ) -> WebhookProvider:
-        """A webhook session signed by the managed credential `signer` (its current key)."""
+    async def provider_session(
+        self,
+        factory: Callable[[ProviderAccess], S],
+        credential: str,
+        *,
+        with_key: bool = False,
+        fence: Fence | None = None,
+    ) -> S:
+        """``factory(access)`` for the managed credential `credential` (its provider, its token,
+        and its current signing key when `with_key`); KeyturnError when that is missing."""
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking call in keyturn's bounded thread pool (sized from the worker's
@@ -373,7 +394,7 @@ class KindPlugin(Protocol):
     data_model: type[RotationData]
     #: What its targets receive ("signing_key", "secret_set", ...).
     material: str
-    #: Its current key can sign provider calls made for other credentials (a webhook signer).
+    #: Its current key can sign provider calls made for other credentials (their signer).
     signs_requests: bool
     import_spec: ImportSpec
     #: Its steps by the trigger each fires; FINISH_ROLLBACK is the rollback.

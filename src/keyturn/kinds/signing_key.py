@@ -43,6 +43,7 @@ from keyturn.plugin import (
     StepContext,
     StepError,
     Trigger,
+    dfns_key_session,
 )
 from keyturn.plugin import Fence as FenceFn
 
@@ -499,7 +500,7 @@ class SigningKeyKind(Kind):
         }
 
     async def open_session(self, services: Services, rotation: Rotation, fence: FenceFn) -> Any:
-        return await services.key_provider(rotation.credential, fence=fence)
+        return await services.provider_session(dfns_key_session, rotation.credential, fence=fence)
 
     def imported(
         self, name: str, config: CredentialConfig, material: bytes, services: Services
@@ -530,7 +531,7 @@ async def reconcile_signing_key(services: Services, item: ReconcileInput) -> lis
     managed = item.managed
     name = managed.name
     try:
-        provider = await services.key_provider(name)
+        provider = await services.provider_session(dfns_key_session, name)
         try:
             creds = await provider.list_credentials()
         finally:

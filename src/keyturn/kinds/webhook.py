@@ -53,6 +53,7 @@ from keyturn.plugin import (
     Wait,
     WebhookInfo,
     WebhookProvider,
+    dfns_webhook_session,
 )
 
 #: How long the old webhook may take to deliver its backlog before the delete is postponed.
@@ -528,8 +529,8 @@ class WebhookKind(Kind):
 
     async def open_session(self, services: Services, rotation: Rotation, fence: Fence) -> Any:
         config = services.credential_config(rotation.credential)
-        return await services.webhook_provider(
-            rotation.credential, signer=self.signer(config) or "", fence=fence
+        return await services.provider_session(
+            dfns_webhook_session, self.signer(config) or "", with_key=True, fence=fence
         )
 
     def imported(
@@ -551,7 +552,7 @@ async def _reconcile(services: Services, item: ReconcileInput) -> list[Finding]:
     name = managed.name
     signer = WEBHOOK.signer(item.config) or ""
     try:
-        provider = await services.webhook_provider(name, signer=signer)
+        provider = await services.provider_session(dfns_webhook_session, signer, with_key=True)
         try:
             hooks = await provider.list_webhooks()
         finally:

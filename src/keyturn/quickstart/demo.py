@@ -20,6 +20,7 @@ from keyturn.config import load_config
 from keyturn.domain.lifecycle import State
 from keyturn.domain.model import Rotation
 from keyturn.engine.worker import Worker
+from keyturn.plugin import dfns_key_session, dfns_webhook_session
 from keyturn.quickstart.init import SANDBOX_PAT, SANDBOX_SA, SANDBOX_WEBHOOK, init_workdir
 from keyturn.targets.files import PathConfig
 
@@ -141,7 +142,7 @@ async def _check_keys(w: Wiring, finals: list[Rotation]) -> list[Check]:
         name = r.credential
         old_uuid = str(r.data.get("old_credential_uuid"))
         new_uuid = str(r.data.get("new_credential_uuid"))
-        provider = await w.key_provider(name)
+        provider = await w.provider_session(dfns_key_session, name)
         try:
             creds = {c.credential_uuid: c for c in await provider.list_credentials()}
         finally:
@@ -168,7 +169,7 @@ async def _check_keys(w: Wiring, finals: list[Rotation]) -> list[Check]:
 
 async def _check_webhook(w: Wiring, old_id: str, r: Rotation) -> list[Check]:
     new_id = str(r.data.get("new_webhook_id"))
-    provider = await w.webhook_provider(SANDBOX_WEBHOOK, signer=SANDBOX_SA)
+    provider = await w.provider_session(dfns_webhook_session, SANDBOX_SA, with_key=True)
     try:
         old = await provider.get_webhook(old_id)
         new = await provider.get_webhook(new_id)
