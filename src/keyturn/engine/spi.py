@@ -359,6 +359,44 @@ class Session(Protocol):
 # ------------------------------------------------------------------------- targets, probes
 
 
+@dataclass(frozen=True)
+class TargetOp:
+    """Which rotation a target's cycle call belongs to: its idempotency key (a second call for
+    the same rotation and phase with the same material writes nothing)."""
+
+    rotation_id: str
+    credential: str
+    #: "stage", "promote" or "rollback".
+    phase: str
+
+
+class KeyTarget(Protocol):
+    """A target of signing-key material (``accepts`` holds "signing_key"): one cycle, every
+    call idempotent and a no-op when the content is already there.
+
+    - ``stage``: write the new material where holders do not read it yet;
+    - ``read_back``: what holders load now (``staged=True``: what ``stage`` wrote);
+    - ``promote``: make the staged material (it must equal `material`) what holders load;
+    - ``rollback``: make `previous` what holders load again (the version before `op`'s
+      promote, when the target keeps one).
+
+    A target marks what it manages (a tag, label or metadata naming keyturn and the credential)
+    and refuses to overwrite what it does not manage unless its config says ``adopt = true``;
+    it never deletes. Errors are :class:`StepError` naming the target (``retryable`` when
+    trying again may help: unreachable, throttled) and never hold secret material. The detail
+    returned (``changed``, a version id) goes in the action record: no secrets."""
+
+    name: str
+
+    async def stage(self, material: Any, op: TargetOp) -> Detail: ...
+
+    async def read_back(self, *, staged: bool = False) -> Any: ...
+
+    async def promote(self, material: Any, op: TargetOp) -> Detail: ...
+
+    async def rollback(self, previous: Any, op: TargetOp) -> Detail: ...
+
+
 class TargetPlugin(Protocol):
     """A deploy target type (``type = "..."``)."""
 
