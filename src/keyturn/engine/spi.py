@@ -397,6 +397,18 @@ class KeyTarget(Protocol):
     async def rollback(self, previous: Any, op: TargetOp) -> Detail: ...
 
 
+class KeyProbe(Protocol):
+    """Holder evidence for signing-key material (``accepts`` holds "signing_key"): which key
+    the holder signs with now, as the fingerprint keyturn records for a key (the first 16 hex
+    digits of SHA-256 over the public key's PEM with all whitespace removed; see
+    :func:`keyturn.holders.key_fingerprint`). KeyturnError naming the probe when it cannot
+    tell (the holder is down, answers nonsense): the rotation keeps waiting."""
+
+    name: str
+
+    async def fingerprint(self) -> str: ...
+
+
 class TargetPlugin(Protocol):
     """A deploy target type (``type = "..."``)."""
 
