@@ -22,6 +22,8 @@ KEYTURN = [sys.executable, "-m", "keyturn"]
 SA = "sandbox-service-account"
 PAT = "sandbox-pat"
 WEBHOOK = "sandbox-webhook"
+#: The deploy targets `keyturn init` configures for the service account and the PAT.
+TARGETS = ("local-files",)
 LEASE_PATCH = [
     ("lease_seconds = 30", "lease_seconds = 2"),
     ("backoff_base_seconds = 0.5", "backoff_base_seconds = 0.1"),
@@ -212,7 +214,7 @@ def kill_points_of(kind: Any, *, rollback: bool) -> list[str]:
     for trigger, step in kind.steps.items():
         if (trigger is Trigger.FINISH_ROLLBACK) != rollback:
             continue
-        for action in step.actions:
+        for action in step.expanded_actions(TARGETS):
             points += [
                 f"{action.phase.value}.{action.name}.{moment}" for moment in ACTION_BOUNDARIES
             ]

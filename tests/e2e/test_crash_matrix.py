@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from harness import Kt
+from harness import TARGETS, Kt
 
 from keyturn.domain.lifecycle import Trigger
 from keyturn.kinds.signing_key import SERVICE_ACCOUNT
@@ -24,7 +24,7 @@ def kill_points(rollback: bool) -> list[str]:
     for trigger, step in SERVICE_ACCOUNT.steps.items():
         if (trigger is Trigger.FINISH_ROLLBACK) != rollback:
             continue
-        for action in step.actions:
+        for action in step.expanded_actions(TARGETS):
             points += [
                 f"{action.phase.value}.{action.name}.{moment}" for moment in ACTION_BOUNDARIES
             ]

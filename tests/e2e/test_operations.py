@@ -64,7 +64,8 @@ def test_import_and_concurrent_rotations(make_kt: Callable[..., Kt], tmp_path: P
     # one JSON log line per action, with rotation, credential, step, action, outcome, duration
     lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     actions = [x for x in lines if x.get("event") == "action"]
-    assert len(actions) == 5 * 4
+    # register, stage and promote on its one target, prove, deactivate
+    assert len(actions) == 5 * 5
     for a in actions:
         assert {"rotation", "credential", "step", "action", "outcome", "duration_ms"} <= set(a)
 

@@ -68,12 +68,13 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 class StuckTarget(FileTarget):
-    def deploy(self, material: DeployedMaterial) -> None:  # drops every write
-        return None
+    def stage(self, material: DeployedMaterial, credential: str = "") -> dict[str, object]:
+        # drops the new key: stages what it already holds
+        return super().stage(self.read_back(), credential)
 
 
 class StuckPlugin:
-    """A `file` target that silently keeps what it held (drops every deploy)."""
+    """A `file` target that silently keeps what it held (stages its current key)."""
 
     type = "stuck"
     description = "drops every write"
@@ -260,7 +261,8 @@ def test_retry_budget_is_bounded(env: Env) -> None:
         # intent leaves the rotation in the state the previous step reached (a worker holds a
         # step's transition for the next commit, so "transition.*.after_commit" fires only
         # after the next intent is written, and the stop lands one action later).
-        ("forward.deploy_new.before_intent", State.NEW_ADDED),
+        ("forward.stage_new@t1.before_intent", State.NEW_ADDED),
+        ("forward.promote_new@t1.before_intent", State.NEW_ADDED),
         ("forward.deactivate_old.before_intent", State.VERIFIED),
         (None, State.OLD_DEACTIVATED),
     ],
@@ -358,7 +360,7 @@ def test_prove_uses_what_the_target_holds(env: Env) -> None:
 
 
 def test_a_worker_writes_each_outcome_and_transition_with_the_next_intent(env: Env) -> None:
-    """Five compare-and-sets take a service-account rotation from pending to old_deactivated:
+    """Six compare-and-sets take a service-account rotation from pending to old_deactivated:
     each intent carries the previous action's outcome (and the step's transition); the release
     carries the last outcome and the final transition. Nothing is lost on the way."""
     written: list[Change] = []
@@ -372,7 +374,7 @@ def test_a_worker_writes_each_outcome_and_transition_with_the_next_intent(env: E
     rid = env.rotate()
     env.work()
     mine = [c for c in written if c.rotation_id == rid]
-    assert len(mine) == 5, [(c.action, c.updates.keys()) for c in mine]
+    assert len(mine) == 6, [(c.action, c.updates.keys()) for c in mine]
     r = env.store.get_rotation(rid)
     assert r.state is State.OLD_DEACTIVATED and r.lease_owner is None
     assert [e.to_state for e in env.store.events(rid) if e.kind == "transition"] == [
@@ -383,7 +385,13 @@ def test_a_worker_writes_each_outcome_and_transition_with_the_next_intent(env: E
     assert all(a.status is ActionStatus.DONE for a in env.store.actions(rid))
     # every intent was durable before its call: the change that wrote it came before the next
     intents = [c.action.name for c in mine if c.action and c.action.status is ActionStatus.INTENT]
-    assert intents == ["register_new", "deploy_new", "prove_new", "deactivate_old"]
+    assert intents == [
+        "register_new",
+        "stage_new@t1",
+        "prove_new",
+        "promote_new@t1",
+        "deactivate_old",
+    ]
 
 
 def test_a_held_write_survives_a_failed_commit(env: Env) -> None:

@@ -10,7 +10,7 @@ it; a test holds it to what the worker then does, request for request, at the sa
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from keyturn.domain.errors import KeyturnError
@@ -27,6 +27,7 @@ class _Facts:
     probes: Sequence[str]
     recorded_: set[tuple[Phase, str]] = field(default_factory=set)
     done_: set[tuple[Phase, str]] = field(default_factory=set)
+    target: str | None = None
 
     def recorded(self, phase: Phase, name: str) -> bool:
         return (phase, name) in self.recorded_
@@ -70,17 +71,18 @@ def plan(
         step = kind.steps.get(trigger)
         if step is None:
             raise KeyturnError(f"kind {kind.name} declares no step for {trigger.value}")
-        for item in step.items:
+        for item in step.expand(targets):
             key = (item.phase, item.name)
-            if not item.when(facts) or key in facts.done_:
-                continue
             is_action = isinstance(item, Action)
+            seen = replace(facts, target=item.target if isinstance(item, Action) else None)
+            if not item.when(seen) or key in facts.done_:
+                continue
             planned.append(
                 PlannedAction(
                     trigger,
                     item.phase,
                     item.name,
-                    tuple(item.plan(facts)),
+                    tuple(item.plan(seen)),
                     irreversible=is_action and bool(getattr(item, "irreversible", False)),
                 )
             )

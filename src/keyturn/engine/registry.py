@@ -95,7 +95,8 @@ class Registry:
             if a.irreversible
         }
         for a in actions:
-            if (a.phase, a.name) in declared:
+            # an action run once per target is recorded as <declared name>@<target>
+            if (a.phase, a.name.split("@", 1)[0]) in declared:
                 reason = (
                     f"it is irreversible from action {a.name} on (intent recorded "
                     f"{a.intent_at.isoformat(timespec='seconds')})"

@@ -12,6 +12,7 @@ so what a rotation would do and what it does come from one declaration.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -96,6 +97,10 @@ class Facts(Protocol):
 
     @property
     def probes(self) -> Sequence[str]: ...
+
+    @property
+    def target(self) -> str | None:
+        """The target of an action declared ``each_target`` (None otherwise)."""
 
 
 def always(_facts: Facts) -> bool:
@@ -201,7 +206,10 @@ class Action(Generic[C]):
     - ``done``: applies the outcome to the rotation data (also when resuming past it);
     - ``when``: whether the step performs it at all, from the facts (the plan uses it too);
     - ``plan``: the calls it makes, from the facts, without making any;
-    - ``irreversible``: from its intent on, rollback is refused.
+    - ``irreversible``: from its intent on, rollback is refused;
+    - ``each_target``: one action per deploy target of the credential, named
+      ``<name>@<target>``, in the targets' configured order (so a crash between two targets is
+      a boundary of its own); ``ctx.target`` and ``facts.target`` name the target.
     """
 
     phase: Phase
@@ -214,6 +222,9 @@ class Action(Generic[C]):
     done: Callable[[C, Detail], None] | None = None
     when: Callable[[Facts], bool] = always
     irreversible: bool = False
+    each_target: bool = False
+    #: Set on the copies :meth:`Step.expand` makes of an ``each_target`` action.
+    target: str | None = None
 
 
 @dataclass(frozen=True)
@@ -252,7 +263,24 @@ class Step(Generic[C]):
 
     @property
     def actions(self) -> list[Action[C]]:
+        """The declared actions (an ``each_target`` one once, unexpanded)."""
         return [i for i in self.items if isinstance(i, Action)]
+
+    def expand(self, targets: Sequence[str]) -> list[Action[C] | Wait[C]]:
+        """The items a rotation of a credential with these targets runs, in order: an
+        ``each_target`` action becomes one action per target."""
+        out: list[Action[C] | Wait[C]] = []
+        for item in self.items:
+            if isinstance(item, Action) and item.each_target:
+                out.extend(
+                    dataclasses.replace(item, name=f"{item.name}@{t}", target=t) for t in targets
+                )
+            else:
+                out.append(item)
+        return out
+
+    def expanded_actions(self, targets: Sequence[str]) -> list[Action[C]]:
+        return [i for i in self.expand(targets) if isinstance(i, Action)]
 
 
 # ---------------------------------------------------------------------------- reconcile

@@ -71,6 +71,7 @@ class StepFacts:
     records: dict[tuple[Phase, str], ActionRecord]
     targets: Sequence[str]
     probes: Sequence[str]
+    target: str | None = None
 
     def recorded(self, phase: Phase, name: str) -> bool:
         return (phase, name) in self.records
@@ -98,6 +99,7 @@ class StepContext(Generic[D, S]):
         self._data: D = kind.data_model.model_validate(run.rotation.data)  # type: ignore[assignment]
         self._sealed: list[Any] = []
         self._dirty = False
+        self._target: str | None = None
 
     @property
     def rotation(self) -> Rotation:
@@ -114,6 +116,14 @@ class StepContext(Generic[D, S]):
     @property
     def probes(self) -> list[Any]:
         return self._run.deps.probes(self.rotation.credential)
+
+    @property
+    def target(self) -> Any:
+        """The target of the action being performed, when it is declared ``each_target``."""
+        for t in self.targets:
+            if t.name == self._target:
+                return t
+        raise KeyturnError(f"no deploy target named {self._target!r} is configured")
 
     @property
     def keys(self) -> Keys:
@@ -175,12 +185,13 @@ class StepContext(Generic[D, S]):
             self._dirty = False
             await self._run.unit.add(updates={"data": self.dumped()}, secrets=sealed)
 
-    async def facts(self) -> StepFacts:
+    async def facts(self, target: str | None = None) -> StepFacts:
         return StepFacts(
             self._data,
             await self._run.actions.records(),
             [t.name for t in self.targets],
             [p.name for p in self.probes],
+            target,
         )
 
 
@@ -197,13 +208,18 @@ async def run_step(run: RotationRun, trigger: Trigger) -> None:
     session = await kind.open_session(deps.services, run.rotation, run.fence)
     try:
         ctx: StepContext[Any, Any] = StepContext(run, kind, session, config)
-        for item in step.items:
-            if item.when is not always and not item.when(await ctx.facts()):
+        for item in step.expand([t.name for t in ctx.targets]):
+            target = item.target if isinstance(item, Action) else None
+            if item.when is not always and not item.when(await ctx.facts(target)):
                 continue
             if isinstance(item, Wait):
                 await _wait(run, ctx, item)
             else:
-                await _perform(run, ctx, item, signer, signer_ref)
+                ctx._target = target
+                try:
+                    await _perform(run, ctx, item, signer, signer_ref)
+                finally:
+                    ctx._target = None
         finish = await step.finish(ctx) if step.finish is not None else Finish()
         await ctx.save()  # the data, if it changed, is held for the transition's write
         await run.transition(

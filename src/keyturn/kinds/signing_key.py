@@ -16,6 +16,8 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any, Literal
 
+from pydantic import Field
+
 from keyturn.plugin import (
     Action,
     Call,
@@ -42,7 +44,9 @@ from keyturn.plugin import (
     Step,
     StepContext,
     StepError,
+    TargetOp,
     Trigger,
+    Wait,
     dfns_key_session,
 )
 from keyturn.plugin import Fence as FenceFn
@@ -54,6 +58,10 @@ class SigningKeyConfig(CredentialConfig):
     #: How a new key is registered: Create Credential, or the service-account credential endpoint.
     registration: Literal["credentials", "service_account_endpoint"] = "credentials"
     algorithm: Literal["ed25519", "ecdsa-p256", "rsa-2048"] = "ed25519"
+    #: With probes: how often the holders are asked which key they use, and how long keyturn
+    #: waits for all of them to report the new key before it halts (the old key stays active).
+    holder_check_seconds: float = Field(default=5.0, gt=0)
+    holder_deadline_seconds: float = Field(default=3600.0, gt=0)
 
 
 class SigningKeyData(RotationData):
@@ -155,11 +163,8 @@ def _plan_register(facts: Facts) -> list[Call]:
     ]
 
 
-async def _deploy(ctx: Ctx, material: DeployedMaterial, fp: str) -> Detail:
-    for target in ctx.targets:
-        ctx.fence()
-        await target.deploy(material)
-    return {"targets": [t.name for t in ctx.targets], "fingerprint": fp}
+def _op(ctx: Ctx, phase: str) -> TargetOp:
+    return TargetOp(ctx.rotation.id, ctx.rotation.credential, phase)
 
 
 async def _new_material(ctx: Ctx) -> DeployedMaterial:
@@ -173,29 +178,42 @@ async def _old_material(ctx: Ctx) -> DeployedMaterial:
     return DeployedMaterial(old.private_key_pem, old.credential_id, ctx.data.old_credential_uuid)
 
 
-async def _deploy_new(ctx: Ctx) -> Detail:
-    return await _deploy(
-        ctx, await _new_material(ctx), _need(ctx.data.new_fingerprint, "fingerprint")
-    )
+def _on_target(ctx: Ctx, detail: Detail) -> Detail:
+    return {"target": ctx.target.name, **detail}
 
 
-async def _redeploy_old(ctx: Ctx) -> Detail:
-    material = await _old_material(ctx)
-    return await _deploy(ctx, material, fingerprint(ctx.keys.public_pem(material.private_key_pem)))
+async def _stage_new(ctx: Ctx) -> Detail:
+    return _on_target(ctx, await ctx.target.stage(await _new_material(ctx), _op(ctx, "stage")))
 
 
-def _plan_deploy(note: str) -> Any:
+async def _promote_new(ctx: Ctx) -> Detail:
+    detail = await ctx.target.promote(await _new_material(ctx), _op(ctx, "promote"))
+    return _on_target(ctx, detail)
+
+
+async def _restore_old(ctx: Ctx) -> Detail:
+    detail = await ctx.target.rollback(await _old_material(ctx), _op(ctx, "rollback"))
+    return _on_target(ctx, detail)
+
+
+def _target_intent(ctx: Ctx) -> dict[str, Any]:
+    return {"target": ctx.target.name}
+
+
+def _plan_target(op: str, note: str) -> Any:
     def plan(facts: Facts) -> list[Call]:
-        return [Call.target(t, "deploy", note=note) for t in facts.targets]
+        return [Call.target(facts.target or "", op, note=note)]
 
     return plan
 
 
-async def _prove(ctx: Ctx, expected: DeployedMaterial, public_pem: str) -> Detail:
+async def _prove(ctx: Ctx, expected: DeployedMaterial, public_pem: str, *, staged: bool) -> Detail:
+    """Every target holds the expected key and ids (``staged``: in its staged place), and the
+    provider accepts a signature made with the key as each target holds it."""
     proved = []
     for target in ctx.targets:
         try:
-            held = await target.read_back()
+            held = await target.read_back(staged=staged)
         except KeyturnError as exc:
             raise StepError(f"target {target.name}: {exc}", retryable=True) from exc
         # The bytes keyturn deployed are the expected key (no parse needed); anything else
@@ -221,22 +239,69 @@ async def _prove(ctx: Ctx, expected: DeployedMaterial, public_pem: str) -> Detai
 
 
 async def _prove_new(ctx: Ctx) -> Detail:
-    return await _prove(ctx, await _new_material(ctx), _need(ctx.data.new_public_key, "key"))
+    key = _need(ctx.data.new_public_key, "key")
+    return await _prove(ctx, await _new_material(ctx), key, staged=True)
 
 
 async def _prove_old(ctx: Ctx) -> Detail:
     material = await _old_material(ctx)
-    return await _prove(ctx, material, ctx.keys.public_pem(material.private_key_pem))
+    return await _prove(ctx, material, ctx.keys.public_pem(material.private_key_pem), staged=False)
 
 
-def _plan_prove(facts: Facts) -> list[Call]:
-    handshake = [Call.provider("POST", "/auth/action/init"), Call.provider("POST", "/auth/action")]
-    calls: list[Call] = []
-    for t in facts.targets or [""]:
-        if t:
-            calls.append(Call.target(t, "read_back"))
-        calls += handshake
-    return calls
+def _plan_prove(staged: bool) -> Any:
+    op = "read_back staged" if staged else "read_back"
+
+    def plan(facts: Facts) -> list[Call]:
+        handshake = [
+            Call.provider("POST", "/auth/action/init"),
+            Call.provider("POST", "/auth/action"),
+        ]
+        calls: list[Call] = []
+        for t in facts.targets or [""]:
+            if t:
+                calls.append(Call.target(t, op))
+            calls += handshake
+        return calls
+
+    return plan
+
+
+def _holders(side: str) -> Any:
+    """The wait until every probe reports the `side` key's fingerprint."""
+
+    async def check(ctx: Ctx) -> str | None:
+        if side == "new":
+            want = _need(ctx.data.new_fingerprint, "new fingerprint")
+        else:
+            want = fingerprint(ctx.keys.public_pem(await ctx.open(ctx.data.old_key_ref)))
+        behind = []
+        for probe in ctx.probes:
+            try:
+                seen = await probe.fingerprint()
+            except KeyturnError as exc:
+                behind.append(f"{probe.name} ({exc})")
+                continue
+            if seen != want:
+                behind.append(f"{probe.name} (uses key {seen})")
+        if not behind:
+            return None
+        return f"the holders to use the {side} key {want}: waiting for {'; '.join(behind)}"
+
+    def config(ctx: Ctx) -> SigningKeyConfig:
+        assert isinstance(ctx.config, SigningKeyConfig)
+        return ctx.config
+
+    return Wait(
+        F if side == "new" else R,
+        f"holders_{side}",
+        check,
+        every=lambda ctx: config(ctx).holder_check_seconds,
+        deadline=lambda ctx: config(ctx).holder_deadline_seconds,
+        plan=lambda facts: [
+            Call.probe(p, "fingerprint", note=f"{side} key in use") for p in facts.probes
+        ],
+        when=lambda facts: bool(facts.probes),
+    )
 
 
 async def _deactivate_old(ctx: Ctx) -> Detail:
@@ -365,14 +430,27 @@ STEPS: Mapping[Trigger, Step[Ctx]] = {
     ),
     Trigger.VERIFY: Step(
         [
+            # Stage on every target, prove what each holds in its staged place signs at the
+            # provider, promote every target (one action each: a crash between two promotes
+            # is a boundary), then wait for every holder to report the new key.
             Action(
                 F,
-                "deploy_new",
-                _deploy_new,
-                plan=_plan_deploy("new key deployed"),
-                intent=lambda ctx: {"targets": [t.name for t in ctx.targets]},
+                "stage_new",
+                _stage_new,
+                plan=_plan_target("stage", "new key staged"),
+                intent=_target_intent,
+                each_target=True,
             ),
-            Action(F, "prove_new", _prove_new, plan=_plan_prove),
+            Action(F, "prove_new", _prove_new, plan=_plan_prove(staged=True)),
+            Action(
+                F,
+                "promote_new",
+                _promote_new,
+                plan=_plan_target("promote", "new key is what holders load"),
+                intent=_target_intent,
+                each_target=True,
+            ),
+            _holders("new"),
         ]
     ),
     Trigger.DEACTIVATE_OLD: Step(
@@ -410,10 +488,11 @@ STEPS: Mapping[Trigger, Step[Ctx]] = {
             #    never reached them, so the targets end up holding exactly the old key).
             Action(
                 R,
-                "redeploy_old",
-                _redeploy_old,
-                plan=_plan_deploy("old key deployed"),
-                intent=lambda ctx: {"targets": [t.name for t in ctx.targets]},
+                "restore_old",
+                _restore_old,
+                plan=_plan_target("rollback", "old key is what holders load"),
+                intent=_target_intent,
+                each_target=True,
             ),
             # 3. Deactivate the new credential if it may exist (found by its public key).
             Action(
@@ -424,8 +503,9 @@ STEPS: Mapping[Trigger, Step[Ctx]] = {
                 when=_recorded(F, "register_new"),
                 done=_deactivated_new,
             ),
-            # 4. Prove the old key, as the targets hold it, signs again.
-            Action(R, "prove_old", _prove_old, plan=_plan_prove),
+            # 4. Prove the old key, as the targets hold it, signs again; the holders use it.
+            Action(R, "prove_old", _prove_old, plan=_plan_prove(staged=False)),
+            _holders("old"),
         ],
         finish=_finish_rollback,
     ),

@@ -91,6 +91,7 @@ algorithm = "ed25519"
 
 [[credentials.{sa}.targets]]
 type = "file"
+name = "local-files"
 path = "deploy/{sa}"
 
 [credentials.{pat}]
@@ -101,6 +102,7 @@ algorithm = "ecdsa-p256"
 
 [[credentials.{pat}.targets]]
 type = "file"
+name = "local-files"
 path = "deploy/{pat}"
 
 # The webhook's secret rotates by replacing the webhook; calls are signed by {sa}.
@@ -175,7 +177,7 @@ def init_workdir(
         material = DeployedMaterial(pem, entry["credential_id"], entry["credential_uuid"])
         for target in w.config.credential(name).targets:
             assert isinstance(target, PathConfig)
-            FileTarget(name, target.path).deploy(material)
+            FileTarget(name, target.path).deploy(material, name)
     asyncio.run(_create_webhook(w, boot, sa_pem, f"{receiver_url}/webhooks"))
     return config_path
 

@@ -5,30 +5,44 @@ Their writes are blocking; they run in keyturn's bounded thread pool."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from keyturn.adapters.deploy import FileTarget
 from keyturn.adapters.secrets_file import WebhookSecretsFileTarget
-from keyturn.plugin import DeployedMaterial, Services, TargetConfig
+from keyturn.plugin import DeployedMaterial, Detail, Services, TargetConfig, TargetOp
 
 
 class PathConfig(TargetConfig):
     path: Path
 
 
+class FileConfig(PathConfig):
+    #: Take over a directory holding files keyturn did not write.
+    adopt: bool = False
+
+
 class KeyFiles:
-    """A signing key and its credential ids as two files in a directory."""
+    """A signing key and its credential ids as two files in a directory, in versions (see
+    :class:`keyturn.adapters.deploy.FileTarget`): stage writes a version, promote swaps the
+    ``current`` symlink, rollback swaps it back."""
 
     def __init__(self, target: FileTarget, services: Services) -> None:
         self._target = target
         self._services = services
         self.name = target.name
 
-    async def deploy(self, material: DeployedMaterial) -> None:
-        await self._services.blocking(self._target.deploy, material)
+    async def stage(self, material: DeployedMaterial, op: TargetOp) -> Detail:
+        return await self._services.blocking(self._target.stage, material, op.credential)
 
-    async def read_back(self) -> DeployedMaterial:
-        return await self._services.blocking(self._target.read_back)
+    async def promote(self, material: DeployedMaterial, op: TargetOp) -> Detail:
+        return await self._services.blocking(self._target.promote, material)
+
+    async def rollback(self, previous: DeployedMaterial, op: TargetOp) -> Detail:
+        return await self._services.blocking(self._target.rollback, previous, op.credential)
+
+    async def read_back(self, *, staged: bool = False) -> DeployedMaterial:
+        return await self._services.blocking(partial(self._target.read_back, staged=staged))
 
 
 class SecretsFile:
@@ -48,13 +62,17 @@ class SecretsFile:
 
 class FilePlugin:
     type = "file"
-    description = "a directory receiving private_key.pem and credential.json (signing keys)"
-    config_model = PathConfig
+    description = (
+        "a directory receiving private_key.pem and credential.json (signing keys), in versions"
+    )
+    config_model = FileConfig
     accepts = frozenset({"signing_key"})
 
     def build(self, config: TargetConfig, services: Services) -> KeyFiles:
         assert isinstance(config, PathConfig)
-        return KeyFiles(FileTarget(config.name or f"file:{config.path}", config.path), services)
+        name = config.name or f"file:{config.path}"
+        adopt = isinstance(config, FileConfig) and config.adopt
+        return KeyFiles(FileTarget(name, config.path, adopt=adopt), services)
 
 
 class SecretsFilePlugin:
