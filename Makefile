@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml $(TOY)/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# the toy plugin is installed like a third party's: its own distribution, its entry points
-	$(BIN)/python -m pip install --quiet -e '.[dev]' -e $(TOY)
+	$(BIN)/python -m pip install --quiet -e '.[dev,aws,vault]' -e $(TOY)
 	touch $(STAMP)
 
 ## The main job: a real service-account key rotation against a local sandbox (SQLite).

@@ -6,7 +6,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -231,11 +231,21 @@ def _credential(
         raise ConfigError(_first_error(where, exc, key)) from None
 
 
-def _default_type(registry: Registry, field: str, material: str) -> object:
+def _default_type(registry: Registry, field: str, material: str, table: dict[str, Any]) -> object:
     """A target or probe table may leave out its type when exactly one installed type takes
-    the kind's material (as before plugins: a signing key's target is a ``file``)."""
+    the kind's material and accepts the table's keys (as before plugins: a signing key's
+    target with a ``path`` is a ``file``)."""
     plugins = registry.targets if field == "targets" else registry.probes
     takers = [t for t, p in plugins.items() if material in p.accepts]
+    if len(takers) > 1:
+        fitting = []
+        for t in takers:
+            try:
+                plugins[t].config_model.model_validate({**table, "type": t})
+            except ValidationError:
+                continue
+            fitting.append(t)
+        takers = fitting
     return takers[0] if len(takers) == 1 else None
 
 
@@ -255,7 +265,7 @@ def _parts(
         at = f"{key}[{i}]"
         if isinstance(item, dict) and "type" not in item:
             field = "probes" if probes else "targets"
-            item = {**item, "type": _default_type(registry, field, kind.material)}
+            item = {**item, "type": _default_type(registry, field, kind.material, item)}
         if not isinstance(item, dict) or not isinstance(item.get("type"), str):
             raise ConfigError(f"config file {where}: key {at}.type: missing; name its type")
         try:

@@ -215,7 +215,9 @@ async def _prove(ctx: Ctx, expected: DeployedMaterial, public_pem: str, *, stage
         try:
             held = await target.read_back(staged=staged)
         except KeyturnError as exc:
-            raise StepError(f"target {target.name}: {exc}", retryable=True) from exc
+            said = str(exc)
+            named = said if target.name in said else f"target {target.name}: {said}"
+            raise StepError(named, retryable=True) from exc
         # The bytes keyturn deployed are the expected key (no parse needed); anything else
         # must at least be the same key.
         same_key = held.private_key_pem == expected.private_key_pem or _norm(
