@@ -2,6 +2,7 @@
 
 - `sandbox`: a fresh sandbox subprocess per test, in tmp_path, stopped afterwards.
 - `sandbox_factory(**kwargs)`: start more (same kwargs as `start_sandbox`); all are stopped.
+- `start_demo(*args)`: the holder demo service (see demo_fixture).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from demo_fixture import start_demo  # noqa: F401 (a fixture for the tests here)
 
 from keyturn.sandbox.testing import SandboxProcess, start_sandbox
 

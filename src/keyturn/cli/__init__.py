@@ -378,9 +378,14 @@ def plugins(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         _print_json([vars(i) for i in installed])
         return
+    name_width = max((len(i.name) for i in installed), default=4)
+    dist_width = max((len(i.distribution) for i in installed), default=4)
     for i in installed:
         group = i.group.removeprefix("keyturn.")
-        out.print(f"{group:<8} {i.name:<16} {i.distribution:<14} {i.description}", markup=False)
+        out.print(
+            f"{group:<8} {i.name:<{name_width}}  {i.distribution:<{dist_width}}  {i.description}",
+            markup=False,
+        )
 
 
 # ------------------------------------------------------------------------------- init, demo
