@@ -17,13 +17,13 @@ from harness import SA, Kt, kill_worker_at
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from bao_fixture import BaoServer, start_bao
-from moto_fixture import AWS_TEST_ENV, MotoServer, start_moto
+from moto_fixture import AWS_TEST_ENV, MotoServer, free_port, start_moto
 
 from keyturn.adapters.dfns.provider import provider_for
 from keyturn.adapters.material import material_from_document
-from keyturn.cli.wiring import Wiring
 from keyturn.config import load_config
 from keyturn.domain.lifecycle import Trigger
+from keyturn.engine.registry import discovered
 from keyturn.kinds.signing_key import SERVICE_ACCOUNT
 from keyturn.plugin import DeployedMaterial, SigningKey, TargetOp
 
@@ -99,11 +99,12 @@ def uuid_of(material: DeployedMaterial) -> str:
     return material.credential_uuid
 
 
-@pytest.fixture
-def remote_kt(make_kt: Callable[..., Kt], moto: MotoServer, bao: BaoServer) -> tuple[Kt, Stores]:
+def setup_remote(
+    make_kt: Callable[..., Kt], moto: MotoServer, bao: BaoServer, db_url: str | None = None
+) -> tuple[Kt, Stores]:
     """A working directory whose service account deploys to the three targets, each holding
     the current (old) key first, as keyturn deployed it."""
-    kt = make_kt()
+    kt = make_kt(db_url)
     secret_id = f"prod/svc-{uuid.uuid4().hex[:10]}"
     path = f"apps/svc-{uuid.uuid4().hex[:10]}"
     with kt.config.open("a") as out:
@@ -126,13 +127,23 @@ token_file = "{bao.token_file}"
     old_pem, ids = kt.deployed(SA)
     old = DeployedMaterial(old_pem, ids["credentialId"], ids["credentialUuid"])
 
+    class Pool:
+        async def blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+            return await asyncio.to_thread(fn, *args)
+
     async def seed() -> None:
-        for target in Wiring(load_config(kt.config)).engine_deps().targets(SA)[1:]:
+        for table in load_config(kt.config).credentials[SA].targets[1:]:
+            target = discovered().target(table.type).build(table, Pool())  # type: ignore[arg-type]
             await target.stage(old, TargetOp("rot_seed", SA, "stage"))
             await target.promote(old, TargetOp("rot_seed", SA, "promote"))
 
     asyncio.run(seed())
     return kt, Stores(moto, bao, secret_id, path)
+
+
+@pytest.fixture
+def remote_kt(make_kt: Callable[..., Kt], moto: MotoServer, bao: BaoServer) -> tuple[Kt, Stores]:
+    return setup_remote(make_kt, moto, bao)
 
 
 def worker(kt: Kt, **env: str) -> Any:
@@ -197,15 +208,11 @@ def test_three_targets_hold_the_new_key_then_the_old_after_rollback(
     assert kt.provider_credentials()[old_uuid]["isActive"]
 
 
-@pytest.mark.parametrize("point", forward_kill_points())
-def test_kill_at_every_boundary_with_three_targets(
-    remote_kt: tuple[Kt, Stores], point: str, tmp_path: Path
-) -> None:
-    kt, stores = remote_kt
+def kill_then_finish(kt: Kt, stores: Stores, point: str, marker: Path) -> None:
     old_uuid = kt.deployed(SA)[1]["credentialUuid"]
     before = set(kt.provider_credentials())
     rid = kt.rotate()
-    kill_worker_at(kt, point, tmp_path / "killed-at")
+    kill_worker_at(kt, point, marker)
     finished = worker(kt)
     assert finished.returncode == 0, finished.stderr[-2000:]
     rotation = kt.show(rid)
@@ -219,3 +226,94 @@ def test_kill_at_every_boundary_with_three_targets(
     assert stores.aws_held("AWSPREVIOUS").credential_uuid == old_uuid
     assert stores.kv_held().credential_uuid == new_uuid
     assert kt.deployed(SA)[1]["credentialUuid"] == new_uuid
+    assert not kt.provider_credentials()[old_uuid]["isActive"]
+
+
+@pytest.mark.parametrize("point", forward_kill_points())
+def test_kill_at_every_boundary_with_three_targets(
+    remote_kt: tuple[Kt, Stores], point: str, tmp_path: Path
+) -> None:
+    kt, stores = remote_kt
+    kill_then_finish(kt, stores, point, tmp_path / "killed-at")
+
+
+PG_SAMPLE = [
+    "forward.stage_new@aws.after_call",
+    "forward.promote_new@aws.after_intent",
+    "forward.promote_new@vault.after_call",
+    "transition.verify.after_commit",
+]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("point", PG_SAMPLE)
+def test_kill_with_three_targets_on_postgres(
+    make_kt: Callable[..., Kt],
+    moto: MotoServer,
+    bao: BaoServer,
+    fresh_pg_url: str,
+    point: str,
+    tmp_path: Path,
+) -> None:
+    assert point in forward_kill_points()
+    kt, stores = setup_remote(make_kt, moto, bao, fresh_pg_url)
+    kill_then_finish(kt, stores, point, tmp_path / "killed-at")
+
+
+def halt_after_retries(kt: Kt, target_table: str) -> dict[str, Any]:
+    """Add a failing target, rotate: the worker retries the step a bounded number of times,
+    then halts the rotation for a human."""
+    kt.patch_config("max_attempts = 8", "max_attempts = 3")
+    with kt.config.open("a") as out:
+        out.write(target_table)
+    old_uuid = kt.deployed(SA)[1]["credentialUuid"]
+    rid = kt.rotate()
+    worker(kt)
+    rotation = kt.show(rid)
+    assert rotation["state"] == "new_added", rotation
+    assert rotation["attempts"] == 3 and rotation["halted_reason"], rotation
+    assert "retry budget spent" in rotation["halted_reason"]
+    assert kt.provider_credentials()[old_uuid]["isActive"]
+    assert kt.deployed(SA)[1]["credentialUuid"] == old_uuid  # nothing was promoted
+    return rotation
+
+
+def test_an_unreachable_target_halts_after_bounded_retries_naming_it(
+    make_kt: Callable[..., Kt], moto: MotoServer
+) -> None:
+    closed = free_port()
+    rotation = halt_after_retries(
+        make_kt(),
+        f"""
+[[credentials.{SA}.targets]]
+type = "aws_secrets_manager"
+name = "aws-down"
+secret_id = "prod/unreachable"
+endpoint_url = "http://127.0.0.1:{closed}"
+""",
+    )
+    assert "target aws-down" in rotation["halted_reason"]
+
+
+def test_a_failing_command_target_halts_after_bounded_retries_with_its_last_stderr_line(
+    make_kt: Callable[..., Kt], tmp_path: Path
+) -> None:
+    program = tmp_path / "push-key"
+    program.write_text(
+        "#!/bin/sh\ncat > /dev/null\necho 'progress...' >&2\n"
+        "echo 'the cluster refused the secret: forbidden' >&2\nexit 4\n"
+    )
+    program.chmod(0o755)
+    rotation = halt_after_retries(
+        make_kt(),
+        f"""
+[[credentials.{SA}.targets]]
+type = "command"
+name = "cluster"
+command = ["{program}"]
+""",
+    )
+    reason = rotation["halted_reason"]
+    assert "target cluster" in reason and "exited 4" in reason, reason
+    assert "the cluster refused the secret: forbidden" in reason
+    assert "PRIVATE KEY" not in reason

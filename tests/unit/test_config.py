@@ -12,7 +12,9 @@ from keyturn.domain.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["keyturn.example.toml", "production.example.toml"])
+@pytest.mark.parametrize(
+    "name", ["keyturn.example.toml", "production.example.toml", "targets.example.toml"]
+)
 def test_shipped_examples_are_valid(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KEYTURN_DATABASE_URL", raising=False)
     config = load_config(ROOT / "config" / name)
