@@ -447,8 +447,10 @@ class TargetPlugin(Protocol):
     accepts: frozenset[str]
 
     def build(self, config: TargetConfig, services: Services) -> Any:
-        """The target for this configuration: async ``deploy(material)``, ``read_back()`` and a
-        ``name``, for the material named by ``accepts``."""
+        """The target for this configuration, with a ``name``: a :class:`KeyTarget` (the
+        stage / read_back / promote / rollback cycle) for "signing_key"; async
+        ``deploy(secrets)`` and ``read_back()`` for "secret_set" (the webhook flow's two-secret
+        deployment is its own staging)."""
 
 
 class ProbePlugin(Protocol):
