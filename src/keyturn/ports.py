@@ -88,6 +88,9 @@ class Store(Protocol):
 
     def latest_rotation(self, credential: str) -> Rotation | None: ...
 
+    def rotation_ids(self, prefix: str, *, limit: int = 2) -> list[str]:
+        """Ids starting with `prefix` (at most `limit`, sorted): resolves a short id."""
+
     def has_pending_work(self, horizon: datetime) -> bool:
         """Is any unfinished rotation, not paused and not halted, due before `horizon` (or in
         flight at a worker)? Lets an --until-idle worker wait for retries and takeovers without

@@ -40,7 +40,7 @@ def _waiting(**kw: object) -> Rotation:
 
 def test_status_of_a_waiting_rotation_says_what_since_and_until_when() -> None:
     assert render.status_of(_waiting()) == (
-        "waiting for receivers to load secrets version 3 since 10:02:11Z, deadline 10:12:11Z"
+        "waiting for receivers to load secrets version 3 since 2026-01-01 10:02:11 UTC, deadline 2026-01-01 10:12:11 UTC"
     )
 
 
@@ -48,21 +48,22 @@ def test_status_shows_utc_whatever_the_zone_and_one_line() -> None:
     plus2 = timezone(timedelta(hours=2))
     r = _waiting(wait_since=SINCE.astimezone(plus2), wait_for="approval\nby  alice")
     assert (
-        render.status_of(r) == "waiting for approval by alice since 10:02:11Z, deadline 10:12:11Z"
+        render.status_of(r)
+        == "waiting for approval by alice since 2026-01-01 10:02:11 UTC, deadline 2026-01-01 10:12:11 UTC"
     )
 
 
 def test_a_wait_across_days_shows_the_dates() -> None:
     r = _waiting(wait_deadline=SINCE + timedelta(days=2))
     assert render.status_of(r) == (
-        "waiting for receivers to load secrets version 3 since 2026-01-01 10:02:11Z, "
-        "deadline 2026-01-03 10:02:11Z"
+        "waiting for receivers to load secrets version 3 since 2026-01-01 10:02:11 UTC, "
+        "deadline 2026-01-03 10:02:11 UTC"
     )
 
 
 def test_a_wait_without_deadline_or_since() -> None:
     assert render.status_of(_waiting(wait_deadline=None)) == (
-        "waiting for receivers to load secrets version 3 since 10:02:11Z"
+        "waiting for receivers to load secrets version 3 since 2026-01-01 10:02:11 UTC"
     )
     assert render.status_of(_waiting(wait_since=None, wait_deadline=None)) == (
         "waiting for receivers to load secrets version 3"
@@ -121,11 +122,14 @@ def test_show_rotation_prints_the_wait_with_its_next_check() -> None:
     waiting = [line for line in lines if line.strip().startswith("waiting")]
     assert waiting == [
         "  waiting    for holder [svc-a] to confirm (forward.confirm_loaded) since "
-        "2026-01-01T10:02:11+00:00, deadline 2026-01-01T10:12:11+00:00, "
-        "next check 2026-01-01T10:02:26+00:00"
+        "2026-01-01 10:02:11 UTC, deadline 2026-01-01 10:12:11 UTC, "
+        "next check 2026-01-01 10:02:26 UTC"
     ]
     # The status line too, and the engine's words are never read as markup.
-    assert any("status waiting for holder [svc-a] to confirm since 10:02:11Z" in x for x in lines)
+    assert any(
+        "status waiting for holder [svc-a] to confirm since 2026-01-01 10:02:11 UTC" in x
+        for x in lines
+    )
     assert not any("next attempt" in line for line in lines)
 
 
@@ -135,7 +139,7 @@ def test_show_rotation_not_waiting_is_unchanged() -> None:
     render.show_rotation(console, r, [], [])
     out = buf.getvalue()
     assert "waiting" not in out
-    assert "next attempt 2026-01-01T10:02:26+00:00" in out
+    assert "next attempt 2026-01-01 10:02:26 UTC" in out
 
 
 def test_the_list_keeps_its_columns_with_a_long_wait() -> None:
@@ -154,7 +158,7 @@ def test_the_list_keeps_its_columns_with_a_long_wait() -> None:
         attempts_at = header.index("attempts")
         assert lines[1].split()[:3] == ["rot-0001", "svc", "new_added"]
         assert "2026-01-01 10:02:11" in lines[1]
-        assert lines[1][status_at:].startswith("waiting for")
+        assert lines[1][status_at:].startswith("waiting")
         second = next(line for line in lines if line.split()[:1] == ["rot-0002"])
         assert second[status_at:].startswith("due")
         assert second[attempts_at:].startswith("0")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -123,37 +126,160 @@ def rotate(
 # ---------------------------------------------------------------------------------- rotations
 
 
+def _terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def _resolve_id(store: Any, given: str) -> str:
+    """A full rotation id from an id or a unique prefix of one (like git); NotFound naming
+    the fix otherwise."""
+    from keyturn.domain.errors import NotFound
+
+    matches = store.rotation_ids(given, limit=6)
+    if given in matches:
+        return given
+    if len(matches) == 1:
+        return str(matches[0])
+    if not matches:
+        raise NotFound(f"no rotation with id or id prefix {given!r}; see `keyturn rotations list`")
+    shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+    raise KeyturnError(f"id prefix {given!r} matches several rotations ({shown}); give more of it")
+
+
+def _target_rotation(store: Any, rotation_id: str | None, latest: str | None) -> str:
+    """The rotation a verb acts on: an id, a unique prefix, or `--latest NAME`."""
+    if (rotation_id is None) == (latest is None):
+        raise KeyturnError(
+            "name the rotation: an ID (or a unique prefix of one), or --latest CREDENTIAL"
+        )
+    if latest is not None:
+        store.get_credential(latest)
+        found = store.latest_rotation(latest)
+        if found is None:
+            raise KeyturnError(f"credential {latest} has no rotation yet")
+        return str(found.id)
+    assert rotation_id is not None
+    return _resolve_id(store, rotation_id)
+
+
+def _since(text: str, now: datetime) -> datetime:
+    m = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if m:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return now - timedelta(seconds=int(m.group(1)) * unit)
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise KeyturnError(
+            f"--since {text!r} is neither a duration (30m, 24h, 7d) nor an ISO date or time"
+        ) from None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def _choice(option: str, value: str | None, allowed: Iterable[str]) -> str | None:
+    allowed = list(allowed)
+    if value is not None and value not in allowed:
+        raise KeyturnError(f"{option} {value!r} is not known; use one of {', '.join(allowed)}")
+    return value
+
+
+JSON_HELP = "Print JSON (every field the table shows, and more) instead of a table."
+
+
 @rotations_app.command("list")
 def rotations_list(
     state_filter: Annotated[str | None, typer.Option("--state", help="Only this state.")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    status: Annotated[
+        str | None,
+        typer.Option("--status", help="Only this status: " + ", ".join(render.STATUSES) + "."),
+    ] = None,
+    credential: Annotated[
+        str | None, typer.Option("--credential", help="Only this credential's rotations.")
+    ] = None,
+    kind: Annotated[str | None, typer.Option("--kind", help="Only this kind.")] = None,
+    needs_attention: Annotated[
+        bool,
+        typer.Option(
+            "--attention",
+            help="Only rotations that need a human: halted, holder lost, a request not "
+            "applied, waiting past half its deadline, retrying.",
+        ),
+    ] = False,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Only rotations updated since (30m, 24h, 7d or ISO)."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most N rows.")] = None,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Full ids on a terminal (always full when piped).")
+    ] = False,
+    local: Annotated[bool, typer.Option("--local", help="Local time instead of UTC.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Rotations, newest first."""
-    wanted: State | None = None
-    if state_filter is not None:
-        try:
-            wanted = State(state_filter)
-        except ValueError:
-            raise KeyturnError(
-                f"--state {state_filter!r} is not a state; use one of "
-                + ", ".join(s.value for s in State)
-            ) from None
-    rotations = state.wiring().store.list_rotations(state=wanted)
+    from keyturn.engine.attention import attention
+
+    wanted = _choice("--state", state_filter, (s.value for s in State))
+    _choice("--status", status, render.STATUSES)
+    if kind is not None:
+        discovered().kind(kind)  # an unknown kind names the installed ones
+    now = datetime.now(UTC)
+    after = _since(since, now) if since is not None else None
+    store = state.wiring().store
+    if credential is not None:
+        store.get_credential(credential)
+    rotations = [
+        r
+        for r in store.list_rotations(
+            state=State(wanted) if wanted else None, credential=credential
+        )
+        if (status is None or render.status_key(r) == status)
+        and (kind is None or r.kind == kind)
+        and (not needs_attention or attention(r, now) is not None)
+        and (after is None or r.updated_at >= after)
+    ][:limit]
     if as_json:
-        _print_json([render.rotation_dict(r) for r in rotations])
-    elif rotations:
-        out.print(render.rotations_table(rotations))
-    else:
+        _print_json(
+            [
+                {**render.rotation_dict(r), "status": render.status_key(r),
+                 "status_text": render.status_of(r), "attention": attention(r, now)}
+                for r in rotations
+            ]
+        )  # fmt: skip
+    elif not rotations:
         out.print("no rotations")
+    elif not _terminal():
+        sys.stdout.write(render.plain_rotations(rotations) + "\n")
+    else:
+        out.print(render.rotations_table(rotations, short=not wide, local=local))
 
 
 @rotations_app.command("show")
 def rotations_show(
-    rotation_id: Annotated[str, typer.Argument(metavar="ID")],
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    rotation_id: Annotated[
+        str,
+        typer.Argument(
+            metavar="ID|CREDENTIAL",
+            help="A rotation id, a unique prefix of one, or a credential (its latest rotation).",
+        ),
+    ],
+    local: Annotated[bool, typer.Option("--local", help="Local time instead of UTC.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """State, lease, attempts, halted reason, action records and the timeline."""
+    from keyturn.domain.errors import NotFound
+    from keyturn.engine.attention import attention
+
     store = state.wiring().store
+    try:
+        rotation_id = _resolve_id(store, rotation_id)
+    except NotFound:
+        latest = None
+        if rotation_id in {c.name for c in store.list_credentials()}:
+            latest = store.latest_rotation(rotation_id)
+        if latest is None:
+            raise
+        rotation_id = latest.id
     rotation = store.get_rotation(rotation_id)
     events = store.events(rotation_id)
     actions = store.actions(rotation_id)
@@ -161,12 +287,15 @@ def rotations_show(
         _print_json(
             {
                 **render.rotation_dict(rotation),
+                "status": render.status_key(rotation),
+                "status_text": render.status_of(rotation),
+                "attention": attention(rotation, datetime.now(UTC)),
                 "actions": [render.action_dict(a) for a in actions],
                 "events": [render.event_dict(e) for e in events],
             }
         )
     else:
-        render.show_rotation(out, rotation, events, actions)
+        render.show_rotation(out, rotation, events, actions, local=local)
 
 
 def _operator(action: OperatorAction, rotation_id: str, reason: str) -> None:
@@ -194,40 +323,57 @@ def _operator(action: OperatorAction, rotation_id: str, reason: str) -> None:
     )
 
 
+IdArg = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="[ID]", help="A rotation id or a unique prefix of one.", show_default=False
+    ),
+]
+LatestOpt = Annotated[
+    str | None,
+    typer.Option("--latest", metavar="CREDENTIAL", help="The credential's latest rotation."),
+]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (recorded in the timeline).")]
+
+
 @rotations_app.command("resume")
 def rotations_resume(
-    rotation_id: Annotated[str, typer.Argument(metavar="ID")],
-    reason: Annotated[str, typer.Option("--reason")],
+    rotation_id: IdArg = None, *, reason: ReasonOpt, latest: LatestOpt = None
 ) -> None:
     """Resume a halted or paused rotation with a fresh retry budget."""
-    _operator(OperatorAction.RESUME, rotation_id, reason)
+    _operator(
+        OperatorAction.RESUME, _target_rotation(state.wiring().store, rotation_id, latest), reason
+    )
 
 
 @rotations_app.command("rollback")
 def rotations_rollback(
-    rotation_id: Annotated[str, typer.Argument(metavar="ID")],
-    reason: Annotated[str, typer.Option("--reason")],
+    rotation_id: IdArg = None, *, reason: ReasonOpt, latest: LatestOpt = None
 ) -> None:
     """Undo a rotation: old credential active and deployed, new one inactive."""
-    _operator(OperatorAction.ROLLBACK, rotation_id, reason)
+    _operator(
+        OperatorAction.ROLLBACK, _target_rotation(state.wiring().store, rotation_id, latest), reason
+    )
 
 
 @rotations_app.command("cancel")
 def rotations_cancel(
-    rotation_id: Annotated[str, typer.Argument(metavar="ID")],
-    reason: Annotated[str, typer.Option("--reason")],
+    rotation_id: IdArg = None, *, reason: ReasonOpt, latest: LatestOpt = None
 ) -> None:
     """Cancel a rotation that has not touched the provider yet."""
-    _operator(OperatorAction.CANCEL, rotation_id, reason)
+    _operator(
+        OperatorAction.CANCEL, _target_rotation(state.wiring().store, rotation_id, latest), reason
+    )
 
 
 @rotations_app.command("pause")
 def rotations_pause(
-    rotation_id: Annotated[str, typer.Argument(metavar="ID")],
-    reason: Annotated[str, typer.Option("--reason")],
+    rotation_id: IdArg = None, *, reason: ReasonOpt, latest: LatestOpt = None
 ) -> None:
     """Stop working on a rotation at its next action boundary until resumed."""
-    _operator(OperatorAction.PAUSE, rotation_id, reason)
+    _operator(
+        OperatorAction.PAUSE, _target_rotation(state.wiring().store, rotation_id, latest), reason
+    )
 
 
 # -------------------------------------------------------------------------------- credentials

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,11 +20,13 @@ def _iso(dt: datetime | None) -> str | None:
     return dt.isoformat() if dt else None
 
 
-def _clock(dt: datetime, *, with_date: bool) -> str:
-    """UTC time of day as ``10:02:11Z`` (the timeline's clock, to the second); with the date
-    in front when the times it is shown with fall on different days."""
-    utc = dt.astimezone(UTC)
-    return utc.strftime("%Y-%m-%d %H:%M:%SZ" if with_date else "%H:%M:%SZ")
+def when(dt: datetime | None, *, local: bool = False) -> str:
+    """The one time format of human output: to the second, marked (UTC unless `local`)."""
+    if dt is None:
+        return "-"
+    if local:
+        return dt.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    return dt.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _one_line(words: str | None) -> str:
@@ -32,14 +35,11 @@ def _one_line(words: str | None) -> str:
 
 def waiting_of(r: Rotation) -> str:
     """``waiting for X since T, deadline D`` (one line): what a waiting rotation waits for."""
-    what = _one_line(r.wait_for)
-    times = [t for t in (r.wait_since, r.wait_deadline) if t is not None]
-    with_date = len({t.astimezone(UTC).date() for t in times}) > 1
-    text = f"waiting for {what}"
+    text = f"waiting for {_one_line(r.wait_for)}"
     if r.wait_since is not None:
-        text += f" since {_clock(r.wait_since, with_date=with_date)}"
+        text += f" since {when(r.wait_since)}"
     if r.wait_deadline is not None:
-        text += f", deadline {_clock(r.wait_deadline, with_date=with_date)}"
+        text += f", deadline {when(r.wait_deadline)}"
     return text
 
 
@@ -130,6 +130,31 @@ def dump(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=False, default=str)
 
 
+STATUSES = ("halted", "paused", "requested", "waiting", "running", "retrying", "due", "done")
+
+
+def status_key(r: Rotation) -> str:
+    """The status in one word (what `rotations list --status` filters on)."""
+    if r.request:
+        return "requested"
+    if r.paused:
+        return "paused"
+    if r.halted_reason:
+        return "halted"
+    if r.finished:
+        return "done"
+    if r.wait_for is not None:
+        return "waiting"
+    if r.lease_owner:
+        return "running"
+    if r.attempts:
+        return "retrying"
+    return "due"
+
+
+SHORT_ID = 12  # "rot_" and 8 hex digits: what a terminal shows without --wide
+
+
 def status_of(r: Rotation) -> str:
     if r.request:
         return f"{r.request.action.value} requested"
@@ -149,9 +174,25 @@ def status_of(r: Rotation) -> str:
     return "due"
 
 
-def rotations_table(rotations: list[Rotation]) -> Table:
+ROTATION_COLUMNS = ("id", "credential", "state", "status", "attempts", "updated")
+
+
+def rotation_row(r: Rotation, *, short: bool, local: bool) -> tuple[str, ...]:
+    return (
+        r.id[:SHORT_ID] if short else r.id,
+        r.credential,
+        r.state.value,
+        status_of(r),
+        str(r.attempts),
+        when(r.updated_at, local=local),
+    )
+
+
+def rotations_table(
+    rotations: list[Rotation], *, short: bool = False, local: bool = False
+) -> Table:
     table = Table(box=None, header_style="bold")
-    for col in ("id", "credential", "state", "status", "attempts", "updated"):
+    for col in ROTATION_COLUMNS:
         # A long status (a wait's words) wraps inside its own column, which never gets narrower
         # than a word or two; ids, states and times are never wrapped.
         table.add_column(
@@ -161,66 +202,139 @@ def rotations_table(rotations: list[Rotation]) -> Table:
             min_width=10 if col == "status" else None,
         )
     for r in rotations:
-        table.add_row(
+        row = rotation_row(r, short=short, local=local)
+        # the engine's words, never read as rich markup
+        table.add_row(*row[:3], Text(row[3]), *row[4:])
+    return table
+
+
+PLAIN_COLUMNS = ("id", "credential", "state", "status", "attempts", "updated", "detail")
+
+
+def plain_rotations(rotations: list[Rotation]) -> str:
+    """The list for a pipe: every id whole, one word per column (the status as one word, the
+    time as ISO 8601 in UTC) and the status's words last, so `awk '{print $1}'` gives ids and
+    `awk '{print $4}'` statuses."""
+    rows = [
+        (
             r.id,
             r.credential,
             r.state.value,
-            Text(status_of(r)),  # the engine's words, never read as rich markup
+            status_key(r),
             str(r.attempts),
-            r.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+            r.updated_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            _one_line(status_of(r)),
         )
-    return table
+        for r in rotations
+    ]
+    widths = [max([len(PLAIN_COLUMNS[i]), *(len(r[i]) for r in rows)]) for i in range(6)]
+    return "\n".join(
+        "  ".join(c.ljust(widths[i]) for i, c in enumerate(row[:6])) + "  " + row[6]
+        for row in [PLAIN_COLUMNS, *rows]
+    )
 
 
-def timeline_table(events: list[Event]) -> Table:
-    table = Table(box=None, header_style="bold")
-    for col in ("at", "kind", "change", "actor", "reason"):
-        table.add_column(col)
-    for e in events:
-        if e.kind == "transition":
-            change = f"{e.from_state} -> {e.to_state} ({e.trigger})"
+def _tokens(text: str) -> list[str]:
+    """Words of a reason, a `quoted command` kept as one token (never broken)."""
+    return [m.group(0) for m in re.finditer(r"`[^`]*`[^\s]*|\S+", text)]
+
+
+def fold(text: str, width: int, indent: str) -> list[str]:
+    """`text` in lines of at most `width` (longer only for one unbreakable token: an id, a
+    command), each starting with `indent`."""
+    lines: list[str] = []
+    line = ""
+    for token in _tokens(text):
+        if line and len(indent) + len(line) + 1 + len(token) > width:
+            lines.append(indent + line)
+            line = token
         else:
-            status = e.detail.get("status", "")
-            change = f"{e.trigger} {status}".strip()
-        table.add_row(e.at.strftime("%H:%M:%S.%f")[:-3], e.kind, change, e.actor, e.reason or "")
-    return table
+            line = f"{line} {token}" if line else token
+    if line:
+        lines.append(indent + line)
+    return lines
+
+
+def event_change(e: Event) -> str:
+    if e.kind == "transition":
+        return f"{e.from_state} -> {e.to_state} ({e.trigger})"
+    status = e.detail.get("status", "")
+    return f"{e.trigger} {status}".strip()
+
+
+def print_timeline(console: Console, events: list[Event], *, local: bool = False) -> None:
+    """One row per event (time, kind, change, actor); its reason folded under it."""
+    width = max(60, console.width)
+    rows = [(when(e.at, local=local), e.kind, event_change(e), e.actor) for e in events]
+    widths = [max([0, *(len(r[i]) for r in rows)]) for i in range(3)]
+    for e, row in zip(events, rows, strict=True):
+        head = "    " + "  ".join(c.ljust(widths[i]) for i, c in enumerate(row[:3]))
+        console.print(f"{head}  {row[3]}", markup=False, highlight=False, soft_wrap=True)
+        if e.reason:
+            for line in fold(_one_line(e.reason), width, " " * 6):
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _attempts(r: Rotation, *, local: bool) -> str:
+    stopped = r.halted_reason or r.paused or r.finished or r.next_attempt_at is None
+    if r.wait_for is not None or stopped:
+        return str(r.attempts)  # no next attempt: a check, a human, or nothing comes next
+    return f"{r.attempts}   next attempt {when(r.next_attempt_at, local=local)}"
 
 
 def show_rotation(
-    console: Console, r: Rotation, events: list[Event], actions: list[ActionRecord]
+    console: Console,
+    r: Rotation,
+    events: list[Event],
+    actions: list[ActionRecord],
+    *,
+    local: bool = False,
 ) -> None:
-    console.print(f"[bold]{r.id}[/bold]  credential {r.credential} ({r.kind})")
-    console.print(
-        f"  state      {r.state.value}   status {status_of(r)}   version {r.version}", markup=False
-    )
-    console.print(f"  reason     {r.reason}")
+    def line(label: str, value: str) -> None:
+        width = max(60, console.width)
+        if 13 + len(value) <= width:
+            console.print(f"  {label:<10} {value}", markup=False, highlight=False, soft_wrap=True)
+            return
+        folded = fold(value, width, " " * 13)
+        first = folded[0][13:] if folded else ""
+        console.print(f"  {label:<10} {first}", markup=False, highlight=False, soft_wrap=True)
+        for more in folded[1:]:
+            console.print(more, markup=False, highlight=False, soft_wrap=True)
+
+    console.print(f"{r.id}  credential {r.credential} ({r.kind})", markup=False, style="bold")
+    line("state", f"{r.state.value}   status {status_of(r)}   version {r.version}")
+    line("reason", r.reason)
     for key, ident in identities(r).items():
         if ident:
-            console.print(f"  {key.split('_')[0]:<10} {ident}")
-    lease = f"{r.lease_owner} until {_iso(r.lease_expires_at)}" if r.lease_owner else "none"
-    console.print(f"  lease      {lease}")
+            line(key.split("_")[0], ident)
+    lease = (
+        f"{r.lease_owner} until {when(r.lease_expires_at, local=local)}"
+        if r.lease_owner
+        else "none"
+    )
+    line("lease", lease)
     if r.wait_for is not None:
         # While waiting, next_attempt_at is the next check, which is not an attempt.
-        since, deadline = _iso(r.wait_since) or "-", _iso(r.wait_deadline) or "-"
-        console.print(
-            f"  waiting    for {_one_line(r.wait_for)} ({r.wait_key or '-'}) since {since}, "
-            f"deadline {deadline}, next check {_iso(r.next_attempt_at) or '-'}",
-            markup=False,
+        line(
+            "waiting",
+            f"for {_one_line(r.wait_for)} ({r.wait_key or '-'}) since "
+            f"{when(r.wait_since, local=local)}, deadline {when(r.wait_deadline, local=local)}, "
+            f"next check {when(r.next_attempt_at, local=local)}",
         )
-        console.print(f"  attempts   {r.attempts}")
-    else:
-        console.print(f"  attempts   {r.attempts}   next attempt {_iso(r.next_attempt_at) or '-'}")
+    line("attempts", _attempts(r, local=local))
     if r.last_error:
-        console.print(f"  last error {r.last_error}", markup=False)
+        line("last error", _one_line(r.last_error))
     if r.halted_reason:
-        console.print(f"  [red]halted[/red]     {r.halted_reason}")
+        line("HALTED", _one_line(r.halted_reason))
     if r.request:
-        console.print(
-            f"  request    {r.request.action.value} by {r.request.actor}: {r.request.reason}"
-        )
+        line("request", f"{r.request.action.value} by {r.request.actor}: {r.request.reason}")
     if actions:
         console.print("  actions:")
         for a in actions:
-            console.print(f"    {a.phase.value}.{a.name}: {a.status.value} (attempts {a.attempts})")
+            console.print(
+                f"    {a.phase.value}.{a.name}: {a.status.value} (attempts {a.attempts})",
+                markup=False,
+                highlight=False,
+            )
     console.print("  timeline:")
-    console.print(timeline_table(events))
+    print_timeline(console, events, local=local)

@@ -126,7 +126,7 @@ def run_demo(console: Console) -> bool:
             console.print("\n[bold]timelines[/bold]")
             for r in finals:
                 console.print(f"[bold]{r.credential}[/bold] {r.id}")
-                console.print(render.timeline_table(w.store.events(r.id)))
+                render.print_timeline(console, w.store.events(r.id))
             console.print("\n[bold]checks through the sandbox and the receiver[/bold]")
             for ok, what in checks:
                 console.print(f"  {'[green]✔[/green]' if ok else '[red]✘[/red]'} {what}")

@@ -106,7 +106,9 @@ class DfnsApiError(DfnsError):
         if status >= 500:
             hint = "a server error; retry later"
             if mutating:
-                hint += " (the change may have been applied: reconcile before retrying)"
+                hint += (
+                    " (the change may have been applied: run `keyturn reconcile` before retrying)"
+                )
         elif status == 429:
             hint = "rate limited; retry with backoff"
         else:
@@ -154,7 +156,7 @@ class DfnsTimeout(DfnsError):
         sent = phase in ("read", "write")
         outcome_unknown = mutating and sent
         if outcome_unknown:
-            hint = "the change may have been applied: reconcile before retrying"
+            hint = "the change may have been applied: run `keyturn reconcile` before retrying"
         else:
             hint = "nothing was applied; retry later"
         super().__init__(
@@ -177,7 +179,7 @@ class DfnsConnectionError(DfnsError):
         self.reason = reason
         outcome_unknown = mutating and sent
         if outcome_unknown:
-            hint = "the change may have been applied: reconcile before retrying"
+            hint = "the change may have been applied: run `keyturn reconcile` before retrying"
         elif sent:
             hint = "retry later"
         else:
@@ -210,7 +212,8 @@ class PolicyPending(DfnsError):
         which = f" {self.approval_id}" if self.approval_id else ""
         super().__init__(
             f"Dfns {method} {path} is waiting for policy approval{which}; it has not been "
-            "applied yet: get it approved (or denied), then reconcile before retrying",
+            "applied yet: get it approved (or denied), then run `keyturn reconcile` before "
+            "retrying",
             method=method,
             path=path,
             retryable=True,
@@ -228,7 +231,7 @@ class DfnsBadResponse(DfnsError):
         self, *, method: str, path: str, status: int, problem: str, mutating: bool
     ) -> None:
         hint = (
-            "the change may have been applied: reconcile before retrying"
+            "the change may have been applied: run `keyturn reconcile` before retrying"
             if mutating
             else "check that the base URL points at the Dfns API"
         )

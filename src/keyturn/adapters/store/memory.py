@@ -220,6 +220,10 @@ class MemoryStore:
                 for r in self._rotations.values()
             )
 
+    def rotation_ids(self, prefix: str, *, limit: int = 2) -> list[str]:
+        with self._lock:
+            return sorted(r for r in self._rotations if r.startswith(prefix))[:limit]
+
     def latest_rotation(self, credential: str) -> Rotation | None:
         found = self.list_rotations(credential=credential)
         return found[0] if found else None

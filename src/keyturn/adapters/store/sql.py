@@ -399,7 +399,7 @@ def credential_not_found(name: str) -> NotFound:
 
 
 def rotation_not_found(rotation_id: str) -> NotFound:
-    return NotFound(f"no rotation with id {rotation_id}; see `keyturn status`")
+    return NotFound(f"no rotation with id {rotation_id}; see `keyturn rotations list`")
 
 
 def secret_not_found(secret_id: str) -> NotFound:
@@ -610,6 +610,17 @@ class SqlStore:
         )
         with self._read() as conn:
             return conn.execute(stmt).first() is not None
+
+    def rotation_ids(self, prefix: str, *, limit: int = 2) -> list[str]:
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        stmt = (
+            select(rotations_t.c.id)
+            .where(rotations_t.c.id.like(f"{escaped}%", escape="\\"))
+            .order_by(rotations_t.c.id)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [str(row[0]) for row in conn.execute(stmt)]
 
     def latest_rotation(self, credential: str) -> Rotation | None:
         stmt = (
