@@ -40,7 +40,8 @@ def _waiting(**kw: object) -> Rotation:
 
 def test_status_of_a_waiting_rotation_says_what_since_and_until_when() -> None:
     assert render.status_of(_waiting()) == (
-        "waiting for receivers to load secrets version 3 since 2026-01-01 10:02:11 UTC, deadline 2026-01-01 10:12:11 UTC"
+        "waiting for receivers to load secrets version 3 since 2026-01-01 10:02:11 UTC, "
+        "deadline 2026-01-01 10:12:11 UTC"
     )
 
 
@@ -48,8 +49,8 @@ def test_status_shows_utc_whatever_the_zone_and_one_line() -> None:
     plus2 = timezone(timedelta(hours=2))
     r = _waiting(wait_since=SINCE.astimezone(plus2), wait_for="approval\nby  alice")
     assert (
-        render.status_of(r)
-        == "waiting for approval by alice since 2026-01-01 10:02:11 UTC, deadline 2026-01-01 10:12:11 UTC"
+        render.status_of(r) == "waiting for approval by alice since 2026-01-01 10:02:11 UTC, "
+        "deadline 2026-01-01 10:12:11 UTC"
     )
 
 
