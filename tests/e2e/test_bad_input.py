@@ -93,12 +93,12 @@ def test_database_not_migrated(kt: Kt, tmp_path: Path) -> None:
 def test_illegal_operator_actions(kt: Kt) -> None:
     rid = kt.rotate()
     assert kt.worker().returncode == 0
-    kt.run("rotations", "rollback", rid, "--reason", "undo")
+    kt.run("rotations", "rollback", rid, "--reason", "undo", "--yes")
     assert kt.worker().returncode == 0
     assert kt.show(rid)["state"] == "rolled_back"
     unchanged(
         kt,
-        lambda: kt.run("rotations", "rollback", rid, "--reason", "again", check=False),
+        lambda: kt.run("rotations", "rollback", rid, "--reason", "again", "--yes", check=False),
         "cannot rollback",
         "rolled_back",
     )

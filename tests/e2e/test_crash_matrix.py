@@ -105,7 +105,7 @@ def test_rollback_kill(kt: Kt, point: str, tmp_path: Path) -> None:
     boot = kt.bootstrap["service_account"]
     rid = kt.rotate()
     assert kt.worker().returncode == 0
-    kt.run("rotations", "rollback", rid, "--reason", "kill test")
+    kt.run("rotations", "rollback", rid, "--reason", "kill test", "--yes")
     crash_then_finish(kt, point, tmp_path)
     rotation = kt.show(rid)
     assert rotation["state"] == "rolled_back"

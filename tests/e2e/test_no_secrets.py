@@ -45,7 +45,7 @@ def rotate_twice_collecting_secrets(kt: Kt, tmp_path: Path) -> dict[str, bytes |
     rid2 = kt.rotate()
     assert kt.worker().returncode == 0
     secrets["second new private key"] = kt.deployed()[0]
-    kt.run("rotations", "rollback", rid2, "--reason", "scan")
+    kt.run("rotations", "rollback", rid2, "--reason", "scan", "--yes")
     assert kt.worker().returncode == 0
     kt.run("rotations", "show", rid)
     kt.run("rotations", "show", rid2, "--json")

@@ -92,7 +92,7 @@ def test_old_key_purged_after_retention_then_rollback_refused(kt: Kt) -> None:
     rid = kt.rotate()
     assert kt.worker().returncode == 0
     assert kt.worker().returncode == 0  # a worker purges expired keys when it starts
-    refused = kt.run("rotations", "rollback", rid, "--reason", "too late", check=False)
+    refused = kt.run("rotations", "rollback", rid, "--reason", "too late", "--yes", check=False)
     assert refused.returncode == 1
     assert "purged" in refused.stderr and "retention" in refused.stderr
 

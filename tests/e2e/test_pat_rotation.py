@@ -88,7 +88,7 @@ def test_pat_rollback_from_old_deactivated_restores_the_old_pair(kt: Kt) -> None
     rid = kt.rotate(PAT)
     assert kt.worker().returncode == 0
     assert kt.show(rid)["state"] == "old_deactivated"
-    out = kt.run("rotations", "rollback", rid, "--reason", "pat undo").stdout
+    out = kt.run("rotations", "rollback", rid, "--reason", "pat undo", "--yes").stdout
     assert "rollback applied" in out
     assert kt.worker().returncode == 0
     rotation = kt.show(rid)

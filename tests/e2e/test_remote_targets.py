@@ -196,7 +196,7 @@ def test_three_targets_hold_the_new_key_then_the_old_after_rollback(
         < names.index("promote_new@local-files")
     )
 
-    kt.run("rotations", "rollback", rid, "--reason", "e2e rollback")
+    kt.run("rotations", "rollback", rid, "--reason", "e2e rollback", "--yes")
     assert worker(kt).returncode == 0
     assert kt.show(rid)["state"] == "rolled_back"
     for held in (stores.aws_held(), stores.kv_held()):

@@ -47,7 +47,7 @@ def test_rollback_from_each_state(kt: Kt, tmp_path: Path, stop_at: str | None, s
     else:
         assert kt.worker().returncode == 0
     assert kt.show(rid)["state"] == state
-    out = kt.run("rotations", "rollback", rid, "--reason", "on-call undo").stdout
+    out = kt.run("rotations", "rollback", rid, "--reason", "on-call undo", "--yes").stdout
     if stop_at is None:  # nobody holds a finished rotation: applied at once
         assert "rollback applied" in out and "rolling_back" in out
     else:  # the killed worker's lease may not have expired yet: recorded as a request
@@ -91,7 +91,9 @@ def test_halt_on_rejected_signature_then_resume(kt: Kt) -> None:
             r = spare.request("PUT", "/auth/credentials/deactivate", body, sign=True)
             assert r.status_code == 200, r.text
             rid = kt.rotate()
-            assert kt.worker().returncode == 0
+            halted = kt.worker()
+            assert halted.returncode == 3  # it left a rotation halted (documented exit code)
+            assert f"1 rotation(s) halted for a human: {rid}" in halted.stderr
             rotation = kt.show(rid)
             assert rotation["state"] == "pending" and rotation["attempts"] == 1
             assert "not safe to retry" in rotation["halted_reason"]

@@ -390,7 +390,7 @@ def test_rollback_before_the_delete(wkt: Kt, stop_at: str, state: str, tmp_path:
     assert rotation["state"] == state
     new_id = new_webhook_id(rotation)
     assert set(wkt.provider_webhooks()) == {old_id, new_id}  # both exist at the sandbox
-    wkt.run("rotations", "rollback", rid, "--reason", "e2e rollback")
+    wkt.run("rotations", "rollback", rid, "--reason", "e2e rollback", "--yes")
     assert wkt.worker().returncode == 0
     rotation = wkt.show(rid)
     assert rotation["state"] == "rolled_back"
@@ -423,7 +423,7 @@ def test_rollback_after_the_delete_intent_is_refused(
         state = "verified"
     assert wkt.show(rid)["state"] == state
     before = wkt.sqlite_dump()
-    refused = wkt.run("rotations", "rollback", rid, "--reason", "too late", check=False)
+    refused = wkt.run("rotations", "rollback", rid, "--reason", "too late", "--yes", check=False)
     assert refused.returncode == 1
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1, refused.stderr

@@ -183,6 +183,9 @@ def _choice(option: str, value: str | None, allowed: Iterable[str]) -> str | Non
     return value
 
 
+#: `worker --until-idle` left rotations halted (documented in the README).
+EXIT_HALTED = 3
+
 JSON_HELP = "Print JSON (every field the table shows, and more) instead of a table."
 
 
@@ -346,14 +349,109 @@ def rotations_resume(
     )
 
 
+def _rollback_plan(w: Wiring, rotation_id: str) -> tuple[Any, list[Any]]:
+    """The rotation and its rollback plan from where it stands (refused as the verb would be)."""
+    from keyturn.engine.operator import validate
+    from keyturn.engine.planner import plan
+
+    store = w.store
+    rotation = store.get_rotation(rotation_id)
+    registry = discovered()
+    if rotation.state is not State.ROLLING_BACK:
+        validate(store, registry, rotation, OperatorAction.ROLLBACK)
+    deps = w.engine_deps()
+    planned = plan(
+        registry,
+        rotation,
+        store.actions(rotation_id),
+        targets=[t.name for t in deps.targets(rotation.credential)],
+        probes=[p.name for p in deps.probes(rotation.credential)],
+        rollback=True,
+    )
+    return rotation, planned
+
+
+def _plan_json(rotation: Any, planned: list[Any]) -> dict[str, Any]:
+    return {
+        "rotation": rotation.id,
+        "state": rotation.state.value,
+        "actions": [
+            {
+                "step": p.trigger.value,
+                "phase": p.phase.value,
+                "name": p.name,
+                "calls": [
+                    {"what": c.what, "method": c.method, "path": c.path, "signed": c.signed,
+                     "name": c.name, "op": c.op, "repeat": c.repeat, "note": c.note,
+                     "provider_requests": c.provider_requests(), "text": c.describe()}
+                    for c in p.calls
+                ],
+            }
+            for p in planned
+        ],
+    }  # fmt: skip
+
+
+def _print_plan(rotation: Any, planned: list[Any]) -> None:
+    from keyturn.engine.planner import describe
+
+    out.print(
+        f"rolling back rotation {rotation.id} ({rotation.credential}, now {rotation.state.value}) "
+        "would, in order:",
+        markup=False,
+    )
+    for line in describe(planned):
+        out.print(f"  {line}", markup=False)
+
+
 @rotations_app.command("rollback")
 def rotations_rollback(
-    rotation_id: IdArg = None, *, reason: ReasonOpt, latest: LatestOpt = None
+    rotation_id: IdArg = None,
+    *,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why (recorded in the timeline).")
+    ] = None,
+    latest: LatestOpt = None,
+    preview: Annotated[
+        bool, typer.Option("--preview", help="Print what the rollback would do; change nothing.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Roll back without asking (scripts).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="The preview as JSON.")] = False,
 ) -> None:
-    """Undo a rotation: old credential active and deployed, new one inactive."""
-    _operator(
-        OperatorAction.ROLLBACK, _target_rotation(state.wiring().store, rotation_id, latest), reason
-    )
+    """Undo a rotation: old credential active and deployed, new one inactive. Shows what it
+    will do first and asks (on a terminal; elsewhere pass --yes)."""
+    w = state.wiring()
+    rid = _target_rotation(w.store, rotation_id, latest)
+    rotation, planned = _rollback_plan(w, rid)
+    if preview:
+        if as_json:
+            _print_json(_plan_json(rotation, planned))
+        else:
+            _print_plan(rotation, planned)
+        return
+    if reason is None or not reason.strip():
+        raise KeyturnError("a reason is required for every operator action; pass --reason TEXT")
+    if not yes:
+        _print_plan(rotation, planned)
+        if not _terminal() or not sys.stdin.isatty():
+            raise KeyturnError(
+                f"rollback of {rid} not confirmed: review the plan above, then run it again "
+                "with --yes"
+            )
+        if not typer.confirm("Roll back as above?", default=False):
+            raise KeyturnError(f"rollback of {rid} not confirmed; nothing changed")
+        # bound to what was shown: if the rotation moved meanwhile, show the new plan instead
+        moved, again = _rollback_plan(w, rid)
+        if (moved.state, _plan_json(moved, again)) != (
+            rotation.state,
+            _plan_json(rotation, planned),
+        ):
+            _print_plan(moved, again)
+            raise KeyturnError(
+                f"rotation {rid} moved while you read the plan (now {moved.state.value}); "
+                "nothing changed: review the new plan above and run the rollback again"
+            )
+    _operator(OperatorAction.ROLLBACK, rid, reason)
 
 
 @rotations_app.command("cancel")
@@ -449,7 +547,7 @@ def reconcile(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         _print_json([f.as_dict() for f in findings])
     elif not findings:
-        out.print("provider and store agree: no orphans, no mismatches")
+        out.print("provider and store agree; no rotation needs a human")
     else:
         for f in findings:
             out.print(f"{f.kind:<11} {f.credential}: {f.message}", markup=False)
@@ -490,7 +588,11 @@ def keys_rotate_master(
 @app.command()
 def worker(
     until_idle: Annotated[
-        bool, typer.Option("--until-idle", help="Exit 0 when nothing is due.")
+        bool,
+        typer.Option(
+            "--until-idle",
+            help="Exit when nothing is due: 0, or 3 when this run left rotations halted.",
+        ),
     ] = False,
     concurrency: Annotated[
         int | None, typer.Option("--concurrency", help="Rotations in flight.")
@@ -512,6 +614,15 @@ def worker(
         await runner.run(until_idle=until_idle)
 
     asyncio.run(go())
+    halted = sorted(runner.halted)
+    if until_idle and halted:
+        left = [r for r in halted if w.store.get_rotation(r).halted_reason]
+        if left:
+            sys.stderr.write(
+                f"keyturn: {len(left)} rotation(s) halted for a human: {', '.join(left)}; see "
+                "`keyturn rotations list --status halted`\n"
+            )
+            raise typer.Exit(EXIT_HALTED)
 
 
 # ---------------------------------------------------------------------------------- plugins

@@ -56,6 +56,25 @@ def validate(store: Store, registry: Registry, rotation: Rotation, action: Opera
         raise TransitionRefused(rotation.state.value, action.value, "it is already paused")
 
 
+def applies(store: Store, registry: Registry, rotation: Rotation, action: OperatorAction) -> bool:
+    try:
+        validate(store, registry, rotation, action)
+    except KeyturnError:
+        return False
+    return True
+
+
+def halt_advice(store: Store, registry: Registry, rotation: Rotation) -> str:
+    """What to do about a rotation that halts now, naming only commands that apply to it in
+    its state (resume always does once it is halted; rollback only where its guards allow)."""
+    advice = f"Fix the cause, then run `keyturn rotations resume {rotation.id} --reason ...`"
+    if applies(store, registry, rotation, OperatorAction.ROLLBACK):
+        advice += f" (or roll back with `keyturn rotations rollback {rotation.id} --reason ...`)"
+    elif rotation.state is State.ROLLING_BACK:
+        advice += " (the rollback carries on from where it stopped)"
+    return advice
+
+
 def record_request(
     store: Store,
     registry: Registry,

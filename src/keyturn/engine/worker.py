@@ -16,7 +16,7 @@ from keyturn.domain.errors import KeyturnError, StaleVersion, StoreUnavailable
 from keyturn.domain.lifecycle import FORWARD
 from keyturn.domain.model import Event, Rotation
 from keyturn.engine.batch import CommitBatcher, Loaders
-from keyturn.engine.operator import apply_request
+from keyturn.engine.operator import apply_request, halt_advice
 from keyturn.engine.run import (
     EngineDeps,
     LeaseLost,
@@ -49,6 +49,8 @@ class Worker:
         self.loaders: Loaders | None = None
         self._engine_log: Any = None
         self.completed = 0
+        #: Rotations this worker halted for a human (its --until-idle exit code says so).
+        self.halted: set[str] = set()
 
     def stop(self) -> None:
         """Stop claiming; in-flight rotations stop at their next action boundary."""
@@ -248,11 +250,7 @@ class Worker:
     async def _halt(self, run: RotationRun, step: str, message: str, *, retryable: bool) -> None:
         rotation = run.rotation
         now = self.deps.clock.now()
-        reason = (
-            f"step {step}: {message}. Fix the cause, then run "
-            f"`keyturn rotations resume {rotation.id} --reason ...` "
-            f"(or roll back with `keyturn rotations rollback {rotation.id} --reason ...`)"
-        )
+        reason = f"step {step}: {message}. {await self._advice(rotation)}"
         event = Event(
             rotation_id=rotation.id,
             at=now,
@@ -264,8 +262,15 @@ class Worker:
             detail={"status": "halted", "attempt": rotation.attempts, "retryable": retryable},
         )
         run.log.warning("step halted", step=step, error=message)
+        self.halted.add(rotation.id)
         # held: the release that follows writes it, so the halt and the lease's end are one commit
         await run.unit.add(updates={"halted_reason": reason}, events=[event])
+
+    async def _advice(self, rotation: Rotation) -> str:
+        try:
+            return await db(halt_advice, self.deps.store, self.deps.registry, rotation)
+        except KeyturnError:  # the store is away: the plain advice
+            return f"Fix the cause, then run `keyturn rotations resume {rotation.id} --reason ...`"
 
     async def _failed(self, run: RotationRun, step: str, exc: KeyturnError) -> None:
         rotation = run.rotation
@@ -285,12 +290,9 @@ class Worker:
                 if retryable
                 else f"step {step} failed and is not safe to retry"
             )
-            updates["halted_reason"] = (
-                f"{why}: {message}. Fix the cause, then run "
-                f"`keyturn rotations resume {rotation.id} --reason ...` "
-                f"(or roll back with `keyturn rotations rollback {rotation.id} --reason ...`)"
-            )
+            updates["halted_reason"] = f"{why}: {message}. {await self._advice(rotation)}"
             status = "halted"
+            self.halted.add(rotation.id)
         event = Event(
             rotation_id=rotation.id,
             at=now,

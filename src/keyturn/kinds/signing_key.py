@@ -679,7 +679,32 @@ async def reconcile_signing_key(services: Services, item: ReconcileInput) -> lis
     latest = max(item.rotations, key=lambda r: r.created_at, default=None)
     if latest is not None:
         findings.extend(_check_latest(name, latest, by_uuid))
+    findings.extend(_unaccounted(item, creds))
     return findings
+
+
+def _unaccounted(item: ReconcileInput, creds: Sequence[ProviderCredential]) -> list[Finding]:
+    """Active signing keys on the managed principal that keyturn does not account for: added
+    by hand, by another tool, or by an attacker. A user's passkeys (Fido2) are the user's."""
+    accounted = {item.managed.credential_uuid}
+    for r in item.rotations:
+        if not r.finished:
+            accounted |= {
+                str(r.data.get("old_credential_uuid")),
+                str(r.data.get("new_credential_uuid")),
+            }
+    return [
+        Finding(
+            "unaccounted",
+            item.managed.name,
+            f"credential {c.credential_uuid} ({c.name or 'unnamed'}) is an active {c.kind} key "
+            "on this principal that keyturn neither manages nor is rotating; deactivate it at "
+            "the provider if nobody should sign with it",
+            provider_credential_uuid=c.credential_uuid,
+        )
+        for c in creds
+        if c.is_active and c.kind != "Fido2" and c.credential_uuid not in accounted
+    ]
 
 
 def _check_latest(name: str, r: Rotation, by_uuid: dict[str, ProviderCredential]) -> list[Finding]:

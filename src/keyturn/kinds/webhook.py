@@ -615,7 +615,29 @@ async def _reconcile(services: Services, item: ReconcileInput) -> list[Finding]:
                 provider_credential_uuid=managed.credential_id,
             )
         )
+    if current is not None:
+        findings.extend(_unaccounted(item, current.url, hooks))
     return findings
+
+
+def _unaccounted(item: ReconcileInput, url: str, hooks: list[WebhookInfo]) -> list[Finding]:
+    """Enabled webhooks to the managed URL that keyturn does not account for: events would be
+    signed with a secret keyturn does not rotate."""
+    accounted = {item.managed.credential_id}
+    for r in item.rotations:
+        if not r.finished:
+            accounted |= {str(r.data.get("old_webhook_id")), str(r.data.get("new_webhook_id"))}
+    return [
+        Finding(
+            "unaccounted",
+            item.managed.name,
+            f"webhook {w.id} also delivers to {url} and keyturn neither manages nor is rotating "
+            "it (its secret is not rotated); delete it at the provider if nobody should",
+            provider_credential_uuid=w.id,
+        )
+        for w in hooks
+        if w.url == url and w.status == "Enabled" and w.id not in accounted
+    ]
 
 
 WEBHOOK = WebhookKind()

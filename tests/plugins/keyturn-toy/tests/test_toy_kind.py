@@ -52,7 +52,7 @@ def test_a_toy_rotation_then_reconcile_then_rollback_is_refused(toy: Toy) -> Non
     assert_rotated(toy, rid)
     assert toy.run("reconcile").returncode == 0
 
-    refused = toy.run("rotations", "rollback", rid, "--reason", "undo", check=False)
+    refused = toy.run("rotations", "rollback", rid, "--reason", "undo", "--yes", check=False)
     assert refused.returncode == 1
     assert "irreversible from action burn_old" in refused.stderr
     assert "a burnt toy key is gone for good" in refused.stderr
