@@ -37,7 +37,7 @@ import httpx
 import psycopg
 from harness import KEYTURN, SA, Kt
 
-from keyturn.cli.setup import import_credential
+from keyturn.cli.setup import ImportEntry, import_credential
 from keyturn.cli.wiring import Wiring
 from keyturn.config import load_config
 from keyturn.domain.model import CredentialKind
@@ -507,14 +507,17 @@ def make_fleet(
                 token.write_text(acct["token"])
                 import_credential(
                     w,
-                    name=name,
-                    kind=CredentialKind.SERVICE_ACCOUNT,
-                    provider="sandbox",
-                    material_file=key,
-                    material_option="--private-key-file",
-                    credential_id=acct["credential_id"],
-                    credential_uuid=acct["credential_uuid"],
-                    token_file=token,
+                    ImportEntry(
+                        name=name,
+                        kind=CredentialKind.SERVICE_ACCOUNT,
+                        provider="sandbox",
+                        material_file=key,
+                        material_option="--private-key-file",
+                        credential_id=acct["credential_id"],
+                        credential_uuid=acct["credential_uuid"],
+                        token_file=token,
+                    ),
+                    verify=False,
                 )
         finally:
             w.store.close()

@@ -106,21 +106,69 @@ def db_upgrade() -> None:
 # ------------------------------------------------------------------------------------- rotate
 
 
+def _rotation_names(w: Wiring, chosen: list[str], every: bool, kind: str | None) -> list[str]:
+    if sum((bool(chosen), every, kind is not None)) != 1:
+        raise KeyturnError("name the credentials to rotate: NAME..., --all, or --kind KIND")
+    if every or kind is not None:
+        if kind is not None:
+            discovered().kind(kind)  # an unknown kind names the installed ones
+        chosen = [c.name for c in w.store.list_credentials() if kind is None or c.kind == kind]
+        if not chosen:
+            raise KeyturnError(
+                "no managed credential" + (f" of kind {kind}" if kind else "") + " to rotate"
+            )
+    elif len(chosen) == 1:
+        w.store.get_credential(chosen[0])  # an unknown name: a clear error before anything else
+    return list(dict.fromkeys(chosen))
+
+
 @app.command()
 def rotate(
-    name: Annotated[str, typer.Argument(help="Managed credential name.")],
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[NAME]...", help="Managed credential names.", show_default=False),
+    ] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every managed credential.")] = False,
+    kind: Annotated[
+        str | None, typer.Option("--kind", help="Every managed credential of this kind.")
+    ] = None,
     reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")] = "scheduled rotation",
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help='{"id": first id, "started": [{credential, id}], "refused": [...]}'
+        ),
+    ] = False,
 ) -> None:
-    """Start a rotation of a managed credential; a worker carries it out."""
+    """Start rotations of managed credentials (one transaction each); a worker carries them
+    out. A name that cannot start gets one line and the exit code is 1."""
     w = state.wiring()
-    w.store.get_credential(name)  # an unknown name is a clear error before anything else
+    chosen = _rotation_names(w, list(names or []), every, kind)
     w.checked_vault()
-    rotation = w.start_rotation(name, reason=reason, actor=actor())
+    started: list[dict[str, str]] = []
+    refused: list[dict[str, str]] = []
+    for name in chosen:
+        try:
+            started.append(
+                {"credential": name, "id": w.start_rotation(name, reason=reason, actor=actor()).id}
+            )
+        except KeyturnError as exc:
+            if len(chosen) == 1:
+                raise
+            refused.append({"credential": name, "error": str(exc)})
     if as_json:
-        _print_json({"id": rotation.id})
+        _print_json(
+            {"id": started[0]["id"] if started else None, "started": started, "refused": refused}
+        )
+    elif len(chosen) == 1:
+        out.print(started[0]["id"])
     else:
-        out.print(rotation.id)
+        for s_ in started:
+            out.print(f"{s_['id']}  {s_['credential']}", markup=False)
+        for r in refused:
+            sys.stderr.write(f"keyturn: error: {r['credential']}: {r['error']}\n")
+    if refused:
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------------------- rotations
@@ -493,24 +541,60 @@ def credentials_list(as_json: Annotated[bool, typer.Option("--json")] = False) -
 
 @credentials_app.command("import")
 def credentials_import(
-    name: Annotated[str, typer.Argument()],
-    kind: Annotated[str, typer.Option("--kind", help="An installed kind (`keyturn plugins`).")],
-    provider: Annotated[str, typer.Option("--provider")],
-    credential_id: Annotated[str, typer.Option("--credential-id")],
+    name: Annotated[
+        str | None, typer.Argument(help="The credential's name in the config.", show_default=False)
+    ] = None,
+    kind: Annotated[
+        str | None, typer.Option("--kind", help="An installed kind (`keyturn plugins`).")
+    ] = None,
+    provider: Annotated[
+        str | None, typer.Option("--provider", help="A [providers.NAME] of the config.")
+    ] = None,
+    credential_id: Annotated[
+        str | None, typer.Option("--credential-id", help="The provider's credential id.")
+    ] = None,
     private_key_file: Annotated[
         Path | None, typer.Option("--private-key-file", help="Signing-key kinds: the key.")
     ] = None,
     secret_file: Annotated[
         Path | None, typer.Option("--secret-file", help="Secret kinds: the secret.")
     ] = None,
-    credential_uuid: Annotated[str | None, typer.Option("--credential-uuid")] = None,
+    credential_uuid: Annotated[
+        str | None, typer.Option("--credential-uuid", help="The provider's credential uuid.")
+    ] = None,
     token_file: Annotated[
         Path | None, typer.Option("--token-file", help="Bearer token to store encrypted.")
     ] = None,
+    from_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            help="Many at once: JSON lines or a TOML file of [[credentials]] with these "
+            "options as keys (name, kind, provider, credential_id, ...).",
+        ),
+    ] = None,
 ) -> None:
-    """Start managing a credential that exists already (deploy targets come from the config)."""
-    from keyturn.cli.setup import import_credential
+    """Start managing credentials that exist already (deploy targets come from the config).
+    Each is checked at the provider first: it exists, is active, and the key signs for it."""
+    from keyturn.cli.setup import ImportEntry, import_credential, import_many, read_import_file
 
+    w = state.wiring()
+    if from_file is not None:
+        given = [name, kind, provider, credential_id, private_key_file, secret_file]
+        if any(v is not None for v in [*given, credential_uuid, token_file]):
+            raise KeyturnError("--file takes the credentials from the file; pass no other option")
+        imported, refused = import_many(w, read_import_file(from_file))
+        for n in imported:
+            out.print(f"managing {n}", markup=False)
+        for line in refused:
+            sys.stderr.write(f"keyturn: error: {line}\n")
+        if refused:
+            raise typer.Exit(1)
+        return
+    missing = [o for o, v in (("NAME", name), ("--kind", kind), ("--provider", provider),
+               ("--credential-id", credential_id)) if v is None]  # fmt: skip
+    if missing:
+        raise KeyturnError(f"credentials import needs {', '.join(missing)} (or --file FILE)")
     if private_key_file is not None and secret_file is not None:
         raise KeyturnError("pass --private-key-file or --secret-file, not both")
     option, material = (
@@ -518,19 +602,22 @@ def credentials_import(
         if secret_file is not None
         else ("--private-key-file", private_key_file)
     )
-    w = state.wiring()
-    import_credential(
+    assert name is not None and kind is not None and provider is not None
+    assert credential_id is not None
+    managed = import_credential(
         w,
-        name=name,
-        kind=kind,
-        provider=provider,
-        material_file=material,
-        material_option=option if material is not None else "",
-        credential_id=credential_id,
-        credential_uuid=credential_uuid,
-        token_file=token_file,
+        ImportEntry(
+            name=name,
+            kind=kind,
+            provider=provider,
+            credential_id=credential_id,
+            credential_uuid=credential_uuid,
+            material_file=material,
+            material_option=option if material is not None else "",
+            token_file=token_file,
+        ),
     )
-    out.print(f"managing {name} ({kind}, {credential_uuid or credential_id})")
+    out.print(f"managing {name} ({kind}, {managed.credential_uuid})")
 
 
 # -------------------------------------------------------------------------------- reconcile

@@ -516,6 +516,13 @@ class KindPlugin(Protocol):
         """Check an imported credential's material (KeyturnError naming the problem); the
         algorithm recorded for it."""
 
+    async def verify_import(
+        self, access: ProviderAccess, credential_id: str, credential_uuid: str, material: bytes
+    ) -> None:
+        """Check at the provider, before anything is stored, that the credential being
+        imported exists, is active and that `material` is its (KeyturnError naming what is
+        wrong). `access` acts with the imported token."""
+
 
 #: Groups of entry points plugins register under.
 KIND_GROUP = "keyturn.kinds"
@@ -562,3 +569,8 @@ class Kind:
         self, name: str, config: CredentialConfig, material: bytes, services: Services
     ) -> str:
         return self.material
+
+    async def verify_import(
+        self, access: ProviderAccess, credential_id: str, credential_uuid: str, material: bytes
+    ) -> None:
+        return None

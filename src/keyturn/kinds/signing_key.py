@@ -33,6 +33,7 @@ from keyturn.plugin import (
     Kind,
     ManagedCredential,
     Phase,
+    ProviderAccess,
     ProviderCredential,
     R,
     ReconcileInput,
@@ -591,6 +592,38 @@ class SigningKeyKind(Kind):
 
     async def reconcile(self, services: Services, item: ReconcileInput) -> list[Finding]:
         return await reconcile_signing_key(services, item)
+
+    async def verify_import(
+        self, access: ProviderAccess, credential_id: str, credential_uuid: str, material: bytes
+    ) -> None:
+        session = dfns_key_session(access)
+        try:
+            listed = await session.list_credentials()
+            found = _by_uuid(listed, credential_uuid)
+            if found is None:
+                raise KeyturnError(
+                    f"credential {credential_uuid} does not exist at the provider for this "
+                    "token; check --credential-uuid (and that the token is this principal's)"
+                )
+            if found.credential_id != credential_id:
+                raise KeyturnError(
+                    f"credential {credential_uuid} has credential id {found.credential_id}, not "
+                    f"{credential_id}; check --credential-id"
+                )
+            if not found.is_active:
+                raise KeyturnError(
+                    f"credential {credential_uuid} is inactive at the provider; import the "
+                    "active one"
+                )
+            try:
+                await session.prove(signer=SigningKey(credential_id, material))
+            except KeyturnError as exc:
+                raise KeyturnError(
+                    f"the private key does not sign for credential {credential_uuid} ({exc}); "
+                    "check --private-key-file"
+                ) from None
+        finally:
+            await session.aclose()
 
 
 # ------------------------------------------------------------------------------ reconcile

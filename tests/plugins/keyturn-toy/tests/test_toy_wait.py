@@ -15,7 +15,7 @@ from keyturn_toy import fingerprint
 
 from keyturn.adapters.store.migrate import upgrade
 from keyturn.adapters.vault import new_master_key
-from keyturn.cli.setup import import_credential
+from keyturn.cli.setup import ImportEntry, import_credential
 from keyturn.cli.wiring import Wiring
 from keyturn.config import load_config
 from keyturn.domain.model import Rotation
@@ -78,14 +78,16 @@ def setup(workdir: Path) -> Wiring:
         (workdir / f"{name}.json").write_text(json.dumps(ledger))
         import_credential(
             w,
-            name=name,
-            kind="toy",
-            provider="none",
-            material_file=workdir / f"{name}.first",
-            material_option="--secret-file",
-            credential_id="k0",
-            credential_uuid=None,
-            token_file=None,
+            ImportEntry(
+                name=name,
+                kind="toy",
+                provider="none",
+                material_file=workdir / f"{name}.first",
+                material_option="--secret-file",
+                credential_id="k0",
+                credential_uuid=None,
+                token_file=None,
+            ),
         )
     return w
 

@@ -113,7 +113,7 @@ class Toy:
 def make_toy(workdir: Path, *, bake: float = 0, first: bytes | None = None) -> Toy:
     from keyturn.adapters.store.migrate import upgrade
     from keyturn.adapters.vault import new_master_key
-    from keyturn.cli.setup import import_credential
+    from keyturn.cli.setup import ImportEntry, import_credential
     from keyturn.cli.wiring import Wiring
     from keyturn.config import load_config
 
@@ -131,13 +131,15 @@ def make_toy(workdir: Path, *, bake: float = 0, first: bytes | None = None) -> T
     upgrade(config.database.url)
     import_credential(
         Wiring(config),
-        name="toy1",
-        kind="toy",
-        provider="none",
-        material_file=workdir / "first.secret",
-        material_option="--secret-file",
-        credential_id="k0",
-        credential_uuid=None,
-        token_file=None,
+        ImportEntry(
+            name="toy1",
+            kind="toy",
+            provider="none",
+            material_file=workdir / "first.secret",
+            material_option="--secret-file",
+            credential_id="k0",
+            credential_uuid=None,
+            token_file=None,
+        ),
     )
     return Toy(workdir)
