@@ -1,7 +1,8 @@
 """Fleet verbs: 50 service accounts brought under management with one `credentials import
 --file` (each checked at the provider: a bogus credential id is refused and nothing of it is
-stored) and rotated with one `rotate --kind service_account` (`--all` minus the webhook); ids from a piped `rotations list` are accepted by
-`rotations show`, prefixes and `--latest` name rotations, the list filters."""
+stored) and rotated with one `rotate --kind service_account` (`--all` minus the webhook); ids
+from a piped `rotations list` are accepted by `rotations show`, prefixes and `--latest` name
+rotations, the list filters."""
 
 from __future__ import annotations
 
