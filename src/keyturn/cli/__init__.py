@@ -526,7 +526,9 @@ def rotations_pause(
 
 
 @credentials_app.command("list")
-def credentials_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def credentials_list(
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
     """Managed credentials and the credential each currently points at."""
     creds = state.wiring().store.list_credentials()
     if as_json:
@@ -535,8 +537,15 @@ def credentials_list(as_json: Annotated[bool, typer.Option("--json")] = False) -
     if not creds:
         out.print("no managed credentials; add one with `keyturn credentials import`")
         return
-    for c in creds:
-        out.print(f"{c.name}  {c.kind}  {c.provider}  {c.credential_uuid}  {c.algorithm}")
+    header = ("name", "kind", "provider", "credential", "algorithm", "updated")
+    rows = [
+        (c.name, c.kind, c.provider, c.credential_uuid, c.algorithm, render.when(c.updated_at))
+        for c in creds
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        cells = [v.ljust(widths[i]) for i, v in enumerate(row[:-1])]
+        out.print("  ".join([*cells, row[-1]]), markup=False)
 
 
 @credentials_app.command("import")
@@ -624,7 +633,9 @@ def credentials_import(
 
 
 @app.command()
-def reconcile(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def reconcile(
+    as_json: Annotated[bool, typer.Option("--json", help="The findings as JSON.")] = False,
+) -> None:
     """Compare the provider with the store (read only); exit 1 when anything disagrees."""
     from keyturn.engine.reconcile import reconcile as run_reconcile
 
@@ -716,7 +727,9 @@ def worker(
 
 
 @app.command()
-def plugins(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="The installed plugins as JSON.")] = False,
+) -> None:
     """The installed credential kinds, deploy targets and probes (entry points)."""
     installed = discovered().installed
     if as_json:
