@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Final
@@ -82,7 +83,20 @@ def boto3_installed() -> bool:
     return importlib.util.find_spec("boto3") is not None
 
 
-def _default_client(region: str, endpoint_url: str | None) -> Any:
+#: Connections a shared client keeps open to one endpoint: at least as many as keyturn's
+#: plugin threads (the worker's concurrency) can use at once, so none is opened per call.
+#: (botocore's default is 10; past the limit a connection is opened and closed per request.)
+MAX_POOL_CONNECTIONS: Final = 256
+
+#: One client per (process, region, endpoint): a boto3 session and client cost ~50 ms of CPU
+#: and ~9 MB each (the endpoint and service models are parsed per session), so one per target
+#: made a fleet's first stage CPU-bound and its memory grow with the number of targets.
+#: boto3 clients are thread-safe (sessions are not: each is used once, under the lock).
+_CLIENTS: dict[tuple[int, str, str | None], Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _new_client(region: str, endpoint_url: str | None) -> Any:
     import boto3  # type: ignore[import-untyped]
     from botocore.config import Config  # type: ignore[import-untyped]
 
@@ -91,10 +105,21 @@ def _default_client(region: str, endpoint_url: str | None) -> Any:
         connect_timeout=5,
         read_timeout=20,
         user_agent_extra="keyturn",
+        max_pool_connections=MAX_POOL_CONNECTIONS,
     )
     # Credentials from boto3's standard chain (environment, profile, instance or task role).
     session = boto3.session.Session(region_name=region)
     return session.client("secretsmanager", endpoint_url=endpoint_url, config=config)
+
+
+def _default_client(region: str, endpoint_url: str | None) -> Any:
+    """The process's client for `region` and `endpoint_url`, made on first use."""
+    key = (os.getpid(), region, endpoint_url)  # a forked child makes its own
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            client = _CLIENTS[key] = _new_client(region, endpoint_url)
+        return client
 
 
 def _client_error_hint(code: str, operation: str) -> str:
@@ -126,8 +151,9 @@ def _client_error_hint(code: str, operation: str) -> str:
 
 class AwsSecretsManagerTarget:
     """One secret in AWS Secrets Manager (`secret_id`: a name or an ARN) as a signing-key
-    target. `client_factory` (tests) returns a boto3 ``secretsmanager`` client; by default one
-    is made on first use, for `region` and `endpoint_url`, with boto3's credential chain."""
+    target. `client_factory` (tests) returns a boto3 ``secretsmanager`` client; by default the
+    one client of the process for `region` and `endpoint_url` (every target with the same
+    two shares it), made on first use with boto3's credential chain."""
 
     def __init__(
         self,
