@@ -16,8 +16,17 @@ def mount(app: typer.Typer, out: Console) -> None:
             Path, typer.Argument(help="Directory for the config, key and database.")
         ],
         sandbox_bootstrap: Annotated[
-            Path, typer.Option("--sandbox-bootstrap", help="The sandbox's bootstrap.json.")
-        ],
+            Path | None,
+            typer.Option("--sandbox-bootstrap", help="The sandbox's bootstrap.json."),
+        ] = None,
+        enable_webhook: Annotated[
+            bool,
+            typer.Option(
+                "--enable-webhook",
+                help="In a directory set up already: enable sandbox-webhook once the receiver "
+                "holds its secret.",
+            ),
+        ] = False,
         receiver_url: Annotated[
             str,
             typer.Option(
@@ -30,10 +39,22 @@ def mount(app: typer.Typer, out: Console) -> None:
 
         They are managed as sandbox-service-account, sandbox-pat and sandbox-webhook; the
         webhook points at a receiver."""
-        from keyturn.quickstart.init import init_workdir
+        from keyturn.domain.errors import KeyturnError
+        from keyturn.quickstart.init import enable_webhook_when_loaded, init_workdir
 
+        if enable_webhook:
+            why = enable_webhook_when_loaded(workdir / "keyturn.toml")
+            if why is not None:
+                raise KeyturnError(why)
+            out.print("sandbox-webhook enabled: the receiver holds its secret")
+            return
+        if sandbox_bootstrap is None:
+            raise KeyturnError("init needs --sandbox-bootstrap FILE (the sandbox's bootstrap.json)")
         config_path = init_workdir(workdir, sandbox_bootstrap, receiver_url)
         out.print(f"initialised {workdir}; use `keyturn --config {config_path} ...`")
+        why = enable_webhook_when_loaded(config_path)
+        if why is not None:
+            out.print(why, markup=False)
 
     @app.command()
     def demo() -> None:

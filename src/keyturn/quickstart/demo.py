@@ -21,7 +21,13 @@ from keyturn.domain.lifecycle import State
 from keyturn.domain.model import Rotation
 from keyturn.engine.worker import Worker
 from keyturn.plugin import dfns_key_session, dfns_webhook_session
-from keyturn.quickstart.init import SANDBOX_PAT, SANDBOX_SA, SANDBOX_WEBHOOK, init_workdir
+from keyturn.quickstart.init import (
+    SANDBOX_PAT,
+    SANDBOX_SA,
+    SANDBOX_WEBHOOK,
+    enable_webhook_when_loaded,
+    init_workdir,
+)
 from keyturn.targets.files import PathConfig
 
 STEPS = [State.PENDING, State.NEW_ADDED, State.VERIFIED, State.OLD_DEACTIVATED]
@@ -74,6 +80,11 @@ def run_demo(console: Console) -> bool:
             assert isinstance(target, PathConfig)
             secrets_file = target.path
             with start_receiver(secrets_file, port=port) as receiver:
+                # the webhook was created disabled; enabled once the receiver holds its secret
+                why = enable_webhook_when_loaded(config_path)
+                if why is not None:
+                    console.print(f"[red]{why}[/red]")
+                    return False
                 console.print(
                     f"  webhook receiver at {receiver.url}; the sandbox emits "
                     f"{EVENT_RATE:.0f} events/s"

@@ -12,7 +12,7 @@ from typing import Any
 
 from keyturn.adapters.deploy import FileTarget
 from keyturn.adapters.keys import CryptoKeys
-from keyturn.adapters.secrets_file import WebhookSecretsFileTarget
+from keyturn.adapters.secrets_file import ReceiverStateProbe, WebhookSecretsFileTarget
 from keyturn.adapters.store.migrate import upgrade
 from keyturn.adapters.vault import new_master_key
 from keyturn.cli.wiring import Wiring
@@ -182,6 +182,43 @@ def init_workdir(
     return config_path
 
 
+def enable_webhook_when_loaded(config_path: Path, *, timeout: float = 10.0) -> str | None:
+    """Enable sandbox-webhook once the receiver reports the secret deployed for it: None when
+    enabled (or enabled already), else why it stays disabled (one line, with what to do).
+    A receiver that does not answer is not waited for."""
+    config = load_config(config_path)
+    w = Wiring(config)
+    managed = w.store.get_credential(SANDBOX_WEBHOOK)
+    probe_cfg = config.credential(SANDBOX_WEBHOOK).probes[0]
+    url = str(getattr(probe_cfg, "url", ""))
+    version = None
+    for target in config.credential(SANDBOX_WEBHOOK).targets:
+        assert isinstance(target, PathConfig)
+        version = WebhookSecretsFileTarget(SANDBOX_WEBHOOK, target.path).read_back()[0]
+    probe = ReceiverStateProbe("receiver", url)
+    try:
+        probe.wait_for_version(str(version), timeout=timeout)
+    except KeyturnError as exc:
+        return (
+            f"webhook {managed.credential_id} stays disabled, so no event is rejected: {exc}. "
+            f"Start the receiver (`keyturn receiver serve --secrets "
+            f"{config_path.parent / 'deploy' / SANDBOX_WEBHOOK / 'secrets.json'}`), then run "
+            f"`keyturn init {config_path.parent} --enable-webhook`"
+        )
+    asyncio.run(_set_enabled(w, managed.credential_id))
+    return None
+
+
+async def _set_enabled(w: Wiring, webhook_id: str) -> None:
+    from keyturn.plugin import dfns_webhook_session
+
+    session = await w.provider_session(dfns_webhook_session, SANDBOX_SA, with_key=True)
+    try:
+        await session.set_enabled(webhook_id, True)
+    finally:
+        await session.aclose()
+
+
 async def _create_webhook(w: Wiring, boot: dict[str, Any], sa_pem: bytes, url: str) -> None:
     from keyturn.adapters.dfns.client import DfnsClient
     from keyturn.adapters.dfns.signing import KeySigner
@@ -189,8 +226,9 @@ async def _create_webhook(w: Wiring, boot: dict[str, Any], sa_pem: bytes, url: s
     sa = boot["service_account"]
     signer = KeySigner.from_pem(sa["credential_id"], sa_pem)
     async with DfnsClient(boot["base_url"], sa["token"], signer=signer) as client:
+        # disabled until the receiver holds its secret: events before that would be rejected
         webhook, secret = await client.create_webhook(
-            url, ["*"], description=f"managed by keyturn as {SANDBOX_WEBHOOK}"
+            url, ["*"], description=f"managed by keyturn as {SANDBOX_WEBHOOK}", status="Disabled"
         )
     vault = w.checked_vault()
     ref = _secret_id()
