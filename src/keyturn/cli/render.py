@@ -187,8 +187,14 @@ def timeline_table(events: list[Event]) -> Table:
 
 
 def show_rotation(
-    console: Console, r: Rotation, events: list[Event], actions: list[ActionRecord]
+    console: Console,
+    r: Rotation,
+    events: list[Event],
+    actions: list[ActionRecord],
+    *,
+    lease: list[str] | None = None,
 ) -> None:
+    """`lease`: the lease lines with the holder's liveness (keyturn.cli.liveness), if known."""
     console.print(f"[bold]{r.id}[/bold]  credential {r.credential} ({r.kind})")
     console.print(
         f"  state      {r.state.value}   status {status_of(r)}   version {r.version}", markup=False
@@ -197,8 +203,12 @@ def show_rotation(
     for key, ident in identities(r).items():
         if ident:
             console.print(f"  {key.split('_')[0]:<10} {ident}")
-    lease = f"{r.lease_owner} until {_iso(r.lease_expires_at)}" if r.lease_owner else "none"
-    console.print(f"  lease      {lease}")
+    if lease is not None:
+        for line in lease:
+            console.print(line, markup=False)
+    else:
+        held = f"{r.lease_owner} until {_iso(r.lease_expires_at)}" if r.lease_owner else "none"
+        console.print(f"  lease      {held}")
     if r.wait_for is not None:
         # While waiting, next_attempt_at is the next check, which is not an attempt.
         since, deadline = _iso(r.wait_since) or "-", _iso(r.wait_deadline) or "-"
