@@ -42,7 +42,7 @@ pg_admin_url = PG_ADMIN_URL
 #: A fixed instant the store tests measure time from.
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
-TABLES = ("actions", "events", "rotations", "credentials", "secrets")
+TABLES = ("actions", "events", "rotations", "credentials", "secrets", "workers")
 
 
 def _libpq(url: str) -> str:

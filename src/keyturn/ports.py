@@ -20,6 +20,7 @@ from keyturn.domain.model import (
     OperatorRequest,
     Rotation,
     SealedSecret,
+    WorkerRecord,
 )
 
 # --------------------------------------------------------------------------------------- store
@@ -112,6 +113,8 @@ class Store(Protocol):
 
         Due: unfinished, and either carrying an operator request, or (not paused, not halted,
         next_attempt_at null or <= now); and not leased (lease_expires_at null or <= now).
+        Each claimed rotation records ``lease_taken_at = now`` and ``lease_taken_from`` = the
+        lease owner it had (None when its lease was released; another owner: a takeover).
         """
 
     def commit(self, change: Change) -> Rotation: ...
@@ -124,6 +127,30 @@ class Store(Protocol):
     def request(self, rotation_id: str, request: OperatorRequest, event: Event) -> Rotation:
         """Record an operator request and its event WITHOUT bumping the version (the lease
         holder must not be fenced out by it); make the rotation due now."""
+
+    # workers (liveness: what a heartbeat says; nothing is ever blocked by a worker's row)
+    def register_worker(self, worker: WorkerRecord) -> None:
+        """Insert the row of `worker.owner`, or replace it (a re-registration)."""
+
+    def heartbeat_worker(self, owner: str, now: datetime) -> bool:
+        """Set the worker's heartbeat_at to `now` (one UPDATE); False when it has no row
+        (never registered, or pruned), so the worker registers again."""
+
+    def stop_worker(self, owner: str, now: datetime) -> None:
+        """Record a clean stop (stopped_at and heartbeat_at = `now`); no row: nothing."""
+
+    def list_workers(self) -> list[WorkerRecord]:
+        """Every registered worker, the most recently started first."""
+
+    def get_workers(self, owners: Sequence[str]) -> dict[str, WorkerRecord]:
+        """Those of `owners` that have a row, in one read."""
+
+    def prune_workers(self, before: datetime) -> int:
+        """Delete the workers whose last heartbeat (or stop) is older than `before`; how many."""
+
+    def leases_held(self, now: datetime) -> dict[str, int]:
+        """Lease owner -> how many unfinished rotations it holds a lease on that has not
+        expired at `now` (owners holding none are absent)."""
 
     # sealed secrets
     def get_secret(self, secret_id: str) -> SealedSecret: ...

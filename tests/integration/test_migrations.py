@@ -26,7 +26,7 @@ from keyturn.adapters.store.sql import make_engine
 from keyturn.domain.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
-TABLES = {"secrets", "credentials", "rotations", "events", "actions", "rate_budgets"}
+TABLES = {"secrets", "credentials", "rotations", "events", "actions", "rate_budgets", "workers"}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -5,11 +5,13 @@ plan and, off a terminal, asks for --yes), never refused for a reason the hint h
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from keyturn import logs
 from keyturn.adapters.keys import CryptoKeys
 from keyturn.adapters.store.migrate import open_store, upgrade
 from keyturn.adapters.vault import AesGcmVault, MasterKey
@@ -23,6 +25,14 @@ from keyturn.engine.registry import discovered
 from keyturn.ports import Change
 
 HALTABLE = [State.PENDING, State.NEW_ADDED, State.VERIFIED, State.ROLLING_BACK]
+
+
+@pytest.fixture(autouse=True)
+def _logs_back_on_stderr() -> Iterator[None]:
+    """The CLI binds the logs to the runner's stream, closed after each invoke: put them back
+    on the process's stderr for the tests that run after these in this process."""
+    yield
+    logs.configure("console", "warning")
 
 
 @pytest.fixture

@@ -15,8 +15,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from keyturn.cli import render
+from keyturn.cli import liveness, render
 from keyturn.cli.wiring import Wiring, actor
+from keyturn.cli.workers import mount as mount_workers
 from keyturn.config import Config, load_config
 from keyturn.domain.errors import KeyturnError
 from keyturn.domain.lifecycle import State
@@ -334,6 +335,7 @@ def rotations_show(
     rotation = store.get_rotation(rotation_id)
     events = store.events(rotation_id)
     actions = store.actions(rotation_id)
+    lease = liveness.LeaseView.of(store, rotation, state.config().worker.lease_seconds)
     if as_json:
         _print_json(
             {
@@ -341,12 +343,13 @@ def rotations_show(
                 "status": render.status_key(rotation),
                 "status_text": render.status_of(rotation),
                 "attention": attention(rotation, datetime.now(UTC)),
+                "lease": lease.as_dict(),
                 "actions": [render.action_dict(a) for a in actions],
                 "events": [render.event_dict(e) for e in events],
             }
         )
     else:
-        render.show_rotation(out, rotation, events, actions, local=local)
+        render.show_rotation(out, rotation, events, actions, local=local, lease=lease.lines())
 
 
 def _operator(action: OperatorAction, rotation_id: str, reason: str) -> None:
@@ -367,7 +370,7 @@ def _operator(action: OperatorAction, rotation_id: str, reason: str) -> None:
         raise KeyturnError(f"{action.value} of rotation {rotation_id} {applied.outcome}")
     follow = ""
     if not rotation.finished and not rotation.paused:
-        follow = "; a worker carries on from here"
+        follow = "; " + liveness.next_step_hint(w.store, w.clock.now())
     out.print(
         f"{action.value} applied; rotation {rotation_id} is now {rotation.state.value} "
         f"({render.status_of(rotation)}){follow}"
@@ -769,6 +772,7 @@ def _mount_receiver() -> None:
 _mount_quickstart()
 _mount_sandbox()
 _mount_receiver()
+mount_workers(app, out)
 
 
 def main() -> None:

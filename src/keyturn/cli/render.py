@@ -275,6 +275,25 @@ def print_timeline(console: Console, events: list[Event], *, local: bool = False
                 console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
+def _print_actions(console: Console, actions: list[ActionRecord]) -> None:
+    if not actions:
+        return
+    console.print("  actions:")
+    for a in actions:
+        console.print(
+            f"    {a.phase.value}.{a.name}: {a.status.value} (attempts {a.attempts})",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _plain_lease(r: Rotation, *, local: bool) -> list[str]:
+    """The lease line when the holder's liveness is not known."""
+    if not r.lease_owner:
+        return ["  lease      none"]
+    return [f"  lease      {r.lease_owner} until {when(r.lease_expires_at, local=local)}"]
+
+
 def _attempts(r: Rotation, *, local: bool) -> str:
     stopped = r.halted_reason or r.paused or r.finished or r.next_attempt_at is None
     if r.wait_for is not None or stopped:
@@ -289,7 +308,10 @@ def show_rotation(
     actions: list[ActionRecord],
     *,
     local: bool = False,
+    lease: list[str] | None = None,
 ) -> None:
+    """`lease`: the lease lines with the holder's liveness (keyturn.cli.liveness), if known."""
+
     def line(label: str, value: str) -> None:
         width = max(60, console.width)
         if 13 + len(value) <= width:
@@ -307,12 +329,8 @@ def show_rotation(
     for key, ident in identities(r).items():
         if ident:
             line(key.split("_")[0], ident)
-    lease = (
-        f"{r.lease_owner} until {when(r.lease_expires_at, local=local)}"
-        if r.lease_owner
-        else "none"
-    )
-    line("lease", lease)
+    for text in lease if lease is not None else _plain_lease(r, local=local):
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
     if r.wait_for is not None:
         # While waiting, next_attempt_at is the next check, which is not an attempt.
         line(
@@ -328,13 +346,6 @@ def show_rotation(
         line("HALTED", _one_line(r.halted_reason))
     if r.request:
         line("request", f"{r.request.action.value} by {r.request.actor}: {r.request.reason}")
-    if actions:
-        console.print("  actions:")
-        for a in actions:
-            console.print(
-                f"    {a.phase.value}.{a.name}: {a.status.value} (attempts {a.attempts})",
-                markup=False,
-                highlight=False,
-            )
+    _print_actions(console, actions)
     console.print("  timeline:")
     print_timeline(console, events, local=local)

@@ -74,6 +74,10 @@ class Rotation:
     next_attempt_at: datetime | None = None
     lease_owner: str | None = None
     lease_expires_at: datetime | None = None
+    #: Set by the claim that took the lease (renewals keep it): when, and from whom when the
+    #: claim took over an expired lease that was never released (None: the lease was free).
+    lease_taken_at: datetime | None = None
+    lease_taken_from: str | None = None
     attempts: int = 0
     last_error: str | None = None
     halted_reason: str | None = None
@@ -122,6 +126,39 @@ class ActionRecord:
     attempts: int = 1
     detail: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A worker process as it registered and last heartbeat (all datetimes aware UTC).
+
+    ``owner`` is the lease owner string the worker claims with; it heartbeats every
+    ``heartbeat_seconds`` and takes leases of ``lease_seconds``; ``stopped_at`` is set by a
+    clean stop only (a killed worker just stops heartbeating)."""
+
+    owner: str
+    host: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+    concurrency: int
+    heartbeat_seconds: float
+    lease_seconds: float
+    stopped_at: datetime | None = None
+
+    def stale_after(self) -> float:
+        """Seconds without a heartbeat after which the worker is taken for dead."""
+        return 2 * self.heartbeat_seconds
+
+    def silent_for(self, now: datetime) -> float:
+        return max(0.0, (now - self.heartbeat_at).total_seconds())
+
+    def status(self, now: datetime) -> str:
+        """``live``, ``stale`` (no heartbeat for two intervals: dead or cut off) or
+        ``stopped`` (a clean stop)."""
+        if self.stopped_at is not None:
+            return "stopped"
+        return "stale" if self.silent_for(now) > self.stale_after() else "live"
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,14 @@ import os
 import socket
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 
 from keyturn.domain.errors import KeyturnError, StaleVersion, StoreUnavailable
 from keyturn.domain.lifecycle import FORWARD
-from keyturn.domain.model import Event, Rotation
+from keyturn.domain.model import Event, Rotation, WorkerRecord
 from keyturn.engine.batch import CommitBatcher, Loaders
 from keyturn.engine.operator import apply_request, halt_advice
 from keyturn.engine.run import (
@@ -29,6 +29,9 @@ from keyturn.engine.run import (
 from keyturn.engine.steps import WaitExpired, Waiting, run_step
 
 log = structlog.get_logger("keyturn.worker")
+
+#: A worker row silent for longer than this is deleted (by any worker, every purge round).
+WORKER_RETENTION = timedelta(days=1)
 
 
 def default_owner() -> str:
@@ -51,6 +54,8 @@ class Worker:
         self.completed = 0
         #: Rotations this worker halted for a human (its --until-idle exit code says so).
         self.halted: set[str] = set()
+        self.started_at: datetime | None = None
+        self._registered = False
 
     def stop(self) -> None:
         """Stop claiming; in-flight rotations stop at their next action boundary."""
@@ -64,9 +69,14 @@ class Worker:
         self.batcher = CommitBatcher(self.deps.store)
         self.loaders = Loaders.of(self.deps.store)
         self._engine_log = engine_logger()
+        await self._register()
+        heartbeat = asyncio.create_task(self._heartbeat(), name=f"heartbeat {self.owner}")
+        clean = False
         try:
             await self._run(until_idle=until_idle)
+            clean = True
         finally:
+            heartbeat.cancel()
             await self.batcher.aclose()
             await self.loaders.aclose()
             log.info(
@@ -75,6 +85,61 @@ class Worker:
                 batches=self.batcher.batches,
                 changes=self.batcher.requests,
             )
+            if clean:
+                await self._stopped()
+
+    # ------------------------------------------------------------------ liveness
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        return self.deps.settings.lease_seconds / 3
+
+    async def _register(self) -> None:
+        """Record this worker's start (never fatal: the heartbeat registers it later)."""
+        now = self.deps.clock.now()
+        if self.started_at is None:
+            self.started_at = now
+        record = WorkerRecord(
+            owner=self.owner,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=self.started_at,
+            heartbeat_at=now,
+            concurrency=self.concurrency,
+            heartbeat_seconds=self.heartbeat_seconds,
+            lease_seconds=self.deps.settings.lease_seconds,
+        )
+        try:
+            await db(self.deps.store.register_worker, record)
+        except KeyturnError as exc:
+            log.warning("could not register the worker; will retry", error=str(exc))
+            return
+        self._registered = True
+
+    async def _heartbeat(self) -> None:
+        """One UPDATE every heartbeat interval (a third of the lease), so `keyturn workers`
+        and `rotations show` can tell a live holder from a dead one."""
+        while True:
+            await asyncio.sleep(self.heartbeat_seconds)
+            if not self._registered:
+                await self._register()
+                continue
+            try:
+                found = await db(
+                    self.deps.store.heartbeat_worker, self.owner, self.deps.clock.now()
+                )
+            except KeyturnError as exc:
+                log.warning("heartbeat failed; will retry", error=str(exc))
+                continue
+            if not found:  # pruned while cut off from the database, say: register again
+                self._registered = False
+                await self._register()
+
+    async def _stopped(self) -> None:
+        try:
+            await db(self.deps.store.stop_worker, self.owner, self.deps.clock.now())
+        except KeyturnError as exc:
+            log.warning("could not record the worker's stop", error=str(exc))
 
     async def _run(self, *, until_idle: bool) -> None:
         settings = self.deps.settings
@@ -145,9 +210,13 @@ class Worker:
         return await db(self.deps.store.has_pending_work, horizon)
 
     async def _purge(self) -> None:
-        purged = await db(self.deps.store.purge_secrets, self.deps.clock.now())
+        now = self.deps.clock.now()
+        purged = await db(self.deps.store.purge_secrets, now)
         if purged:
             log.info("purged retained keys", count=len(purged))
+        pruned = await db(self.deps.store.prune_workers, now - WORKER_RETENTION)
+        if pruned:
+            log.info("pruned silent workers", count=pruned)
 
     # ------------------------------------------------------------------ one rotation
 
@@ -166,6 +235,7 @@ class Worker:
         )
         renewer = asyncio.create_task(self._renew(run))
         try:
+            await self._note_takeover(run)
             await self._advance(run)
         except (StaleVersion, LeaseLost) as exc:
             run.log.warning("lease lost; abandoning the rotation to its new holder", error=str(exc))
@@ -186,6 +256,37 @@ class Worker:
         finally:
             renewer.cancel()
         await run.release()
+
+    async def _note_takeover(self, run: RotationRun) -> None:
+        """A claim that took over another owner's expired lease goes in the timeline, with
+        when that holder last heartbeat; held, so it is written with the first write after
+        the claim (no extra commit)."""
+        rotation = run.rotation
+        previous = rotation.lease_taken_from
+        if previous is None or previous == self.owner:
+            return
+        try:
+            holder = (await db(self.deps.store.get_workers, [previous])).get(previous)
+        except KeyturnError:
+            holder = None
+        last_seen = holder.heartbeat_at.isoformat() if holder is not None else None
+        seen = (
+            f"last heartbeat {holder.heartbeat_at.strftime('%Y-%m-%d %H:%M:%S UTC')}"
+            if holder is not None
+            else "no worker registered under that owner"
+        )
+        event = Event(
+            rotation_id=rotation.id,
+            at=self.deps.clock.now(),
+            kind="run",
+            actor=self.owner,
+            trigger="claim",
+            from_state=rotation.state.value,
+            reason=f"lease of {previous} expired ({seen})",
+            detail={"status": "taken_over", "from": previous, "holder_last_seen": last_seen},
+        )
+        run.log.info("took over an expired lease", previous_owner=previous, last_seen=last_seen)
+        await run.unit.add(events=[event])
 
     async def _advance(self, run: RotationRun) -> None:
         while True:

@@ -36,6 +36,7 @@ from keyturn.domain.model import (
     Phase,
     Rotation,
     SealedSecret,
+    WorkerRecord,
 )
 from keyturn.ports import Change
 
@@ -93,6 +94,7 @@ class MemoryStore:
         self._next_event_id = 1
         self._actions: dict[str, dict[tuple[str, str], ActionRecord]] = {}
         self._secrets: dict[str, SealedSecret] = {}
+        self._workers: dict[str, WorkerRecord] = {}
 
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._rotations)} rotations)"
@@ -181,6 +183,7 @@ class MemoryStore:
                 updated_at=_utc1(rotation.updated_at),
                 next_attempt_at=_utc(rotation.next_attempt_at),
                 lease_expires_at=_utc(rotation.lease_expires_at),
+                lease_taken_at=_utc(rotation.lease_taken_at),
                 finished_at=_utc(rotation.finished_at),
                 wait_since=_utc(rotation.wait_since),
                 wait_deadline=_utc(rotation.wait_deadline),
@@ -258,7 +261,12 @@ class MemoryStore:
             claimed = []
             for r in due:
                 leased = replace(
-                    r, lease_owner=owner, lease_expires_at=until, version=r.version + 1
+                    r,
+                    lease_owner=owner,
+                    lease_expires_at=until,
+                    lease_taken_at=now_utc,
+                    lease_taken_from=r.lease_owner,
+                    version=r.version + 1,
                 )
                 self._rotations[r.id] = leased
                 claimed.append(leased)
@@ -334,6 +342,70 @@ class MemoryStore:
             self._rotations[rotation_id] = updated
             self._append_event(event)
             return copy.deepcopy(updated)
+
+    # ------------------------------------------------------------------------------ workers
+
+    def register_worker(self, worker: WorkerRecord) -> None:
+        stored = replace(
+            worker,
+            pid=int(worker.pid),
+            started_at=_utc1(worker.started_at),
+            heartbeat_at=_utc1(worker.heartbeat_at),
+            stopped_at=_utc(worker.stopped_at),
+            concurrency=int(worker.concurrency),
+            heartbeat_seconds=float(worker.heartbeat_seconds),
+            lease_seconds=float(worker.lease_seconds),
+        )
+        with self._lock:
+            self._workers[worker.owner] = stored
+
+    def heartbeat_worker(self, owner: str, now: datetime) -> bool:
+        at = _utc1(now)
+        with self._lock:
+            found = self._workers.get(owner)
+            if found is None:
+                return False
+            self._workers[owner] = replace(found, heartbeat_at=at)
+            return True
+
+    def stop_worker(self, owner: str, now: datetime) -> None:
+        at = _utc1(now)
+        with self._lock:
+            found = self._workers.get(owner)
+            if found is not None:
+                self._workers[owner] = replace(found, heartbeat_at=at, stopped_at=at)
+
+    def list_workers(self) -> list[WorkerRecord]:
+        with self._lock:
+            found = sorted(self._workers.values(), key=lambda w: w.owner)
+            found.sort(key=lambda w: w.started_at, reverse=True)
+            return found
+
+    def get_workers(self, owners: Sequence[str]) -> dict[str, WorkerRecord]:
+        with self._lock:
+            return {o: self._workers[o] for o in owners if o in self._workers}
+
+    def prune_workers(self, before: datetime) -> int:
+        cutoff = _utc1(before)
+        with self._lock:
+            gone = [o for o, w in self._workers.items() if w.heartbeat_at < cutoff]
+            for owner in gone:
+                del self._workers[owner]
+            return len(gone)
+
+    def leases_held(self, now: datetime) -> dict[str, int]:
+        at = _utc1(now)
+        held: dict[str, int] = {}
+        with self._lock:
+            for r in self._rotations.values():
+                if (
+                    r.finished_at is None
+                    and r.lease_owner is not None
+                    and r.lease_expires_at is not None
+                    and r.lease_expires_at > at
+                ):
+                    held[r.lease_owner] = held.get(r.lease_owner, 0) + 1
+        return held
 
     # ------------------------------------------------------------------------ sealed secrets
 

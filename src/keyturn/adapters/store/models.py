@@ -16,6 +16,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Dialect,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -121,6 +122,10 @@ class RotationRow(Base):
     next_attempt_at: Mapped[datetime | None]
     lease_owner: Mapped[str | None]
     lease_expires_at: Mapped[datetime | None]
+    #: Set by each claim (revision 0005): when the lease was taken, and the owner whose lease
+    #: (expired, never released) it took over.
+    lease_taken_at: Mapped[datetime | None]
+    lease_taken_from: Mapped[str | None]
     attempts: Mapped[int] = mapped_column(Integer)
     last_error: Mapped[str | None]
     halted_reason: Mapped[str | None]
@@ -196,6 +201,23 @@ class ActionRow(Base):
     attempts: Mapped[int] = mapped_column(Integer)
     detail: Mapped[dict[str, Any]]
     error: Mapped[str | None]
+
+
+class WorkerRow(Base):
+    """A worker process: registered at its start, heartbeat while it runs, stopped_at on a
+    clean stop (revision 0005). Rows of long-silent workers are pruned; none blocks anything."""
+
+    __tablename__ = "workers"
+
+    owner: Mapped[str] = mapped_column(primary_key=True)
+    host: Mapped[str]
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+    stopped_at: Mapped[datetime | None]
+    concurrency: Mapped[int] = mapped_column(Integer)
+    heartbeat_seconds: Mapped[float] = mapped_column(Double)
+    lease_seconds: Mapped[float] = mapped_column(Double)
 
 
 metadata = Base.metadata

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     and_,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -48,6 +49,7 @@ from keyturn.adapters.store.models import (
     EventRow,
     RotationRow,
     SecretRow,
+    WorkerRow,
 )
 from keyturn.domain.errors import (
     AlreadyRotating,
@@ -68,6 +70,7 @@ from keyturn.domain.model import (
     Phase,
     Rotation,
     SealedSecret,
+    WorkerRecord,
 )
 from keyturn.ports import Change
 
@@ -76,6 +79,7 @@ credentials_t = cast(Table, CredentialRow.__table__)
 rotations_t = cast(Table, RotationRow.__table__)
 events_t = cast(Table, EventRow.__table__)
 actions_t = cast(Table, ActionRow.__table__)
+workers_t = cast(Table, WorkerRow.__table__)
 
 #: SQLite waits this long for the write lock before giving up (milliseconds).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -235,6 +239,8 @@ def _rotation_from_row(row: Row[Any]) -> Rotation:
         next_attempt_at=m["next_attempt_at"],
         lease_owner=m["lease_owner"],
         lease_expires_at=m["lease_expires_at"],
+        lease_taken_at=m["lease_taken_at"],
+        lease_taken_from=m["lease_taken_from"],
         attempts=m["attempts"],
         last_error=m["last_error"],
         halted_reason=m["halted_reason"],
@@ -302,6 +308,8 @@ def _rotation_values(rotation: Rotation) -> dict[str, Any]:
         "next_attempt_at": rotation.next_attempt_at,
         "lease_owner": rotation.lease_owner,
         "lease_expires_at": rotation.lease_expires_at,
+        "lease_taken_at": rotation.lease_taken_at,
+        "lease_taken_from": rotation.lease_taken_from,
         "attempts": rotation.attempts,
         "last_error": rotation.last_error,
         "halted_reason": rotation.halted_reason,
@@ -318,6 +326,35 @@ def _rotation_values(rotation: Rotation) -> dict[str, Any]:
     }
     values.update(_request_values(rotation.request))
     return values
+
+
+def _worker_values(worker: WorkerRecord) -> dict[str, Any]:
+    return {
+        "owner": worker.owner,
+        "host": worker.host,
+        "pid": worker.pid,
+        "started_at": worker.started_at,
+        "heartbeat_at": worker.heartbeat_at,
+        "stopped_at": worker.stopped_at,
+        "concurrency": worker.concurrency,
+        "heartbeat_seconds": float(worker.heartbeat_seconds),
+        "lease_seconds": float(worker.lease_seconds),
+    }
+
+
+def _worker_from_row(row: Row[Any]) -> WorkerRecord:
+    m = row._mapping
+    return WorkerRecord(
+        owner=m["owner"],
+        host=m["host"],
+        pid=int(m["pid"]),
+        started_at=m["started_at"],
+        heartbeat_at=m["heartbeat_at"],
+        stopped_at=m["stopped_at"],
+        concurrency=int(m["concurrency"]),
+        heartbeat_seconds=float(m["heartbeat_seconds"]),
+        lease_seconds=float(m["lease_seconds"]),
+    )
 
 
 def _event_values(ev: Event) -> dict[str, Any]:
@@ -699,7 +736,15 @@ class SqlStore:
         stmt = (
             update(rotations_t)
             .where(r.id.in_(candidates))
-            .values(lease_owner=owner, lease_expires_at=lease_until, version=r.version + 1)
+            # In SET, `r.lease_owner` is the value before this UPDATE (SQL semantics, on both
+            # databases): the owner of an expired lease that was never released.
+            .values(
+                lease_owner=owner,
+                lease_expires_at=lease_until,
+                lease_taken_at=now,
+                lease_taken_from=r.lease_owner,
+                version=r.version + 1,
+            )
             .returning(rotations_t)
         )
         with self._tx() as conn:
@@ -837,6 +882,61 @@ class SqlStore:
                 raise rotation_not_found(rotation_id)
             conn.execute(insert(events_t).values(**_event_values(event)))
         return _rotation_from_row(row)
+
+    # ------------------------------------------------------------------------------ workers
+
+    def register_worker(self, worker: WorkerRecord) -> None:
+        values = _worker_values(worker)
+        insert_fn = pg_insert if self._postgres else sqlite_insert
+        stmt = insert_fn(workers_t).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[workers_t.c.owner],
+            set_={k: v for k, v in values.items() if k != "owner"},
+        )
+        with self._tx() as conn:
+            conn.execute(stmt)
+
+    def heartbeat_worker(self, owner: str, now: datetime) -> bool:
+        stmt = update(workers_t).where(workers_t.c.owner == owner).values(heartbeat_at=now)
+        with self._tx() as conn:
+            return conn.execute(stmt).rowcount > 0
+
+    def stop_worker(self, owner: str, now: datetime) -> None:
+        stmt = (
+            update(workers_t)
+            .where(workers_t.c.owner == owner)
+            .values(heartbeat_at=now, stopped_at=now)
+        )
+        with self._tx() as conn:
+            conn.execute(stmt)
+
+    def list_workers(self) -> list[WorkerRecord]:
+        stmt = select(workers_t).order_by(workers_t.c.started_at.desc(), workers_t.c.owner.asc())
+        with self._read() as conn:
+            return [_worker_from_row(r) for r in conn.execute(stmt).all()]
+
+    def get_workers(self, owners: Sequence[str]) -> dict[str, WorkerRecord]:
+        wanted = sorted(set(owners))
+        if not wanted:
+            return {}
+        stmt = select(workers_t).where(workers_t.c.owner.in_(wanted))
+        with self._read() as conn:
+            return {r._mapping["owner"]: _worker_from_row(r) for r in conn.execute(stmt).all()}
+
+    def prune_workers(self, before: datetime) -> int:
+        stmt = delete(workers_t).where(workers_t.c.heartbeat_at < before)
+        with self._tx() as conn:
+            return int(conn.execute(stmt).rowcount or 0)
+
+    def leases_held(self, now: datetime) -> dict[str, int]:
+        r = rotations_t.c
+        stmt = (
+            select(r.lease_owner, func.count())
+            .where(r.finished_at.is_(None), r.lease_owner.is_not(None), r.lease_expires_at > now)
+            .group_by(r.lease_owner)
+        )
+        with self._read() as conn:
+            return {str(owner): int(n) for owner, n in conn.execute(stmt).all()}
 
     # ------------------------------------------------------------------------ sealed secrets
 
