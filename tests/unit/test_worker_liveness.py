@@ -244,7 +244,8 @@ def test_a_takeover_is_in_the_timeline(store: Store, tmp_path: Path) -> None:
     }
     assert e.from_state == "pending"
     assert e.reason == (
-        f"lease of dead:7:xyz expired (last heartbeat {last_seen.strftime('%Y-%m-%d %H:%M:%S UTC')})"
+        "lease of dead:7:xyz expired (last heartbeat "
+        f"{last_seen.strftime('%Y-%m-%d %H:%M:%S UTC')})"
     )
     # written with the first write after the claim, before the first transition
     events = store.events(rid)
