@@ -110,8 +110,8 @@ class InstantProvider:
 
 
 class NullTarget:
-    """A deploy target that writes nothing; it reads back what was last deployed for the
-    credential (kept for the most recent KEEP credentials only)."""
+    """A signing-key target that writes nothing: stage keeps the material in memory (for the
+    most recent KEEP credentials only), read_back returns it, promote and rollback note it."""
 
     held: OrderedDict[str, DeployedMaterial] = OrderedDict()
 
@@ -122,13 +122,23 @@ class NullTarget:
     def name(self) -> str:
         return "null"
 
-    async def deploy(self, material: DeployedMaterial) -> None:
+    def _keep(self, material: DeployedMaterial) -> dict[str, object]:
         self.held[self.credential] = material
         self.held.move_to_end(self.credential)
         if len(self.held) > KEEP:
             self.held.popitem(last=False)
+        return {"changed": True}
 
-    async def read_back(self) -> DeployedMaterial:
+    async def stage(self, material: DeployedMaterial, op: object) -> dict[str, object]:
+        return self._keep(material)
+
+    async def promote(self, material: DeployedMaterial, op: object) -> dict[str, object]:
+        return {"changed": True}
+
+    async def rollback(self, previous: DeployedMaterial, op: object) -> dict[str, object]:
+        return self._keep(previous)
+
+    async def read_back(self, *, staged: bool = False) -> DeployedMaterial:
         return self.held[self.credential]
 
 
