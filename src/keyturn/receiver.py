@@ -260,18 +260,18 @@ def serve(
 ) -> None:
     """Serve the receiver in the foreground; SIGTERM or Ctrl-C stops it."""
     if tolerance <= 0:
-        typer.echo("error: --tolerance must be greater than 0", err=True)
+        typer.echo("keyturn: error: --tolerance must be greater than 0", err=True)
         raise typer.Exit(2)
     try:
         secrets_file = SecretsFile(secrets)
     except SecretsFileError as exc:
-        typer.echo(f"error: {exc} (--secrets {secrets})", err=True)
+        typer.echo(f"keyturn: error: {exc} (--secrets {secrets})", err=True)
         raise typer.Exit(1) from None
     try:
         sock = _bind(host, port)
     except OSError as exc:
         typer.echo(
-            f"error: cannot listen on {host}:{port} ({exc.strerror or exc}); pick another"
+            f"keyturn: error: cannot listen on {host}:{port} ({exc.strerror or exc}); pick another"
             " --port or --host",
             err=True,
         )
@@ -282,7 +282,7 @@ def serve(
             record_stream = record.open("a", encoding="utf-8")
         except OSError as exc:
             sock.close()
-            typer.echo(f"error: cannot open --record {record} ({exc.strerror})", err=True)
+            typer.echo(f"keyturn: error: cannot open --record {record} ({exc.strerror})", err=True)
             raise typer.Exit(1) from None
     try:
         _run(secrets_file, sock, host, record_stream, ready_file, tolerance)

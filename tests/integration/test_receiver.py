@@ -96,7 +96,7 @@ def test_a_missing_secrets_file_is_one_line_and_a_nonzero_exit(tmp_path: Path) -
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: secrets file ")
+    assert lines[0].startswith("keyturn: error: secrets file ")
     assert "does not exist" in lines[0]
 
 

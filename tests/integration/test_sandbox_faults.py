@@ -131,4 +131,6 @@ def test_bad_fault_settings_are_one_clear_line(sandbox: SandboxProcess, tmp_path
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: rate_429 must be a share between 0 and 1, got 1.5"
+    assert result.stderr.strip() == (
+        "keyturn: error: rate_429 must be a share between 0 and 1, got 1.5"
+    )

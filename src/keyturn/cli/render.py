@@ -168,7 +168,8 @@ def status_of(r: Rotation) -> str:
         # Also while a worker holds it for a check: the wait is what on-call wants to see.
         return waiting_of(r)
     if r.lease_owner:
-        return "running"
+        expired = r.lease_expires_at is not None and r.lease_expires_at < datetime.now(UTC)
+        return "running (lease expired: holder lost)" if expired else "running"
     if r.attempts:
         return f"retrying ({r.attempts})"
     return "due"

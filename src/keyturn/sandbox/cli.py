@@ -22,6 +22,23 @@ def main() -> None:
     """A local Dfns-compatible API sandbox with fault injection."""
 
 
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why the sandbox could not listen on host:port (one line), or None."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        return f"--port {port} is not a TCP port; use 1-65535, or 0 for a free one"
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        return (
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --host or --port"
+        )
+    return None
+
+
 @app.command()
 def serve(
     state_dir: Annotated[
@@ -96,16 +113,20 @@ def serve(
             paths=[" ".join(p.split()) for p in fault_path or []],
         )
     except FaultConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"keyturn: error: {exc}", err=True)
         raise typer.Exit(2) from None
     if time_scale <= 0:
-        typer.echo("error: --time-scale must be greater than 0", err=True)
+        typer.echo("keyturn: error: --time-scale must be greater than 0", err=True)
         raise typer.Exit(2)
     if service_accounts < 1:
-        typer.echo("error: --service-accounts must be at least 1", err=True)
+        typer.echo("keyturn: error: --service-accounts must be at least 1", err=True)
         raise typer.Exit(2)
     if event_rate < 0:
-        typer.echo("error: --event-rate must be zero or positive", err=True)
+        typer.echo("keyturn: error: --event-rate must be zero or positive", err=True)
+        raise typer.Exit(2)
+    problem = _cannot_listen(host, port)
+    if problem is not None:  # before anything is created
+        typer.echo(f"keyturn: error: {problem}", err=True)
         raise typer.Exit(2)
     settings = SandboxSettings(
         state_dir=state_dir,
@@ -124,14 +145,16 @@ def serve(
     except KeyboardInterrupt:
         pass
     except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"keyturn: error: {exc}", err=True)
         raise typer.Exit(2) from None
     except OSError as exc:
-        typer.echo(f"error: cannot use state dir {state_dir}: {exc.strerror or exc}", err=True)
+        typer.echo(
+            f"keyturn: error: cannot use state dir {state_dir}: {exc.strerror or exc}", err=True
+        )
         raise typer.Exit(1) from None
     except sqlite3.Error as exc:
         typer.echo(
-            f"error: the state database in {state_dir} is unusable ({exc});"
+            f"keyturn: error: the state database in {state_dir} is unusable ({exc});"
             " move the directory away to start fresh",
             err=True,
         )
