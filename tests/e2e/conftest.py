@@ -47,6 +47,8 @@ def make_kt(tmp_path: Path) -> Iterator[Callable[..., Kt]]:
         if kt.receiver is not None:
             deployed = WebhookSecretsFileTarget("deployed", kt.secrets_file)
             kt.receiver.wait_for_version(deployed.read_back()[0])
+        else:
+            kt.enable_webhooks()  # init leaves it disabled when no receiver answers
         # A short lease, so a worker killed here is taken over within seconds, and fast retries.
         for old, new in LEASE_PATCH:
             kt.patch_config(old, new)

@@ -481,6 +481,7 @@ def make_fleet(
     try:
         kt = Kt(base / "work", sandbox, db_url)
         kt.run("init", str(kt.workdir), "--sandbox-bootstrap", str(sandbox.bootstrap_path))
+        kt.enable_webhooks()  # no receiver runs here
         text = kt.config.read_text()
         for setting, value in (worker or {}).items():
             text = _replace_setting(text, setting, value)

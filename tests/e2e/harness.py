@@ -129,14 +129,12 @@ class Kt:
         """What `keyturn rotations show ID --json` prints, read in this process."""
         from keyturn.adapters.store.migrate import open_store
         from keyturn.cli import render
+        from keyturn.config import load_config
 
         store = open_store(self.database_url)
         try:
-            return {
-                **render.rotation_dict(store.get_rotation(rid)),
-                "actions": [render.action_dict(a) for a in store.actions(rid)],
-                "events": [render.event_dict(e) for e in store.events(rid)],
-            }
+            lease_seconds = load_config(self.config).worker.lease_seconds
+            return render.show_document(store, store.get_rotation(rid), lease_seconds)
         finally:
             store.close()
 
@@ -184,6 +182,17 @@ class Kt:
         )
         r.raise_for_status()
         return {w["id"]: w for w in r.json()["items"]}
+
+    def enable_webhooks(self) -> None:
+        """Enable every webhook at the sandbox, as `init --enable-webhook` does once a receiver
+        holds the secret (tests that run no receiver: its deliveries then fail, as before)."""
+        with self.sandbox.client("service_account") as client:
+            for webhook_id, hook in self.provider_webhooks().items():
+                if hook["status"] != "Enabled":
+                    r = client.request(
+                        "PUT", f"/webhooks/{webhook_id}", {"status": "Enabled"}, sign=True
+                    )
+                    assert r.status_code == 200, r.text
 
     def deployed_secrets(self) -> list[str]:
         """The secrets the receiver's secrets file lists now."""

@@ -320,7 +320,6 @@ def rotations_show(
 ) -> None:
     """State, lease, attempts, halted reason, action records and the timeline."""
     from keyturn.domain.errors import NotFound
-    from keyturn.engine.attention import attention
 
     store = state.wiring().store
     try:
@@ -333,23 +332,13 @@ def rotations_show(
             raise
         rotation_id = latest.id
     rotation = store.get_rotation(rotation_id)
-    events = store.events(rotation_id)
-    actions = store.actions(rotation_id)
-    lease = liveness.LeaseView.of(store, rotation, state.config().worker.lease_seconds)
+    lease_seconds = state.config().worker.lease_seconds
     if as_json:
-        _print_json(
-            {
-                **render.rotation_dict(rotation),
-                "status": render.status_key(rotation),
-                "status_text": render.status_of(rotation),
-                "attention": attention(rotation, datetime.now(UTC)),
-                "lease": lease.as_dict(),
-                "actions": [render.action_dict(a) for a in actions],
-                "events": [render.event_dict(e) for e in events],
-            }
-        )
-    else:
-        render.show_rotation(out, rotation, events, actions, local=local, lease=lease.lines())
+        _print_json(render.show_document(store, rotation, lease_seconds))
+        return
+    lease = liveness.LeaseView.of(store, rotation, lease_seconds)
+    events, actions = store.events(rotation_id), store.actions(rotation_id)
+    render.show_rotation(out, rotation, events, actions, local=local, lease=lease.lines())
 
 
 def _operator(action: OperatorAction, rotation_id: str, reason: str) -> None:

@@ -126,6 +126,22 @@ def credential_dict(c: ManagedCredential) -> dict[str, Any]:
     }
 
 
+def show_document(store: Any, r: Rotation, lease_seconds: float | None = None) -> dict[str, Any]:
+    """What `rotations show --json` prints: every field the table shows, and more."""
+    from keyturn.cli.liveness import LeaseView
+    from keyturn.engine.attention import attention
+
+    return {
+        **rotation_dict(r),
+        "status": status_key(r),
+        "status_text": status_of(r),
+        "attention": attention(r, datetime.now(UTC)),
+        "lease": LeaseView.of(store, r, lease_seconds).as_dict(),
+        "actions": [action_dict(a) for a in store.actions(r.id)],
+        "events": [event_dict(e) for e in store.events(r.id)],
+    }
+
+
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=False, default=str)
 
