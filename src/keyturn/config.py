@@ -1,12 +1,15 @@
-"""TOML configuration, validated into typed models. Errors name the file, the key and the fix."""
+"""TOML configuration, validated into typed models. Errors name the true source of a bad value
+(the file and the key, or the environment variable) and the fix."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -21,6 +24,12 @@ from keyturn.engine.spi import (
 )
 
 DEFAULT_CONFIG_NAME = "keyturn.toml"
+CONFIG_ENV = "KEYTURN_CONFIG"
+DATABASE_URL_ENV = "KEYTURN_DATABASE_URL"
+#: How to point keyturn at a configuration (the fix of every "no config" error).
+POINT_AT_CONFIG = (
+    f"pass --config FILE, set {CONFIG_ENV}=FILE, or create one with `keyturn init DIR`"
+)
 
 
 class _Model(BaseModel):
@@ -36,6 +45,10 @@ class DatabaseConfig(_Model):
     def _known_driver(cls, v: str) -> str:
         if not (v.startswith("sqlite:///") or v.startswith("postgresql+psycopg://")):
             raise ValueError("expected a sqlite:///PATH or postgresql+psycopg://... URL")
+        try:
+            urlsplit(v).port  # noqa: B018 - a port that is not a number raises here
+        except ValueError:
+            raise ValueError("its port is not a number") from None
         return v
 
 
@@ -88,6 +101,9 @@ class Config(_Model):
     credentials: dict[str, CredentialConfig] = Field(default_factory=dict)
     #: Where the file was read from (paths in it are relative to its directory).
     source: Path | None = None
+    #: Where database.url came from, for errors: "database.url in FILE" or
+    #: "environment variable KEYTURN_DATABASE_URL" (set by :func:`load_config`).
+    database_url_from: str = "database.url"
 
     def credential(self, name: str) -> CredentialConfig:
         try:
@@ -137,38 +153,88 @@ def _absolutise(raw: dict[str, object], base: Path) -> None:
             ]
 
 
-def _read(path: Path) -> dict[str, object]:
-    if not path.is_file():
-        raise ConfigError(
-            f"config file {path} does not exist; pass --config FILE or run `keyturn init`"
-        )
+def _read(path: Path, named: str) -> dict[str, object]:
+    """The TOML table of `path`; `named` says how keyturn was pointed at it (for errors)."""
     try:
-        raw: dict[str, object] = tomllib.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{named} does not exist; {POINT_AT_CONFIG}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{named} is a directory, not a file; {POINT_AT_CONFIG}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{named} is not UTF-8 text (byte {exc.start}); save it as UTF-8 TOML"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{named} cannot be read ({exc.strerror or type(exc).__name__}); check its path "
+            "and permissions"
+        ) from None
+    try:
+        raw: dict[str, object] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: not valid TOML ({exc}); fix the syntax") from None
-    except OSError as exc:
-        raise ConfigError(f"config file {path}: cannot be read ({exc.strerror})") from None
     _absolutise(raw, path.resolve().parent)
     raw["source"] = str(path)
     return raw
 
 
+def _locate(path: Path | None) -> tuple[Path, str]:
+    """The config file to read and how keyturn was pointed at it: `path` (--config), else
+    KEYTURN_CONFIG, else ./keyturn.toml; none of them is a ConfigError saying where keyturn
+    looked and how to point it at a file (never a default database created by accident)."""
+    if path is not None:
+        return path, f"config file {path}"
+    env = os.environ.get(CONFIG_ENV, "").strip()
+    if env:
+        return Path(env), f"config file {env} (from environment variable {CONFIG_ENV})"
+    local = Path(DEFAULT_CONFIG_NAME)
+    if local.exists():
+        return local, f"config file {local}"
+    raise ConfigError(
+        f"no configuration found: no --config given, {CONFIG_ENV} is not set and there is no "
+        f"{DEFAULT_CONFIG_NAME} in {Path.cwd()}; {POINT_AT_CONFIG}"
+    )
+
+
+def _env_database_url(where: object) -> str | None:
+    """KEYTURN_DATABASE_URL, checked on its own so an error names the variable, not the file
+    whose database.url it overrides."""
+    env_url = os.environ.get(DATABASE_URL_ENV, "").strip()
+    if not env_url:
+        return None
+    try:
+        DatabaseConfig.model_validate({"url": env_url})
+    except ValidationError as exc:
+        msg = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise ConfigError(
+            f"environment variable {DATABASE_URL_ENV}: {msg}; fix or unset it (it overrides "
+            f"database.url of {where})"
+        ) from None
+    return env_url
+
+
 def load_config(path: Path | None, registry: Registry | None = None) -> Config:
-    """Read and validate a config file; with no path, KEYTURN_CONFIG, then ./keyturn.toml, then
-    defaults. KEYTURN_DATABASE_URL overrides database.url."""
-    if path is None and os.environ.get("KEYTURN_CONFIG"):
-        path = Path(os.environ["KEYTURN_CONFIG"])
-    if path is None and Path(DEFAULT_CONFIG_NAME).is_file():
-        path = Path(DEFAULT_CONFIG_NAME)
-    raw = _read(path) if path is not None else {}
-    env_url = os.environ.get("KEYTURN_DATABASE_URL")
+    """Read and validate a config file: `path`, else KEYTURN_CONFIG, else ./keyturn.toml; with
+    none of them a ConfigError (there are no defaults to fall back on: keys and providers must
+    be configured). KEYTURN_DATABASE_URL overrides database.url."""
+    path, named = _locate(path)
+    raw = _read(path, named)
+    where = path
+    env_url = _env_database_url(where)
+    db_table = raw.get("database")
+    set_here = isinstance(db_table, dict) and "url" in db_table
+    url_from = (
+        f"database.url in {path}" if set_here else f"database.url (default; {path} sets none)"
+    )
     if env_url:
         db = raw.setdefault("database", {})
         if isinstance(db, dict):
             db["url"] = env_url
+            url_from = f"environment variable {DATABASE_URL_ENV}"
+    raw["database_url_from"] = url_from
     registry = registry or discovered()
-    where = path if path is not None else "the configuration"
-    base = path.resolve().parent if path is not None else Path.cwd()
+    base = path.resolve().parent
     tables = raw.pop("credentials", {})
     if not isinstance(tables, dict):
         raise ConfigError(f"config file {where}: key credentials: expected a table of tables")
@@ -178,7 +244,7 @@ def load_config(path: Path | None, registry: Registry | None = None) -> Config:
     try:
         config = Config.model_validate({**raw, "credentials": credentials})
     except ValidationError as exc:
-        raise ConfigError(_first_error(where, exc)) from None
+        raise ConfigError(_first_error(where, exc, model=Config)) from None
     signers = frozenset(
         name for name, c in credentials.items() if registry.kind(c.kind).signs_requests
     )
@@ -194,14 +260,63 @@ def load_config(path: Path | None, registry: Registry | None = None) -> Config:
     return config
 
 
-def _first_error(where: object, exc: ValidationError, prefix: str = "") -> str:
+def _first_error(
+    where: object,
+    exc: ValidationError,
+    prefix: str = "",
+    *,
+    model: type[BaseModel] | None = None,
+    what: str = "",
+    others: Mapping[str, type[BaseModel]] | None = None,
+) -> str:
+    """One line for the first problem: file, key, what is wrong and the fix. For an unknown
+    key, `model` (the model validated) suggests the nearest known key; `others` (the models of
+    the other kinds or types, by name) tell a key that belongs to another one of them (`what`,
+    e.g. "service_account credential") from a misspelt one."""
     first = exc.errors()[0]
     key = ".".join(str(p) for p in (*([prefix] if prefix else []), *first["loc"]))
     more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        msg = "unknown key; check its spelling against config/keyturn.example.toml"
+        loc = tuple(first["loc"])
+        known = _fields_at(model, loc[:-1]) if model is not None else None
+        msg = _unknown_key(str(loc[-1]), known, what, others if len(loc) == 1 else None)
     return f"config file {where}: key {key}: {msg}{more}"
+
+
+def _unknown_key(
+    name: str,
+    known: Iterable[str] | None,
+    what: str,
+    others: Mapping[str, type[BaseModel]] | None,
+) -> str:
+    owners = sorted(n for n, m in (others or {}).items() if name in m.model_fields)
+    if owners and what:
+        return f"does not apply to a {what} (it is a key of {' and '.join(owners)} only); remove it"
+    close = difflib.get_close_matches(name, sorted(known or ()), n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown key; {hint}check its spelling against config/keyturn.example.toml"
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> set[str] | None:
+    """The keys the model nested at `loc` takes (None when `loc` leads to no model)."""
+    from typing import get_args, get_origin
+
+    current: Any = model
+    for part in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return None
+            current = field.annotation
+            continue
+        if get_origin(current) is dict:  # e.g. providers.NAME: the NAME step
+            current = get_args(current)[1]
+            continue
+        return None
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return set(current.model_fields)
+    return None
 
 
 def _credential(
@@ -228,7 +343,17 @@ def _credential(
     try:
         return _resolved(kind.config_model.model_validate(table), base)
     except ValidationError as exc:
-        raise ConfigError(_first_error(where, exc, key)) from None
+        others = {n: k.config_model for n, k in registry.kinds.items() if n != kind.name}
+        raise ConfigError(
+            _first_error(
+                where,
+                exc,
+                key,
+                model=kind.config_model,
+                what=f"{kind.name} credential",
+                others={f"{n} credentials": m for n, m in others.items()},
+            )
+        ) from None
 
 
 def _default_type(registry: Registry, field: str, material: str, table: dict[str, Any]) -> object:
@@ -267,7 +392,13 @@ def _parts(
             field = "probes" if probes else "targets"
             item = {**item, "type": _default_type(registry, field, kind.material, item)}
         if not isinstance(item, dict) or not isinstance(item.get("type"), str):
-            raise ConfigError(f"config file {where}: key {at}.type: missing; name its type")
+            takers = sorted(t for t, p in plugins.items() if kind.material in p.accepts)
+            keys = sorted(k for k in item if k != "type") if isinstance(item, dict) else []
+            fits = f"no installed type takes the keys {', '.join(keys)}; " if keys else ""
+            raise ConfigError(
+                f"config file {where}: key {at}.type: missing; {fits}name its type"
+                + (f" ({', '.join(takers)})" if takers else "")
+            )
         try:
             plugin = registry.probe(item["type"]) if probes else registry.target(item["type"])
         except KeyturnError as exc:
@@ -283,7 +414,20 @@ def _parts(
         try:
             built.append(_resolved(plugin.config_model.model_validate(item), base))
         except ValidationError as exc:
-            raise ConfigError(_first_error(where, exc, at)) from None
+            what = "probe" if probes else "target"
+            others = {
+                f"{t} {what}s": p.config_model for t, p in plugins.items() if t != item["type"]
+            }
+            raise ConfigError(
+                _first_error(
+                    where,
+                    exc,
+                    at,
+                    model=plugin.config_model,
+                    what=f"{item['type']} {what}",
+                    others=others,
+                )
+            ) from None
     return built
 
 

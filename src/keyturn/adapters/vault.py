@@ -122,53 +122,70 @@ def parse_master_key(text: str, source: str) -> MasterKey:
     return key
 
 
+def master_key_source(
+    env_value: str | None,
+    file: Path | None,
+    env_name: str = DEFAULT_ENV_NAME,
+    setting: str = FILE_SETTING,
+) -> str:
+    """Where :func:`load_master_key` takes the key from, in words an error can name: the
+    environment variable (it wins when not empty) or the file and the setting naming it."""
+    if env_value is not None and env_value.strip():
+        return f"environment variable {env_name}"
+    if file is None:
+        return "no master key"
+    return f"master key file {file} ({setting})"
+
+
 def load_master_key(
     env_value: str | None,
     file: Path | None,
     env_name: str = DEFAULT_ENV_NAME,
+    *,
+    setting: str | None = None,
 ) -> MasterKey:
     """The master key from the environment variable's value (wins) or from `file`.
 
     The file must be a regular file with no permission bits for group or others. An empty
-    environment variable counts as unset.
+    environment variable counts as unset. `setting` names where `file` was configured (e.g.
+    "keys.master_key_file in /etc/keyturn/keyturn.toml"), for the errors.
     """
     if env_value is not None and env_value.strip():
         return parse_master_key(env_value, f"environment variable {env_name}")
     if file is None:
         raise ConfigError(
-            f"no master key configured: set {env_name} or {FILE_SETTING}; "
-            f"create a key with `keyturn keys new-master`"
+            f"no master key configured: {env_name} is unset and {setting or FILE_SETTING} is "
+            "not set; set one of them; create a key with `keyturn keys new-master`"
         )
     path = Path(file)
+    named = f"master key file {path}" + (f" ({setting})" if setting else "")
     try:
         st = path.stat()
     except FileNotFoundError:
         raise ConfigError(
-            f"master key file {path} does not exist; create it with "
+            f"{named} does not exist; create it with "
             f"`keyturn keys new-master > {path} && chmod 600 {path}` or set {env_name}"
         ) from None
     except OSError as exc:
         raise ConfigError(
-            f"master key file {path} cannot be read ({exc.strerror}); check its path and "
-            f"permissions"
+            f"{named} cannot be read ({exc.strerror}); check its path and permissions"
         ) from None
     if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"master key file {path} is not a regular file; point it at a file")
+        raise ConfigError(f"{named} is not a regular file; point it at a file")
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077:
-        raise ConfigError(f"master key file {path} has mode {mode:04o}; run chmod 600 {path}")
+        raise ConfigError(f"{named} has mode {mode:04o}; run chmod 600 {path}")
     try:
         text = path.read_text(encoding="ascii")
     except UnicodeDecodeError:
         raise ConfigError(
-            f"master key file {path} does not hold a keyturn master key (not ASCII text); "
-            f"{_CREATE_HINT}"
+            f"{named} does not hold a keyturn master key (not ASCII text); {_CREATE_HINT}"
         ) from None
     except OSError as exc:
         raise ConfigError(
-            f"master key file {path} cannot be read ({exc.strerror}); check its permissions"
+            f"{named} cannot be read ({exc.strerror}); check its permissions"
         ) from None
-    return parse_master_key(text, f"master key file {path}")
+    return parse_master_key(text, named)
 
 
 def _field(value: str) -> bytes:
@@ -190,7 +207,16 @@ def _when(at: datetime) -> str:
 class AesGcmVault(Vault):
     """Seal with the current master key; open with the current or any previous one."""
 
-    def __init__(self, current: MasterKey, previous: Sequence[MasterKey] = ()) -> None:
+    def __init__(
+        self,
+        current: MasterKey,
+        previous: Sequence[MasterKey] = (),
+        *,
+        source: str | None = None,
+    ) -> None:
+        #: Where the current key came from (e.g. "environment variable KEYTURN_MASTER_KEY"),
+        #: named when a secret needs another key.
+        self.source = source
         self._current = current
         self._keys: dict[str, AESGCM] = {}
         for key in (current, *previous):
@@ -234,9 +260,12 @@ class AesGcmVault(Vault):
             configured = self.key_id
             if self._previous_ids:
                 configured += f" (previous: {', '.join(self._previous_ids)})"
+            whose = (
+                f"the master key from {self.source}" if self.source else "the configured master key"
+            )
             raise SecretError(
                 f"secret {sealed.id} was encrypted with master key {sealed.master_key_id} but "
-                f"the configured master key is {configured}; set {DEFAULT_ENV_NAME} or "
+                f"{whose} is {configured}; set {DEFAULT_ENV_NAME} or "
                 f"{FILE_SETTING} to the key the database was encrypted with"
             )
         aad = associated_data(sealed.id, sealed.purpose, sealed.master_key_id)

@@ -1,8 +1,14 @@
-"""The `keyturn` command line: the contract other tools rely on (keep these names)."""
+"""The `keyturn` command line: the contract other tools rely on (keep these names).
+
+Start-up matters (an on-call engineer runs many commands): importing this module must stay
+cheap. SQLAlchemy, Alembic, pydantic and the plugins load when a command first needs the
+config or the store (keyturn.config and keyturn.cli.wiring import them where they are used),
+and the sandbox and receiver apps (a web stack) only when one of their commands runs.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import importlib
 import json
 import re
 import signal
@@ -10,22 +16,79 @@ import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from keyturn.cli import liveness, render
 from keyturn.cli.wiring import Wiring, actor
 from keyturn.cli.workers import mount as mount_workers
-from keyturn.config import Config, load_config
 from keyturn.domain.errors import KeyturnError
 from keyturn.domain.lifecycle import State
 from keyturn.domain.model import OperatorAction
 from keyturn.engine.registry import discovered
 
+if TYPE_CHECKING:
+    import asyncio
+
+    from typer import _click as click  # typer vendors its own click
+
+    from keyturn.config import Config
+else:
+
+    class _Deferred:
+        """A module imported at its first attribute access (asyncio costs a fifth of this
+        module's import and only the commands that run an event loop need it)."""
+
+        def __init__(self, name: str) -> None:
+            self._name = name
+
+        def __getattr__(self, attribute: str) -> Any:
+            return getattr(importlib.import_module(self._name), attribute)
+
+    asyncio = _Deferred("asyncio")
+
+
+class _LazyGroup(TyperGroup):
+    """The `keyturn` group. A sub-app registered in `lazy` is imported only when one of its
+    commands runs (or its own help is asked for); the top-level help lists it from its help
+    line alone."""
+
+    #: name -> ("module:attribute" of its typer app, help line)
+    lazy: ClassVar[dict[str, tuple[str, str]]] = {}
+    _listing = False
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = list(super().list_commands(ctx))
+        return names + [n for n in self.lazy if n not in names]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None or cmd_name not in self.lazy:
+            return cmd
+        target, help_line = self.lazy[cmd_name]
+        if self._listing:
+            return TyperGroup(name=cmd_name, help=help_line)
+        module, attribute = target.split(":")
+        sub_app = getattr(importlib.import_module(module), attribute)
+        cmd = typer.main.get_command(sub_app)
+        cmd.name, cmd.help = cmd_name, help_line
+        self.commands[cmd_name] = cmd
+        return cmd
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+
 app = typer.Typer(
     name="keyturn",
+    cls=_LazyGroup,
     help="Durable, resumable rotation of Dfns credentials.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -54,6 +117,8 @@ class _State:
 
     def config(self) -> Config:
         if self._config is None:
+            from keyturn.config import load_config
+
             self._config = load_config(self.config_path)
             from keyturn import logs
 
@@ -69,6 +134,19 @@ class _State:
 state = _State()
 
 
+def _version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("keyturn")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree, not installed
+        installed = "unknown (not installed)"
+    sys.stdout.write(f"keyturn {installed}\n")
+    raise typer.Exit()
+
+
 @app.callback()
 def _main(
     config: Annotated[
@@ -77,6 +155,12 @@ def _main(
     log_format: Annotated[
         str | None, typer.Option("--log-format", help="auto, console or json.")
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print keyturn's version and exit."
+        ),
+    ] = False,
 ) -> None:
     if log_format is not None and log_format not in ("auto", "console", "json"):
         raise KeyturnError(f"--log-format {log_format!r} is not known; use auto, console or json")
@@ -99,8 +183,8 @@ def db_upgrade() -> None:
     """Create or migrate the database schema to the newest revision."""
     from keyturn.adapters.store.migrate import upgrade
 
-    url = state.config().database.url
-    upgrade(url)
+    config = state.config()
+    upgrade(config.database.url, source=config.database_url_from)
     out.print("database is at the newest schema revision")
 
 
@@ -747,15 +831,11 @@ def _mount_quickstart() -> None:
 
 
 def _mount_sandbox() -> None:
-    from keyturn.sandbox.cli import app as sandbox_app
-
-    app.add_typer(sandbox_app, name="sandbox", help="A local Dfns-compatible sandbox.")
+    _LazyGroup.lazy["sandbox"] = ("keyturn.sandbox.cli:app", "A local Dfns-compatible sandbox.")
 
 
 def _mount_receiver() -> None:
-    from keyturn.receiver import app as receiver_app
-
-    app.add_typer(receiver_app, name="receiver", help="The reference event receiver.")
+    _LazyGroup.lazy["receiver"] = ("keyturn.receiver:app", "The reference event receiver.")
 
 
 _mount_quickstart()

@@ -1,8 +1,11 @@
-"""The composition root: the one place that wires adapters into the engine."""
+"""The composition root: the one place that wires adapters into the engine.
+
+The adapters (SQLAlchemy, httpx, cryptography) are imported where they are first used, so a
+command pays only for what it touches.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import os
 import signal
@@ -12,22 +15,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from keyturn.adapters.dfns.budget import RateBudget
-from keyturn.adapters.keys import CryptoKeys
-from keyturn.adapters.store.budget import SharedRateBudget, shares_a_database
-from keyturn.adapters.store.migrate import open_store
-from keyturn.adapters.store.sql import SqlStore
-from keyturn.adapters.vault import AesGcmVault, load_master_key
-from keyturn.config import Config
 from keyturn.domain.errors import ConfigError, KeyturnError
-from keyturn.domain.model import Rotation
-from keyturn.domain.retry import RetryPolicy
 from keyturn.engine.registry import discovered
-from keyturn.engine.run import BlockingPool, CrashHook, EngineDeps, EngineSettings, no_crash
-from keyturn.engine.spi import CredentialConfig, ProviderAccess
-from keyturn.ports import Fence, RequestBudget, SigningKey
+
+if TYPE_CHECKING:
+    from keyturn.adapters.keys import CryptoKeys
+    from keyturn.adapters.store.sql import SqlStore
+    from keyturn.adapters.vault import AesGcmVault
+    from keyturn.config import Config
+    from keyturn.domain.model import Rotation
+    from keyturn.engine.run import BlockingPool, CrashHook, EngineDeps
+    from keyturn.engine.spi import CredentialConfig, ProviderAccess
+    from keyturn.ports import Fence, RequestBudget
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -52,6 +53,8 @@ def actor() -> str:
 
 
 def crash_hook_from_env() -> CrashHook:
+    from keyturn.engine.run import no_crash
+
     target = os.environ.get(CRASH_AT_ENV)
     marker = os.environ.get(CRASH_MARKER_ENV)
     if not target:
@@ -78,18 +81,53 @@ class Wiring:
 
     @cached_property
     def store(self) -> SqlStore:
-        return open_store(self.config.database.url)
+        from keyturn.adapters.store.migrate import open_store
+
+        return open_store(self.config.database.url, source=self.config.database_url_from)
 
     @cached_property
     def keys(self) -> CryptoKeys:
+        from keyturn.adapters.keys import CryptoKeys
+
         return CryptoKeys()
+
+    def _master_key_setting(self, key: str) -> str:
+        """``keys.KEY in FILE``: where a master key file was configured (for errors)."""
+        return f"keys.{key} in {self.config.source}" if self.config.source else f"keys.{key}"
+
+    @property
+    def master_key_source(self) -> str:
+        """Where the current master key comes from, in words an error can name."""
+        from keyturn.adapters.vault import master_key_source
+
+        return master_key_source(
+            os.environ.get(MASTER_KEY_ENV),
+            self.config.keys.master_key_file,
+            MASTER_KEY_ENV,
+            self._master_key_setting("master_key_file"),
+        )
 
     @cached_property
     def vault(self) -> AesGcmVault:
+        from keyturn.adapters.vault import AesGcmVault, load_master_key
+
         cfg = self.config.keys
-        current = load_master_key(os.environ.get(MASTER_KEY_ENV), cfg.master_key_file)
-        previous = [load_master_key(None, p) for p in cfg.previous_master_key_files]
-        return AesGcmVault(current, previous)
+        current = load_master_key(
+            os.environ.get(MASTER_KEY_ENV),
+            cfg.master_key_file,
+            MASTER_KEY_ENV,
+            setting=self._master_key_setting("master_key_file"),
+        )
+        previous = [
+            load_master_key(
+                None,
+                p,
+                MASTER_KEY_ENV,
+                setting=self._master_key_setting("previous_master_key_files"),
+            )
+            for p in cfg.previous_master_key_files
+        ]
+        return AesGcmVault(current, previous, source=self.master_key_source)
 
     def checked_vault(self) -> AesGcmVault:
         """The vault, after checking it can open what the database holds (a wrong master key is
@@ -98,9 +136,9 @@ class Wiring:
         unknown = self.store.master_key_ids() - set(vault.key_ids)
         if unknown:
             raise ConfigError(
-                f"the configured master key (id {vault.key_id}) is not the one this database's "
-                f"secrets were encrypted with (id {', '.join(sorted(unknown))}); set "
-                f"{MASTER_KEY_ENV} or keys.master_key_file to the right key"
+                f"the master key from {self.master_key_source} (id {vault.key_id}) is not the one "
+                f"this database's secrets were encrypted with (id {', '.join(sorted(unknown))}); "
+                f"set {MASTER_KEY_ENV} or keys.master_key_file to the right key"
             )
         return vault
 
@@ -141,6 +179,9 @@ class Wiring:
     def _access(self, name: str, with_key: bool, fence: Fence | None) -> ProviderAccess:
         """How to call the provider as the managed credential `name` (blocking: the store, the
         vault, a token file)."""
+        from keyturn.engine.spi import ProviderAccess
+        from keyturn.ports import SigningKey
+
         credential = self.store.get_credential(name)
         provider = self.config.provider(credential.provider)
         key: SigningKey | None = None
@@ -176,6 +217,8 @@ class Wiring:
         with_key: bool = False,
         fence: Fence | None = None,
     ) -> S:
+        import asyncio
+
         access = await asyncio.to_thread(self._access, credential, with_key, fence)
         return factory(access)
 
@@ -184,6 +227,8 @@ class Wiring:
 
     @cached_property
     def pool(self) -> BlockingPool:
+        from keyturn.engine.run import BlockingPool
+
         return BlockingPool(self.config.worker.concurrency)
 
     def algorithm_of(self, private_pem: bytes) -> str:
@@ -199,6 +244,9 @@ class Wiring:
         if per_minute is None:
             return None
         if provider not in self._budgets:
+            from keyturn.adapters.dfns.budget import RateBudget
+            from keyturn.adapters.store.budget import SharedRateBudget, shares_a_database
+
             url = self.config.database.url
             local = RateBudget(per_minute)
             if not shares_a_database(url):
@@ -236,6 +284,9 @@ class Wiring:
     def engine_deps(self, concurrency: int | None = None) -> EngineDeps:
         """The engine's dependencies; plugins' blocking calls get a pool of `concurrency`
         threads (the worker's), not the default one."""
+        from keyturn.domain.retry import RetryPolicy
+        from keyturn.engine.run import BlockingPool, EngineDeps, EngineSettings
+
         w = self.config.worker
         if concurrency is not None:
             self.pool = BlockingPool(concurrency)

@@ -1,25 +1,28 @@
 """The installed plugins: credential kinds, deploy targets and probes, found through entry points
 (``keyturn.kinds``, ``keyturn.targets``, ``keyturn.probes``). The built-in ones register the same
-way, in keyturn's own package metadata. Generic code asks the registry; it never names a kind."""
+way, in keyturn's own package metadata. Generic code asks the registry; it never names a kind.
+
+An entry point is loaded when its plugin is first asked for, not when the registry is built: a
+command whose config names a `file` target does not import the AWS or Vault adapters."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from functools import cache
-from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from keyturn.domain.errors import ConfigError, KeyturnError
-from keyturn.domain.model import ActionRecord, Phase, Rotation
-from keyturn.engine.spi import (
-    KIND_GROUP,
-    PROBE_GROUP,
-    TARGET_GROUP,
-    KindPlugin,
-    ProbePlugin,
-    TargetPlugin,
-)
+
+if TYPE_CHECKING:
+    # The SPI (pydantic) and the plugins load with the registry, not with this module: a
+    # command that never asks for a plugin (`keyturn --help`) does not pay for them.
+    from importlib.metadata import EntryPoint
+
+    from keyturn.domain.model import ActionRecord, Phase, Rotation
+    from keyturn.engine.spi import KindPlugin, ProbePlugin, TargetPlugin
+
+P = TypeVar("P")
 
 
 @dataclass(frozen=True)
@@ -31,12 +34,66 @@ class Installed:
     description: str
 
 
+class EntryPoints(MutableMapping[str, P]):
+    """The plugins of one entry-point group by name, each loaded at its first lookup (and
+    checked to call itself by its entry point's name)."""
+
+    def __init__(self, group: str, attr: str) -> None:
+        from importlib.metadata import entry_points
+
+        self.group = group
+        self._attr = attr
+        self._points: dict[str, EntryPoint] = {
+            ep.name: ep for ep in sorted(entry_points(group=group), key=lambda e: e.name)
+        }
+        self._loaded: dict[str, P] = {}
+
+    def __getitem__(self, name: str) -> P:
+        if name not in self._loaded:
+            self._loaded[name] = _load(self.group, self._attr, self._points[name])
+        return self._loaded[name]
+
+    def __setitem__(self, name: str, plugin: P) -> None:
+        self._loaded[name] = plugin
+
+    def __delitem__(self, name: str) -> None:
+        self._points.pop(name, None)
+        del self._loaded[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._points or name in self._loaded  # without loading it
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted({*self._points, *self._loaded}))
+
+    def __len__(self) -> int:
+        return len({*self._points, *self._loaded})
+
+    def installed(self) -> list[Installed]:
+        """Every plugin of the group (all loaded), as `keyturn plugins` lists them."""
+        found = []
+        for name, ep in self._points.items():
+            plugin = self[name]
+            dist = ep.dist.name if ep.dist is not None else "?"
+            description = str(getattr(plugin, "description", ""))
+            found.append(Installed(self.group, name, ep.value, dist, description))
+        return found
+
+
 @dataclass
 class Registry:
-    kinds: dict[str, KindPlugin] = field(default_factory=dict)
-    targets: dict[str, TargetPlugin] = field(default_factory=dict)
-    probes: dict[str, ProbePlugin] = field(default_factory=dict)
-    installed: list[Installed] = field(default_factory=list)
+    kinds: MutableMapping[str, KindPlugin] = field(default_factory=dict)
+    targets: MutableMapping[str, TargetPlugin] = field(default_factory=dict)
+    probes: MutableMapping[str, ProbePlugin] = field(default_factory=dict)
+
+    @property
+    def installed(self) -> list[Installed]:
+        """The plugins installed through entry points (none in a registry made by :meth:`of`)."""
+        found: list[Installed] = []
+        for table in (self.kinds, self.targets, self.probes):
+            if isinstance(table, EntryPoints):
+                found.extend(table.installed())
+        return found
 
     @classmethod
     def of(
@@ -110,38 +167,30 @@ def _names(plugins: Mapping[str, Any]) -> str:
     return ", ".join(sorted(plugins)) or "none"
 
 
-def _load(group: str) -> list[tuple[Installed, Any]]:
-    found = []
-    for ep in sorted(entry_points(group=group), key=lambda e: e.name):
-        try:
-            plugin = ep.load()
-        except Exception as exc:  # a broken plugin must not take keyturn down; say which
-            raise KeyturnError(
-                f"plugin {ep.name} ({ep.value}, group {group}) failed to load: "
-                f"{type(exc).__name__}: {exc}; reinstall or uninstall it"
-            ) from None
-        dist = ep.dist.name if ep.dist is not None else "?"
-        info = Installed(group, ep.name, ep.value, dist, str(getattr(plugin, "description", "")))
-        found.append((info, plugin))
-    return found
+def _load(group: str, attr: str, ep: EntryPoint) -> Any:
+    try:
+        plugin = ep.load()
+    except Exception as exc:  # a broken plugin must not take keyturn down; say which
+        raise KeyturnError(
+            f"plugin {ep.name} ({ep.value}, group {group}) failed to load: "
+            f"{type(exc).__name__}: {exc}; reinstall or uninstall it"
+        ) from None
+    key = str(getattr(plugin, attr, ""))
+    if key != ep.name:
+        raise KeyturnError(
+            f"plugin {ep.value} is registered as {ep.name!r} in {group} but calls itself "
+            f"{key!r}; make the entry point's name match"
+        )
+    return plugin
 
 
 @cache
 def discovered() -> Registry:
-    """Every installed plugin, loaded once per process."""
-    reg = Registry()
-    for group, table, attr in (
-        (KIND_GROUP, reg.kinds, "name"),
-        (TARGET_GROUP, reg.targets, "type"),
-        (PROBE_GROUP, reg.probes, "type"),
-    ):
-        for info, plugin in _load(group):
-            key = str(getattr(plugin, attr, ""))
-            if key != info.name:
-                raise KeyturnError(
-                    f"plugin {info.source} is registered as {info.name!r} in {group} but calls "
-                    f"itself {key!r}; make the entry point's name match"
-                )
-            table[key] = plugin
-            reg.installed.append(info)
-    return reg
+    """Every installed plugin, each loaded at its first use, once per process."""
+    from keyturn.engine.spi import KIND_GROUP, PROBE_GROUP, TARGET_GROUP
+
+    return Registry(
+        kinds=EntryPoints(KIND_GROUP, "name"),
+        targets=EntryPoints(TARGET_GROUP, "type"),
+        probes=EntryPoints(PROBE_GROUP, "type"),
+    )

@@ -7,10 +7,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from keyturn.adapters.deploy import FileTarget
-from keyturn.adapters.secrets_file import WebhookSecretsFileTarget
 from keyturn.plugin import DeployedMaterial, Detail, Services, TargetConfig, TargetOp
+
+if TYPE_CHECKING:  # the adapters (cryptography, httpx) load when a target is built
+    from keyturn.adapters.deploy import FileTarget
+    from keyturn.adapters.secrets_file import WebhookSecretsFileTarget
 
 
 class PathConfig(TargetConfig):
@@ -69,6 +72,8 @@ class FilePlugin:
     accepts = frozenset({"signing_key"})
 
     def build(self, config: TargetConfig, services: Services) -> KeyFiles:
+        from keyturn.adapters.deploy import FileTarget
+
         assert isinstance(config, PathConfig)
         name = config.name or f"file:{config.path}"
         adopt = isinstance(config, FileConfig) and config.adopt
@@ -82,6 +87,8 @@ class SecretsFilePlugin:
     accepts = frozenset({"secret_set"})
 
     def build(self, config: TargetConfig, services: Services) -> SecretsFile:
+        from keyturn.adapters.secrets_file import WebhookSecretsFileTarget
+
         assert isinstance(config, PathConfig)
         name = config.name or f"secrets_file:{config.path}"
         return SecretsFile(WebhookSecretsFileTarget(name, config.path), services)

@@ -3,8 +3,12 @@ has loaded (GET {url}/_receiver/state)."""
 
 from __future__ import annotations
 
-from keyturn.adapters.secrets_file import ReceiverStateProbe
+from typing import TYPE_CHECKING
+
 from keyturn.plugin import ProbeConfig, Services
+
+if TYPE_CHECKING:  # the adapter (httpx) loads when a probe is built
+    from keyturn.adapters.secrets_file import ReceiverStateProbe
 
 
 class ReceiverConfig(ProbeConfig):
@@ -18,6 +22,8 @@ class ReceiverPlugin:
     accepts = frozenset({"secret_set"})
 
     def build(self, config: ProbeConfig, services: Services) -> ReceiverStateProbe:
+        from keyturn.adapters.secrets_file import ReceiverStateProbe
+
         assert isinstance(config, ReceiverConfig)
         return ReceiverStateProbe(config.name or f"receiver:{config.url}", config.url)
 
