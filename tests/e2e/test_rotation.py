@@ -99,6 +99,15 @@ def test_halt_on_rejected_signature_then_resume(kt: Kt) -> None:
             assert "not safe to retry" in rotation["halted_reason"]
             assert boot["credential_id"] in rotation["halted_reason"]
             assert "HALTED" in kt.run("rotations", "list").stdout
+            # reconcile does not say "agree" while a rotation is halted, and it names the key
+            # added by hand that keyturn does not account for
+            found = kt.run("reconcile", "--json", check=False)
+            assert found.returncode == 1
+            kinds = {(f["kind"], f["rotation_id"] or f["provider_credential_uuid"])
+                     for f in json.loads(found.stdout)}  # fmt: skip
+            assert ("halted", rid) in kinds, kinds
+            spare_uuid = created.json()["credentialUuid"]
+            assert ("unaccounted", spare_uuid) in kinds, kinds
             # fix the cause, then resume
             r = spare.request("PUT", "/auth/credentials/activate", body, sign=True)
             assert r.status_code == 200, r.text
