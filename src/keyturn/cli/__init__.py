@@ -613,11 +613,8 @@ def credentials_list(
     if not creds:
         out.print("no managed credentials; add one with `keyturn credentials import`")
         return
-    header = ("name", "kind", "provider", "credential", "algorithm", "updated")
-    rows = [
-        (c.name, c.kind, c.provider, c.credential_uuid, c.algorithm, render.when(c.updated_at))
-        for c in creds
-    ]
+    header = ("name", "kind", "provider", "credential", "algorithm")
+    rows = [(c.name, c.kind, c.provider, c.credential_uuid, c.algorithm) for c in creds]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     for row in [header, *rows]:
         cells = [v.ljust(widths[i]) for i, v in enumerate(row[:-1])]

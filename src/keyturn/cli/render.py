@@ -208,15 +208,15 @@ def rotation_row(r: Rotation, *, short: bool, local: bool) -> tuple[str, ...]:
 def rotations_table(
     rotations: list[Rotation], *, short: bool = False, local: bool = False
 ) -> Table:
-    table = Table(box=None, header_style="bold")
+    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 2, 0, 0))
     for col in ROTATION_COLUMNS:
         # A long status (a wait's words) wraps inside its own column, which never gets narrower
         # than a word or two; ids, states and times are never wrapped.
         table.add_column(
             col,
-            no_wrap=col in ("id", "state", "updated"),
+            no_wrap=col in ("id", "credential", "state", "updated"),
             overflow="fold",
-            min_width=10 if col == "status" else None,
+            min_width=8 if col == "status" else None,
         )
     for r in rotations:
         row = rotation_row(r, short=short, local=local)
