@@ -449,8 +449,8 @@ class TargetPlugin(Protocol):
     def build(self, config: TargetConfig, services: Services) -> Any:
         """The target for this configuration, with a ``name``: a :class:`KeyTarget` (the
         stage / read_back / promote / rollback cycle) for "signing_key"; async
-        ``deploy(secrets)`` and ``read_back()`` for "secret_set" (the webhook flow's two-secret
-        deployment is its own staging)."""
+        ``deploy(secrets)`` and ``read_back()`` for "secret_set" (deploying both secrets
+        of a rotation is its own staging)."""
 
 
 class ProbePlugin(Protocol):
