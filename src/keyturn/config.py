@@ -272,7 +272,7 @@ def _first_error(
     """One line for the first problem: file, key, what is wrong and the fix. For an unknown
     key, `model` (the model validated) suggests the nearest known key; `others` (the models of
     the other kinds or types, by name) tell a key that belongs to another one of them (`what`,
-    e.g. "toy credential") from a misspelt one."""
+    e.g. "<kind> credential") from a misspelt one."""
     first = exc.errors()[0]
     key = ".".join(str(p) for p in (*([prefix] if prefix else []), *first["loc"]))
     more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
