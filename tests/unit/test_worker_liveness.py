@@ -261,3 +261,29 @@ def test_a_lease_released_cleanly_is_no_takeover(store: Store, tmp_path: Path) -
     rid = env.rotate()
     env.work()
     assert not [e for e in store.events(rid) if e.detail.get("status") == "taken_over"]
+
+
+def test_a_request_recorded_under_a_lease_says_truthfully_who_carries_it_out() -> None:
+    """While a lease is held, the command promises the holder only when it heartbeats."""
+    from types import SimpleNamespace
+
+    from keyturn.adapters.store.memory import MemoryStore
+    from keyturn.cli import _requested
+    from keyturn.domain.model import OperatorAction
+
+    now = datetime.now(UTC)
+    store = MemoryStore()
+    w = SimpleNamespace(store=store, clock=SimpleNamespace(now=lambda: now))
+    rotation = SimpleNamespace(
+        id="rot_x", lease_owner="h:1:live", lease_expires_at=now + timedelta(seconds=20)
+    )
+    record = WorkerRecord("h:1:live", "h", 1, now, now, 2, 10.0, 30.0)
+    store.register_worker(record)
+    said = _requested(w, OperatorAction.PAUSE, rotation)  # type: ignore[arg-type]
+    assert "the worker holding rotation rot_x (h:1:live" in said
+    assert "carries it out at its next action boundary" in said
+
+    store.register_worker(dataclasses.replace(record, heartbeat_at=now - timedelta(seconds=60)))
+    said = _requested(w, OperatorAction.PAUSE, rotation)  # type: ignore[arg-type]
+    assert "the holder of rotation rot_x (h:1:live) is not seen" in said
+    assert said.endswith("no live worker: start `keyturn worker`")

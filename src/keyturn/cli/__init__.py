@@ -425,6 +425,25 @@ def rotations_show(
     render.show_rotation(out, rotation, events, actions, local=local, lease=lease.lines())
 
 
+def _requested(w: Wiring, action: OperatorAction, rotation: Any) -> str:
+    """What happens to a request recorded while a lease is held: said truthfully, from the
+    holder's heartbeat."""
+    now = w.clock.now()
+    owner = rotation.lease_owner
+    until = render.when(rotation.lease_expires_at)
+    holder = w.store.get_workers([owner]).get(owner) if owner else None
+    if holder is not None and holder.status(now) == "live":
+        return (
+            f"{action.value} requested; the worker holding rotation {rotation.id} ({owner}, "
+            f"lease until {until}) carries it out at its next action boundary"
+        )
+    return (
+        f"{action.value} requested; the holder of rotation {rotation.id} ({owner}) is not "
+        f"seen, so the next worker to claim it after its lease ends ({until}) carries it "
+        f"out; {liveness.next_step_hint(w.store, now)}"
+    )
+
+
 def _operator(action: OperatorAction, rotation_id: str, reason: str) -> None:
     from keyturn.engine.operator import request_action
 
@@ -432,12 +451,7 @@ def _operator(action: OperatorAction, rotation_id: str, reason: str) -> None:
     deps = w.engine_deps()
     rotation, applied = asyncio.run(request_action(deps, rotation_id, action, actor(), reason))
     if applied is None:
-        until = rotation.lease_expires_at.isoformat() if rotation.lease_expires_at else "?"
-        out.print(
-            f"{action.value} requested; the worker holding rotation {rotation_id} "
-            f"({rotation.lease_owner}, lease until {until}) carries it out at its next action "
-            "boundary, or the next worker does once that lease expires"
-        )
+        out.print(_requested(w, action, rotation), markup=False)
         return
     if applied.outcome != "applied":
         raise KeyturnError(f"{action.value} of rotation {rotation_id} {applied.outcome}")
