@@ -242,3 +242,18 @@ def transitions_once(rotation: dict[str, Any]) -> bool:
     """No transition of the rotation was recorded twice."""
     seen = [(e["from"], e["to"]) for e in rotation["events"] if e["kind"] == "transition"]
     return len(seen) == len(set(seen))
+
+
+def requests_since(kt: Kt, seq: int) -> tuple[int, list[dict[str, Any]]]:
+    """The sandbox's request log after `seq`: (the newest seq, the requests in order)."""
+    got = httpx.get(f"{kt.sandbox.base_url}/_sandbox/requests", params={"since": seq}).json()
+    return int(got["seq"]), list(got["requests"])
+
+
+def collapse(routes: list[str], polled: set[str]) -> list[str]:
+    """Consecutive repeats of a polled route count as one (a poll's length is not planned)."""
+    out: list[str] = []
+    for r in routes:
+        if not (out and out[-1] == r and r in polled):
+            out.append(r)
+    return out

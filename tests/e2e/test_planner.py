@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
 
-import httpx
 import pytest
-from harness import PAT, SA, WEBHOOK, Kt
+from harness import PAT, SA, WEBHOOK, Kt, collapse, requests_since
 
 from keyturn.cli.wiring import Wiring
 from keyturn.config import load_config
@@ -27,20 +25,6 @@ from keyturn.engine.steps import Waiting, run_step
 from keyturn.engine.worker import Worker
 
 ORDER = [State.PENDING, State.NEW_ADDED, State.VERIFIED, State.OLD_DEACTIVATED]
-
-
-def requests_since(kt: Kt, seq: int) -> tuple[int, list[dict[str, Any]]]:
-    got = httpx.get(f"{kt.sandbox.base_url}/_sandbox/requests", params={"since": seq}).json()
-    return int(got["seq"]), list(got["requests"])
-
-
-def collapse(routes: list[str], polled: set[str]) -> list[str]:
-    """Consecutive repeats of a polled route count as one (a poll's length is not planned)."""
-    out: list[str] = []
-    for r in routes:
-        if not (out and out[-1] == r and r in polled):
-            out.append(r)
-    return out
 
 
 async def drive_to(deps: EngineDeps, rid: str, state: State) -> None:

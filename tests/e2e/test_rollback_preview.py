@@ -5,23 +5,8 @@ then makes exactly the provider requests the preview listed, in order."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
-import httpx
-from harness import SA, Kt
-
-
-def requests_since(kt: Kt, seq: int) -> tuple[int, list[dict[str, Any]]]:
-    got = httpx.get(f"{kt.sandbox.base_url}/_sandbox/requests", params={"since": seq}).json()
-    return int(got["seq"]), list(got["requests"])
-
-
-def collapse(routes: list[str], polled: set[str]) -> list[str]:
-    out: list[str] = []
-    for r in routes:
-        if not (out and out[-1] == r and r in polled):
-            out.append(r)
-    return out
+from harness import SA, Kt, collapse, requests_since
 
 
 def test_the_preview_is_what_the_rollback_then_does_at_the_provider(kt: Kt) -> None:
