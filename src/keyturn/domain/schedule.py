@@ -317,25 +317,40 @@ def jitter_of(credential: str, slot: datetime, jitter: timedelta) -> timedelta:
     return timedelta(seconds=int.from_bytes(digest[:8], "big") % seconds)
 
 
-def nominal_slot(policy: Policy, key_created: datetime) -> tuple[datetime, str] | None:
+def nominal_slot(
+    policy: Policy, key_created: datetime, after: datetime | None = None
+) -> tuple[datetime, str] | None:
     """The next slot of a credential whose current key was created at `key_created`, and why
     (the slot itself is the key of the at-most-once rule). A slot before ``key_created +
-    min_age`` is skipped: a key rotated by hand just before a slot is not rotated again."""
+    min_age`` is skipped: a key rotated by hand just before a slot is not rotated again.
+    `after`: the credential's last fired slot; the next one is later (a rotation rolled back
+    leaves the key as it was: it is tried again an interval later, not at once)."""
     earliest = key_created + policy.min_age
     candidates: list[tuple[datetime, str]] = []
+
+    def later(at: datetime, step: timedelta) -> datetime:
+        at = max(at, earliest)
+        if after is not None and at <= after:
+            at = after + step
+        return at
+
     if policy.every is not None:
         candidates.append(
-            (max(key_created + policy.every, earliest), f"every {format_duration(policy.every)}")
+            (
+                later(key_created + policy.every, policy.every),
+                f"every {format_duration(policy.every)}",
+            )
         )
     if policy.cron is not None:
         tz = zone(policy.timezone)
-        it = croniter(policy.cron, earliest.astimezone(tz) - timedelta(microseconds=1))
+        begin = earliest if after is None else max(earliest, after + timedelta(seconds=1))
+        it = croniter(policy.cron, begin.astimezone(tz) - timedelta(microseconds=1))
         fire = it.get_next(datetime).astimezone(UTC)
         candidates.append((fire, f"cron {policy.cron} ({policy.timezone})"))
     if policy.max_age is not None:
         candidates.append(
             (
-                max(key_created + policy.max_age, earliest),
+                later(key_created + policy.max_age, policy.max_age),
                 f"max_age {format_duration(policy.max_age)}",
             )
         )
@@ -366,10 +381,12 @@ def next_start(
     key_created: datetime,
     now: datetime,
     peers: Sequence[datetime] = (),
+    after: datetime | None = None,
 ) -> Start | None:
     """The next start of `credential` (None: the policy starts nothing). `peers`: the starts
-    already planned or made for the other credentials of the policy's group."""
-    nominal = nominal_slot(policy, key_created)
+    already planned or made for the other credentials of the policy's group; `after`: its last
+    fired slot."""
+    nominal = nominal_slot(policy, key_created, after)
     if nominal is None:
         return None
     slot, why = nominal

@@ -220,4 +220,61 @@ class WorkerRow(Base):
     lease_seconds: Mapped[float] = mapped_column(Double)
 
 
+class SlotRow(Base):
+    """One schedule slot of a credential (revision 0006): the next one ``scheduled`` (at most
+    one per credential), then ``fired`` (with the rotation it created, in the same
+    transaction), ``skipped`` or ``superseded``. (credential, slot) is the at-most-once key."""
+
+    __tablename__ = "schedule_slots"
+
+    credential: Mapped[str] = mapped_column(ForeignKey("credentials.name"), primary_key=True)
+    #: The nominal slot (UTC), before jitter, windows, freezes and stagger.
+    slot: Mapped[datetime] = mapped_column(primary_key=True)
+    #: When it fires (on the schedule's clock).
+    due_at: Mapped[datetime]
+    status: Mapped[str]
+    #: Of the policy that computed it; a worker whose config gives another does not fire it.
+    fingerprint: Mapped[str]
+    policy: Mapped[str]
+    grp: Mapped[str | None]
+    why: Mapped[str]
+    note: Mapped[str | None]
+    rotation_id: Mapped[str | None]
+    planned_by: Mapped[str]
+    created_at: Mapped[datetime]
+    fired_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        # at most one scheduled slot per credential
+        Index(
+            "uq_schedule_slots_scheduled_credential",
+            "credential",
+            unique=True,
+            sqlite_where=text("status = 'scheduled'"),
+            postgresql_where=text("status = 'scheduled'"),
+        ),
+        # the tick: the next due slots, in order
+        Index(
+            "ix_schedule_slots_due",
+            "due_at",
+            sqlite_where=text("status = 'scheduled'"),
+            postgresql_where=text("status = 'scheduled'"),
+        ),
+        # a group's planned starts (stagger)
+        Index("ix_schedule_slots_grp_due_at", "grp", "due_at"),
+    )
+
+
+class ScheduleClockRow(Base):
+    """Tests only (revision 0006): the schedule's clock shared by every process on the database:
+    schedule time = anchor_schedule + (database time - anchor_real) * scale."""
+
+    __tablename__ = "schedule_clock"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    anchor_real: Mapped[datetime]
+    anchor_schedule: Mapped[datetime]
+    scale: Mapped[float] = mapped_column(Double)
+
+
 metadata = Base.metadata

@@ -1,0 +1,340 @@
+"""The scheduler: runs inside every worker and fires the rotations the policies make due.
+
+Each credential with a policy has at most one *scheduled* slot in the store (its nominal time,
+when it fires, and the fingerprint of the policy that computed it). A tick is one indexed query
+for the slots due now; each is fired by one transaction that marks it fired and creates its
+rotation, so a slot fires at most once however many workers tick. A worker whose configuration
+gives the credential another policy fingerprint leaves the slot alone and logs why (workers
+with different configs never rotate a credential twice). The next slot is planned when a
+rotation ends (from the new key's creation), so after any downtime a credential gets one
+rotation, not one per missed slot. A credential whose rotation is unfinished (halted, paused,
+waiting) is not rotated again: its slot waits and says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from keyturn.domain.errors import AlreadyRotating, KeyturnError, NotFound, StoreUnavailable
+from keyturn.domain.model import ManagedCredential, Slot
+from keyturn.domain.schedule import (
+    Policy,
+    Start,
+    format_duration,
+    gate,
+    next_start,
+    nominal_slot,
+    place,
+)
+from keyturn.engine.operator import new_rotation
+from keyturn.engine.run import EngineDeps, db
+from keyturn.engine.schedtime import ScheduleBook
+from keyturn.ports import SlotStore
+
+log = structlog.get_logger("keyturn.scheduler")
+
+#: A planning pass (credentials with a policy and no scheduled slot) runs this often (real s).
+PLAN_EVERY_SECONDS = 60.0
+#: A slot held back by an unfinished rotation or a limit is looked at again after this long
+#: (schedule time) unless the rotation's end plans it anew first.
+RECHECK = timedelta(minutes=10)
+
+
+def plan_start(
+    book: ScheduleBook,
+    name: str,
+    managed: ManagedCredential,
+    key_created: datetime,
+    now: datetime,
+    peers: Sequence[datetime] = (),
+    after: datetime | None = None,
+) -> tuple[Policy, Start] | None:
+    """The credential's next start by the configured policy (None: it has none)."""
+    policy = book.policy_of(name)
+    if policy is None:
+        return None
+    start = next_start(policy, book.freezes, name, key_created, now, peers, after)
+    return (policy, start) if start is not None else None
+
+
+class Scheduler:
+    def __init__(self, deps: EngineDeps, *, owner: str) -> None:
+        assert deps.schedule is not None and deps.slots is not None
+        self.deps = deps
+        self.book: ScheduleBook = deps.schedule
+        self.slots: SlotStore = deps.slots
+        self.owner = owner
+        #: Slots this worker's configuration does not fire (another fingerprint).
+        self._foreign: set[tuple[str, datetime]] = set()
+        self.fired = 0
+        self.ticks = 0
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        last_plan = -PLAN_EVERY_SECONDS
+        while not stopping.is_set():
+            try:
+                await db(self.deps.time.sync)
+                if loop.time() - last_plan >= PLAN_EVERY_SECONDS:
+                    await self.plan_all()
+                    last_plan = loop.time()
+                await self.tick()
+            except StoreUnavailable as exc:
+                log.warning("scheduler: database unavailable; next tick retries", error=str(exc))
+            except KeyturnError as exc:
+                log.warning("scheduler tick failed; next tick retries", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=self.book.tick_seconds)
+
+    # ------------------------------------------------------------------ planning
+
+    async def _key_created(self, managed: ManagedCredential) -> datetime:
+        created = managed.updated_at or managed.created_at
+        assert created is not None
+        return self.deps.time.of_local(created)
+
+    async def plan_all(self) -> int:
+        """Plan a slot for every credential with a policy that has none (and no unfinished
+        rotation); how many were planned."""
+        names = await db(self.slots.unplanned, list(self.book.policies))
+        if not names:
+            return 0
+        managed = await db(self.deps.store.get_credentials, names)
+        fired = await db(self.slots.last_fired, names)
+        now = self.deps.time.now()
+        peers: dict[str, list[datetime]] = {}
+        planned = 0
+        for name in names:
+            cred = managed.get(name)
+            policy = self.book.policy_of(name)
+            if cred is None or policy is None:
+                continue
+            group = policy.group
+            if group is not None and policy.stagger and group not in peers:
+                peers[group] = await db(self.slots.group_starts, group, now - policy.stagger)
+            slot = await self._slot(name, cred, now, peers.get(group or "", []), fired.get(name))
+            if slot is None:
+                continue
+            if await db(self.slots.plan_slot, slot):
+                planned += 1
+                if group is not None and group in peers:
+                    peers[group].append(slot.due_at)
+        if planned:
+            log.info("scheduler planned slots", count=planned, owner=self.owner)
+        return planned
+
+    async def _slot(
+        self,
+        name: str,
+        cred: ManagedCredential,
+        now: datetime,
+        peers: Sequence[datetime],
+        after: datetime | None,
+    ) -> Slot | None:
+        created = await self._key_created(cred)
+        found = plan_start(self.book, name, cred, created, now, peers, after)
+        if found is None:
+            return None
+        policy, start = found
+        fingerprint = self.book.fingerprint(name)
+        assert fingerprint is not None
+        return Slot(
+            credential=name,
+            slot=start.slot,
+            due_at=start.at,
+            fingerprint=fingerprint,
+            policy=policy.name,
+            group=policy.group,
+            why=start.why,
+            note="; ".join(start.notes) or None,
+            planned_by=self.owner,
+            created_at=now,
+        )
+
+    async def finished(self, credential: str) -> None:
+        """A rotation of `credential` ended: plan its next slot from its new key."""
+        try:
+            await self.replan(credential)
+        except KeyturnError as exc:  # the planning pass repairs it
+            log.warning("could not plan the next slot", credential=credential, error=str(exc))
+
+    async def replan(self, credential: str) -> Slot | None:
+        policy = self.book.policy_of(credential)
+        if policy is None:
+            return None
+        existing = (await db(self.slots.scheduled_slots, [credential])).get(credential)
+        mine = self.book.fingerprint(credential)
+        if existing is not None and existing.fingerprint != mine:
+            self._mismatch(existing)
+            return None
+        try:
+            cred = await db(self.deps.store.get_credential, credential)
+        except NotFound:
+            return None
+        now = self.deps.time.now()
+        peers: list[datetime] = []
+        if policy.group is not None and policy.stagger:
+            peers = await db(self.slots.group_starts, policy.group, now - policy.stagger)
+            if existing is not None and existing.due_at in peers:
+                peers.remove(existing.due_at)
+        after = (await db(self.slots.last_fired, [credential])).get(credential)
+        slot = await self._slot(credential, cred, now, peers, after)
+        if slot is None or (existing is not None and existing.slot == slot.slot):
+            return existing
+        replaces = existing.slot if existing is not None else None
+        return slot if await db(self.slots.plan_slot, slot, replaces=replaces) else None
+
+    def _mismatch(self, slot: Slot) -> None:
+        key = (slot.credential, slot.slot)
+        if key in self._foreign:
+            return
+        self._foreign.add(key)
+        log.warning(
+            "slot left to workers of its policy: this worker's config gives the credential "
+            "another policy fingerprint",
+            credential=slot.credential,
+            slot=slot.slot.isoformat(),
+            slot_fingerprint=slot.fingerprint,
+            our_fingerprint=self.book.fingerprint(slot.credential),
+            planned_by=slot.planned_by,
+        )
+
+    # ------------------------------------------------------------------ firing
+
+    async def tick(self) -> int:
+        """Fire the due slots (one query); how many rotations were created."""
+        self.ticks += 1
+        now = self.deps.time.now()
+        due = await db(self.slots.due_slots, now, self.book.batch + len(self._foreign))
+        fired = 0
+        for slot in due:
+            if (slot.credential, slot.slot) in self._foreign:
+                continue
+            fired += await self._fire(slot, now)
+        self.fired += fired
+        return fired
+
+    async def _fire(self, slot: Slot, now: datetime) -> int:
+        name = slot.credential
+        policy = self.book.policy_of(name)
+        if policy is None or self.book.fingerprint(name) != slot.fingerprint:
+            self._mismatch(slot)
+            return 0
+        try:
+            cred = await db(self.deps.store.get_credential, name)
+        except NotFound:
+            await db(self.slots.close_slot, name, slot.slot, "skipped", "no longer managed")
+            return 0
+        held = await self._held_back(name, policy, now)
+        if held is None:
+            after = (await db(self.slots.last_fired, [name])).get(name)
+            nominal = nominal_slot(policy, await self._key_created(cred), after)
+            if nominal is None or nominal[0] != slot.slot:
+                current = (await db(self.slots.scheduled_slots, [name])).get(name)
+                if current is None or current.slot != slot.slot:
+                    return 0  # fired or replanned by another worker since the tick read it
+                # the key changed since the slot was planned (rotated by hand): plan from it
+                await self.replan(name)
+                return 0
+        if held is not None:
+            until, note = held
+            if until is None:
+                until = now + RECHECK
+            log.info("slot held back", credential=name, slot=slot.slot.isoformat(), why=note)
+            await db(self.slots.postpone_slot, name, slot.slot, until, note)
+            return 0
+        return await self._create(slot, cred, policy)
+
+    async def _held_back(
+        self, name: str, policy: Policy, now: datetime
+    ) -> tuple[datetime | None, str] | None:
+        """Why the slot may not fire now, and until when (None: look again later)."""
+        latest = await db(self.deps.store.latest_rotation, name)
+        if latest is not None and not latest.finished:
+            what = f"halted: {latest.halted_reason}" if latest.halted_reason else latest.state
+            return None, f"not fired: rotation {latest.id} is unfinished ({what})"
+        closed = gate(policy, self.book.freezes, now)
+        if closed is not None:
+            return closed[0], f"not fired: {closed[1]}"
+        limits = await self.limits(name, policy, now)
+        return limits
+
+    async def limits(
+        self, name: str, policy: Policy, now: datetime
+    ) -> tuple[datetime | None, str] | None:
+        """The group's and the provider's limits at `now` (also asked by a manual rotate)."""
+        time = self.deps.time
+        if policy.group is not None and (policy.stagger or policy.max_concurrent):
+            members = self.book.members(policy.group)
+            count, newest = await db(self.slots.in_flight, members)
+            if policy.max_concurrent is not None and count >= policy.max_concurrent:
+                return (
+                    None,
+                    f"group {policy.group} has {count} rotation(s) in flight "
+                    f"(max_concurrent {policy.max_concurrent})",
+                )
+            if policy.stagger and newest is not None:
+                last = time.of_local(newest)
+                if now - last < policy.stagger:
+                    until = place(policy, self.book.freezes, last + policy.stagger)
+                    return (
+                        until,
+                        f"stagger {format_duration(policy.stagger)} in group {policy.group}: "
+                        f"the last start was at {last.isoformat(timespec='seconds')}",
+                    )
+        provider = self.book.providers.get(name)
+        limit = self.book.provider_limits.get(provider or "")
+        if provider is not None and limit is not None:
+            count = await db(self.slots.in_flight_of_provider, provider)
+            if count >= limit:
+                return (
+                    None,
+                    f"provider {provider} has {count} rotation(s) in flight "
+                    f"(max_concurrent_rotations {limit})",
+                )
+        return None
+
+    async def _create(self, slot: Slot, cred: ManagedCredential, policy: Policy) -> int:
+        deps = self.deps
+        name = slot.credential
+        try:
+            cfg: Any = deps.services.credential_config(name)
+            options = deps.registry.kind(cred.kind).options(cfg)
+            rotation, event = new_rotation(
+                deps.registry,
+                deps.clock,
+                cred,
+                reason=f"scheduled by policy {policy.name} ({slot.why}; slot "
+                f"{slot.slot.isoformat(timespec='seconds')})",
+                actor=f"scheduler:{self.owner}",
+                options=options,
+                detail={"slot": slot.slot.isoformat(), "policy": policy.name},
+            )
+        except KeyturnError as exc:  # e.g. no stored key: say so on the slot, look again later
+            log.warning("slot cannot fire", credential=name, error=str(exc))
+            note = f"not fired: {exc}"
+            await db(self.slots.postpone_slot, name, slot.slot, deps.time.now() + RECHECK, note)
+            return 0
+        try:
+            fired = await db(self.slots.fire_slot, slot, rotation, event, deps.time.now())
+        except AlreadyRotating as exc:
+            note = f"not fired: {exc}"
+            await db(self.slots.postpone_slot, name, slot.slot, deps.time.now() + RECHECK, note)
+            return 0
+        if fired:
+            log.info(
+                "slot fired",
+                credential=name,
+                slot=slot.slot.isoformat(),
+                rotation=rotation.id,
+                policy=policy.name,
+            )
+        return int(fired)
