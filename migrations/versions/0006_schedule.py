@@ -42,6 +42,8 @@ def upgrade() -> None:
         sa.Column("note", sa.String(), nullable=True),
         sa.Column("rotation_id", sa.String(), nullable=True),
         sa.Column("planned_by", sa.String(), nullable=False),
+        _ts("key_recorded_at", nullable=True),
+        _ts("key_created", nullable=True),
         _ts("created_at", nullable=False),
         _ts("fired_at", nullable=True),
         sa.ForeignKeyConstraint(

@@ -210,6 +210,10 @@ class SlotStore(Protocol):
     def last_fired(self, credentials: Sequence[str]) -> dict[str, datetime]:
         """The latest fired slot of each of `credentials` that has one."""
 
+    def keys_created(self, credentials: Sequence[str]) -> dict[str, tuple[datetime, datetime]]:
+        """Per credential, from its latest slot: (the key's updated_at it was planned from,
+        when that key was created on the schedule's clock)."""
+
     def group_starts(self, group: str, since: datetime) -> list[datetime]:
         """due_at of the group's scheduled slots, and fired_at of its slots fired since."""
 
@@ -218,8 +222,16 @@ class SlotStore(Protocol):
         `replaces` superseded in the same transaction). False when another scheduled slot
         is there (another worker planned first) or the slot exists already."""
 
-    def postpone_slot(self, credential: str, slot: datetime, due_at: datetime, note: str) -> None:
-        """Move a scheduled slot's due_at (with why)."""
+    def postpone_slot(
+        self,
+        credential: str,
+        slot: datetime,
+        due_at: datetime,
+        note: str | None,
+        *,
+        key_recorded_at: datetime | None = None,
+    ) -> None:
+        """Move a scheduled slot's due_at (with why; with the key it now counts from)."""
 
     def close_slot(self, credential: str, slot: datetime, status: str, note: str) -> None:
         """Mark a scheduled slot skipped or superseded (with why)."""

@@ -383,3 +383,14 @@ def show_rotation(
     _print_actions(console, actions)
     console.print("  timeline:")
     print_timeline(console, events, local=local)
+
+
+def age(seconds: float | None) -> str:
+    """A duration in its largest unit: 45s, 12m, 5h, 91d."""
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit}"
+    return f"{s}s"

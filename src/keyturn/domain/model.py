@@ -218,5 +218,9 @@ class Slot:
     note: str | None = None
     rotation_id: str | None = None
     planned_by: str = ""
+    #: The credential's updated_at (its key) the slot was planned from.
+    key_recorded_at: datetime | None = None
+    #: When that key was created, on the schedule's clock.
+    key_created: datetime | None = None
     created_at: datetime | None = None
     fired_at: datetime | None = None

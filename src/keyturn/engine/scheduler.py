@@ -29,7 +29,6 @@ from keyturn.domain.schedule import (
     format_duration,
     gate,
     next_start,
-    nominal_slot,
     place,
 )
 from keyturn.engine.operator import new_rotation
@@ -96,10 +95,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------ planning
 
-    async def _key_created(self, managed: ManagedCredential) -> datetime:
+    async def _key_created(
+        self, managed: ManagedCredential, known: tuple[datetime, datetime] | None = None
+    ) -> datetime:
+        """When the credential's current key was created, on the schedule's clock: as first
+        seen (recorded with its slots), else converted now (a key seen for the first time was
+        just imported or just rotated to)."""
         created = managed.updated_at or managed.created_at
         assert created is not None
-        return self.deps.time.of_local(created)
+        if known is not None and known[0] == created:
+            return known[1]
+        return min(self.deps.time.of_local(created), self.deps.time.now())
 
     async def plan_all(self) -> int:
         """Plan a slot for every credential with a policy that has none (and no unfinished
@@ -109,6 +115,7 @@ class Scheduler:
             return 0
         managed = await db(self.deps.store.get_credentials, names)
         fired = await db(self.slots.last_fired, names)
+        known = await db(self.slots.keys_created, names)
         now = self.deps.time.now()
         peers: dict[str, list[datetime]] = {}
         planned = 0
@@ -120,7 +127,9 @@ class Scheduler:
             group = policy.group
             if group is not None and policy.stagger and group not in peers:
                 peers[group] = await db(self.slots.group_starts, group, now - policy.stagger)
-            slot = await self._slot(name, cred, now, peers.get(group or "", []), fired.get(name))
+            slot = await self._slot(
+                name, cred, now, peers.get(group or "", []), fired.get(name), known.get(name)
+            )
             if slot is None:
                 continue
             if await db(self.slots.plan_slot, slot):
@@ -138,8 +147,9 @@ class Scheduler:
         now: datetime,
         peers: Sequence[datetime],
         after: datetime | None,
+        known: tuple[datetime, datetime] | None = None,
     ) -> Slot | None:
-        created = await self._key_created(cred)
+        created = await self._key_created(cred, known)
         found = plan_start(self.book, name, cred, created, now, peers, after)
         if found is None:
             return None
@@ -156,6 +166,8 @@ class Scheduler:
             why=start.why,
             note="; ".join(start.notes) or None,
             planned_by=self.owner,
+            key_recorded_at=cred.updated_at or cred.created_at,
+            key_created=created,
             created_at=now,
         )
 
@@ -186,8 +198,20 @@ class Scheduler:
             if existing is not None and existing.due_at in peers:
                 peers.remove(existing.due_at)
         after = (await db(self.slots.last_fired, [credential])).get(credential)
-        slot = await self._slot(credential, cred, now, peers, after)
-        if slot is None or (existing is not None and existing.slot == slot.slot):
+        known = (await db(self.slots.keys_created, [credential])).get(credential)
+        slot = await self._slot(credential, cred, now, peers, after, known)
+        if slot is None:
+            return existing
+        if existing is not None and existing.slot == slot.slot:
+            if existing.key_recorded_at != slot.key_recorded_at:  # same slot, counted anew
+                await db(
+                    self.slots.postpone_slot,
+                    credential,
+                    slot.slot,
+                    slot.due_at,
+                    slot.note,
+                    key_recorded_at=slot.key_recorded_at,
+                )
             return existing
         replaces = existing.slot if existing is not None else None
         return slot if await db(self.slots.plan_slot, slot, replaces=replaces) else None
@@ -234,16 +258,13 @@ class Scheduler:
             await db(self.slots.close_slot, name, slot.slot, "skipped", "no longer managed")
             return 0
         held = await self._held_back(name, policy, now)
-        if held is None:
-            after = (await db(self.slots.last_fired, [name])).get(name)
-            nominal = nominal_slot(policy, await self._key_created(cred), after)
-            if nominal is None or nominal[0] != slot.slot:
-                current = (await db(self.slots.scheduled_slots, [name])).get(name)
-                if current is None or current.slot != slot.slot:
-                    return 0  # fired or replanned by another worker since the tick read it
-                # the key changed since the slot was planned (rotated by hand): plan from it
-                await self.replan(name)
-                return 0
+        if held is None and slot.key_recorded_at != (cred.updated_at or cred.created_at):
+            current = (await db(self.slots.scheduled_slots, [name])).get(name)
+            if current is None or current.slot != slot.slot:
+                return 0  # fired or replanned by another worker since the tick read it
+            # the key changed since the slot was planned (rotated by hand): plan from it
+            await self.replan(name)
+            return 0
         if held is not None:
             until, note = held
             if until is None:

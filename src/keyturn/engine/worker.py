@@ -271,6 +271,9 @@ class Worker:
         finally:
             renewer.cancel()
         await run.release()
+        if self.scheduler is not None and run.rotation.finished:
+            # the credential's next slot, from the key the release just recorded
+            await self.scheduler.finished(run.rotation.credential)
 
     async def _note_takeover(self, run: RotationRun) -> None:
         """A claim that took over another owner's expired lease goes in the timeline, with
@@ -342,8 +345,6 @@ class Worker:
 
     async def _finished(self, rotation: Rotation) -> None:
         self.completed += 1
-        if self.scheduler is not None:  # the credential's next slot, from its new key
-            await self.scheduler.finished(rotation.credential)
 
     async def _wait(self, run: RotationRun, step: str, wait: Waiting) -> None:
         """Record what the step waits for (an event when the wait begins or changes); the

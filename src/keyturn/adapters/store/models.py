@@ -241,6 +241,12 @@ class SlotRow(Base):
     note: Mapped[str | None]
     rotation_id: Mapped[str | None]
     planned_by: Mapped[str]
+    #: The credential row's updated_at when the slot was planned (its key then): a slot whose
+    #: credential got another key since (a rotation by hand) is planned anew, not fired.
+    key_recorded_at: Mapped[datetime | None]
+    #: When that key was created on the schedule's clock, as first seen (a test clock that
+    #: jumps later does not move it).
+    key_created: Mapped[datetime | None]
     created_at: Mapped[datetime]
     fired_at: Mapped[datetime | None]
 

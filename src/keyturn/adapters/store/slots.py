@@ -55,6 +55,8 @@ def _slot_from_row(row: Row[Any]) -> Slot:
         note=m["note"],
         rotation_id=m["rotation_id"],
         planned_by=m["planned_by"],
+        key_recorded_at=m["key_recorded_at"],
+        key_created=m["key_created"],
         created_at=m["created_at"],
         fired_at=m["fired_at"],
     )
@@ -73,6 +75,8 @@ def _slot_values(slot: Slot, now: datetime) -> dict[str, Any]:
         "note": slot.note,
         "rotation_id": slot.rotation_id,
         "planned_by": slot.planned_by,
+        "key_recorded_at": slot.key_recorded_at,
+        "key_created": slot.key_created,
         "created_at": slot.created_at or now,
         "fired_at": slot.fired_at,
     }
@@ -175,6 +179,22 @@ class SqlSlots:
                 out.update((c, _aware(v)) for c, v in conn.execute(stmt).all())
         return out
 
+    def keys_created(self, credentials: Sequence[str]) -> dict[str, tuple[datetime, datetime]]:
+        s = slots_t.c
+        out: dict[str, tuple[datetime, datetime]] = {}
+        names = list(credentials)
+        with self.store._read() as conn:
+            for i in range(0, len(names), _CHUNK):
+                stmt = (
+                    select(s.credential, s.key_recorded_at, s.key_created)
+                    .where(s.credential.in_(names[i : i + _CHUNK]), s.key_created.is_not(None))
+                    .order_by(s.created_at.asc())
+                )
+                for c, recorded, created in conn.execute(stmt).all():
+                    if recorded is not None:
+                        out[c] = (_aware(recorded), _aware(created))
+        return out
+
     def group_starts(self, group: str, since: datetime) -> list[datetime]:
         s = slots_t.c
         stmt = select(s.status, s.due_at, s.fired_at).where(
@@ -253,13 +273,24 @@ class SqlSlots:
             return False
         return True
 
-    def postpone_slot(self, credential: str, slot: datetime, due_at: datetime, note: str) -> None:
+    def postpone_slot(
+        self,
+        credential: str,
+        slot: datetime,
+        due_at: datetime,
+        note: str | None,
+        *,
+        key_recorded_at: datetime | None = None,
+    ) -> None:
         s = slots_t.c
+        values: dict[str, Any] = {"due_at": due_at, "note": note}
+        if key_recorded_at is not None:
+            values["key_recorded_at"] = key_recorded_at
         with self.store._tx() as conn:
             conn.execute(
                 update(slots_t)
                 .where(s.credential == credential, s.slot == slot, s.status == "scheduled")
-                .values(due_at=due_at, note=note)
+                .values(**values)
             )
 
     def close_slot(self, credential: str, slot: datetime, status: str, note: str) -> None:
