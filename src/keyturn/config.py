@@ -187,8 +187,15 @@ class Config(_Model):
         return self._policies.get(credential)
 
     @property
-    def scheduled_policies(self) -> dict[str, sched.Policy]:
+    def policies_by_credential(self) -> dict[str, sched.Policy]:
+        """Every configured credential's policy (also those that start nothing by themselves
+        but gate their rotations: bake, approval, windows, freezes)."""
         return dict(self._policies)
+
+    @property
+    def scheduled_policies(self) -> dict[str, sched.Policy]:
+        """The credentials whose policy starts rotations (every, cron or max_age)."""
+        return {c: p for c, p in self._policies.items() if p.scheduled}
 
     def credential(self, name: str) -> CredentialConfig:
         try:
@@ -400,8 +407,7 @@ def _resolve_policies(where: object, config: Config, now: datetime | None = None
         policy = _policy(
             where, f"credentials.{cname}.schedule", pname or cname, layers, freezes, now
         )
-        if policy.scheduled:
-            config._policies[cname] = policy
+        config._policies[cname] = policy
 
 
 def _policy(

@@ -194,7 +194,9 @@ class SlotStore(Protocol):
     def clock_anchor(self) -> ClockAnchor | None:
         """The shared test clock, if one is set."""
 
-    def set_clock_anchor(self, anchor: ClockAnchor | None) -> None: ...
+    def set_clock_anchor(self, anchor: ClockAnchor | None) -> None:
+        """Set (or clear) the shared test clock; every waiting rotation is made due, so its
+        wait is looked at again on the new clock."""
 
     def due_slots(self, now: datetime, limit: int) -> list[Slot]:
         """Scheduled slots with due_at <= now, the earliest first (one indexed query)."""

@@ -131,8 +131,9 @@ def plan_fleet(
     for name in names:
         policy = cfg.policy_of(name)
         cred = managed.get(name)
-        if policy is None:
-            notes.append(f"{name}: no policy; rotated by hand only")
+        if policy is None or not policy.scheduled:
+            why = f"policy {policy.name} has no every, cron or max_age" if policy else "no policy"
+            notes.append(f"{name}: {why}; rotated by hand only")
             continue
         if cred is None:
             notes.append(f"{name}: not managed yet; import it with `keyturn credentials import`")

@@ -339,7 +339,7 @@ class Wiring:
 
         cfg = self.config
         return ScheduleBook(
-            policies=cfg.scheduled_policies,
+            policies=cfg.policies_by_credential,
             freezes=cfg.freezes,
             providers={n: c.provider for n, c in cfg.credentials.items()},
             provider_limits={

@@ -110,7 +110,8 @@ class Scheduler:
     async def plan_all(self) -> int:
         """Plan a slot for every credential with a policy that has none (and no unfinished
         rotation); how many were planned."""
-        names = await db(self.slots.unplanned, list(self.book.policies))
+        scheduled = [c for c, p in self.book.policies.items() if p.scheduled]
+        names = await db(self.slots.unplanned, scheduled)
         if not names:
             return 0
         managed = await db(self.deps.store.get_credentials, names)

@@ -109,7 +109,14 @@ class SqlSlots:
         return ClockAnchor(m["anchor_real"], m["anchor_schedule"], float(m["scale"]))
 
     def set_clock_anchor(self, anchor: ClockAnchor | None) -> None:
+        r = rotations_t.c
         with self.store._tx() as conn:
+            # every wait is looked at again on the new clock (its next check was on the old)
+            conn.execute(
+                update(rotations_t)
+                .where(r.finished_at.is_(None), r.wait_key.is_not(None))
+                .values(next_attempt_at=self.store._now())
+            )
             conn.execute(delete(clock_t))
             if anchor is not None:
                 conn.execute(
