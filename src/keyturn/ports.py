@@ -216,6 +216,14 @@ class SlotStore(Protocol):
         """Per credential, from its latest slot: (the key's updated_at it was planned from,
         when that key was created on the schedule's clock)."""
 
+    def group_last_start(self, group: str) -> datetime | None:
+        """The latest fired_at (schedule time) of the group's slots: scheduled fires and
+        rotations started by hand, which record a fired slot too."""
+
+    def record_start(self, slot: Slot) -> None:
+        """Record a rotation started by hand as a fired slot of its credential (so stagger and
+        the next slot count from it); an existing slot with that key is left as it is."""
+
     def group_starts(self, group: str, since: datetime) -> list[datetime]:
         """due_at of the group's scheduled slots, and fired_at of its slots fired since."""
 

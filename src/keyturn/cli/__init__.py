@@ -256,9 +256,9 @@ def rotate(
         try:
             if not now_:
                 _respect_policy(w, name)
-            started.append(
-                {"credential": name, "id": w.start_rotation(name, reason=reason, actor=actor()).id}
-            )
+            rotation = w.start_rotation(name, reason=reason, actor=actor())
+            _record_start(w, rotation)
+            started.append({"credential": name, "id": rotation.id})
         except KeyturnError as exc:
             if len(chosen) == 1:
                 raise
@@ -300,6 +300,31 @@ def _dry_run(w: Wiring, chosen: list[str], as_json: bool) -> None:
             out.print(f"  {line}", markup=False)
     if as_json:
         _print_json({"dry_run": True, "rotations": docs})
+
+
+def _record_start(w: Wiring, rotation: Any) -> None:
+    """A start by hand counts for the policy's stagger and for the next slot, as a fired slot."""
+    from keyturn.domain.model import Slot
+
+    policy = w.config.policy_of(rotation.credential)
+    if policy is None:
+        return
+    now = w.schedule_time.now().replace(microsecond=0)
+    w.slots.record_start(
+        Slot(
+            credential=rotation.credential,
+            slot=now,
+            due_at=now,
+            fingerprint="manual",
+            policy=policy.name,
+            group=policy.group,
+            why=f"rotated by hand by {actor()}",
+            status="fired",
+            rotation_id=rotation.id,
+            planned_by=actor(),
+            fired_at=now,
+        )
+    )
 
 
 def _respect_policy(w: Wiring, name: str) -> None:

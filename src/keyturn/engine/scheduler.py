@@ -293,25 +293,23 @@ class Scheduler:
         self, name: str, policy: Policy, now: datetime
     ) -> tuple[datetime | None, str] | None:
         """The group's and the provider's limits at `now` (also asked by a manual rotate)."""
-        time = self.deps.time
         if policy.group is not None and (policy.stagger or policy.max_concurrent):
             members = self.book.members(policy.group)
-            count, newest = await db(self.slots.in_flight, members)
+            count, _ = await db(self.slots.in_flight, members)
             if policy.max_concurrent is not None and count >= policy.max_concurrent:
                 return (
                     None,
                     f"group {policy.group} has {count} rotation(s) in flight "
                     f"(max_concurrent {policy.max_concurrent})",
                 )
-            if policy.stagger and newest is not None:
-                last = time.of_local(newest)
-                if now - last < policy.stagger:
-                    until = place(policy, self.book.freezes, last + policy.stagger)
-                    return (
-                        until,
-                        f"stagger {format_duration(policy.stagger)} in group {policy.group}: "
-                        f"the last start was at {last.isoformat(timespec='seconds')}",
-                    )
+            last = await db(self.slots.group_last_start, policy.group) if policy.stagger else None
+            if last is not None and now - last < policy.stagger:
+                until = place(policy, self.book.freezes, last + policy.stagger)
+                return (
+                    until,
+                    f"stagger {format_duration(policy.stagger)} in group {policy.group}: "
+                    f"the last start was at {last.isoformat(timespec='seconds')}",
+                )
         provider = self.book.providers.get(name)
         limit = self.book.provider_limits.get(provider or "")
         if provider is not None and limit is not None:

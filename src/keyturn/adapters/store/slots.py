@@ -7,6 +7,7 @@ others update no row. The tick is one query on the partial index of scheduled sl
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -201,6 +202,17 @@ class SqlSlots:
                     if recorded is not None:
                         out[c] = (_aware(recorded), _aware(created))
         return out
+
+    def group_last_start(self, group: str) -> datetime | None:
+        s = slots_t.c
+        stmt = select(func.max(s.fired_at)).where(s.grp == group, s.status == "fired")
+        with self.store._read() as conn:
+            value = conn.execute(stmt).scalar()
+        return _aware(value) if value is not None else None
+
+    def record_start(self, slot: Slot) -> None:
+        with contextlib.suppress(IntegrityError), self.store._tx() as conn:
+            conn.execute(insert(slots_t).values(**_slot_values(slot, self.store._now())))
 
     def group_starts(self, group: str, since: datetime) -> list[datetime]:
         s = slots_t.c
