@@ -252,6 +252,15 @@ class SlotStore(Protocol):
         scheduled with that fingerprint (fired by another worker); AlreadyRotating when the
         credential has an unfinished rotation (nothing is written)."""
 
+    def fire_slots(
+        self, fires: Sequence[tuple[Slot, Rotation, Event]], now: datetime
+    ) -> list[bool | KeyturnError]:
+        """:meth:`fire_slot` for each, in one transaction (a savepoint each): per fire, True,
+        False (no longer scheduled with that fingerprint) or the AlreadyRotating it met."""
+
+    def unfinished(self, credentials: Sequence[str]) -> dict[str, Rotation]:
+        """The unfinished rotation of each of `credentials` that has one."""
+
     def slots_of(self, credential: str, limit: int = 20) -> list[Slot]:
         """The credential's slots, newest first."""
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from keyturn.domain.errors import AlreadyRotating, KeyturnError, NotFound, StoreUnavailable
+from keyturn.domain.errors import KeyturnError, NotFound, StoreUnavailable
 from keyturn.domain.model import ManagedCredential, Slot
 from keyturn.domain.schedule import (
     Policy,
@@ -235,85 +235,127 @@ class Scheduler:
     # ------------------------------------------------------------------ firing
 
     async def tick(self) -> int:
-        """Fire the due slots (one query); how many rotations were created."""
+        """Fire the due slots: one query for them, one read of their credentials and of their
+        unfinished rotations, one transaction for the fires. How many rotations were created."""
         self.ticks += 1
         now = self.deps.time.now()
         due = await db(self.slots.due_slots, now, self.book.batch + len(self._foreign))
-        fired = 0
+        mine: list[tuple[Slot, Policy]] = []
         for slot in due:
             if (slot.credential, slot.slot) in self._foreign:
                 continue
-            fired += await self._fire(slot, now)
+            policy = self.book.policy_of(slot.credential)
+            if policy is None or self.book.fingerprint(slot.credential) != slot.fingerprint:
+                self._mismatch(slot)
+                continue
+            mine.append((slot, policy))
+        if not mine:
+            return 0
+        names = [slot.credential for slot, _ in mine]
+        creds = await db(self.deps.store.get_credentials, names)
+        unfinished = await db(self.slots.unfinished, names)
+        limits: dict[tuple[str, str], list[Any]] = {}
+        batch: list[tuple[Slot, Any, Any]] = []
+        for slot, policy in mine:
+            made = await self._decide(slot, policy, creds, unfinished, limits, now)
+            if made is not None:
+                batch.append((slot, *made))
+        fired = await self._fire_all(batch)
         self.fired += fired
         return fired
 
-    async def _fire(self, slot: Slot, now: datetime) -> int:
+    async def _decide(
+        self,
+        slot: Slot,
+        policy: Policy,
+        creds: dict[str, ManagedCredential],
+        unfinished: dict[str, Any],
+        limits: dict[tuple[str, str], list[Any]],
+        now: datetime,
+    ) -> tuple[Any, Any] | None:
+        """The rotation (and its event) a due slot fires now, or None (held back, replanned)."""
         name = slot.credential
-        policy = self.book.policy_of(name)
-        if policy is None or self.book.fingerprint(name) != slot.fingerprint:
-            self._mismatch(slot)
-            return 0
-        try:
-            cred = await db(self.deps.store.get_credential, name)
-        except NotFound:
+        cred = creds.get(name)
+        if cred is None:
             await db(self.slots.close_slot, name, slot.slot, "skipped", "no longer managed")
-            return 0
-        held = await self._held_back(name, policy, now)
+            return None
+        held = await self._held_back(name, policy, now, unfinished.get(name), limits)
         if held is None and slot.key_recorded_at != (cred.updated_at or cred.created_at):
             current = (await db(self.slots.scheduled_slots, [name])).get(name)
-            if current is None or current.slot != slot.slot:
-                return 0  # fired or replanned by another worker since the tick read it
-            # the key changed since the slot was planned (rotated by hand): plan from it
-            await self.replan(name)
-            return 0
+            if current is not None and current.slot == slot.slot:
+                # the key changed since the slot was planned (rotated by hand): plan from it
+                await self.replan(name)
+            return None  # (else fired or replanned by another worker since the tick read it)
         if held is not None:
             until, note = held
             if until is None:
                 until = now + RECHECK
             log.info("slot held back", credential=name, slot=slot.slot.isoformat(), why=note)
             await db(self.slots.postpone_slot, name, slot.slot, until, note)
-            return 0
-        return await self._create(slot, cred, policy)
+            return None
+        made = await self._rotation(slot, cred, policy)
+        if made is not None:  # counts for the slots after it in this tick
+            for key in _limit_keys(policy, self.book.providers.get(name)):
+                if key in limits:
+                    limits[key][0] += 1
+                    limits[key][1] = now
+        return made
 
     async def _held_back(
-        self, name: str, policy: Policy, now: datetime
+        self,
+        name: str,
+        policy: Policy,
+        now: datetime,
+        latest: Any,
+        cache: dict[tuple[str, str], list[Any]] | None = None,
     ) -> tuple[datetime | None, str] | None:
         """Why the slot may not fire now, and until when (None: look again later)."""
-        latest = await db(self.deps.store.latest_rotation, name)
         if latest is not None and not latest.finished:
             what = f"halted: {latest.halted_reason}" if latest.halted_reason else latest.state
             return None, f"not fired: rotation {latest.id} is unfinished ({what})"
         closed = gate(policy, self.book.freezes, now)
         if closed is not None:
             return closed[0], f"not fired: {closed[1]}"
-        limits = await self.limits(name, policy, now)
-        return limits
+        return await self.limits(name, policy, now, cache)
 
     async def limits(
-        self, name: str, policy: Policy, now: datetime
+        self,
+        name: str,
+        policy: Policy,
+        now: datetime,
+        cache: dict[tuple[str, str], list[Any]] | None = None,
     ) -> tuple[datetime | None, str] | None:
-        """The group's and the provider's limits at `now` (also asked by a manual rotate)."""
-        if policy.group is not None and (policy.stagger or policy.max_concurrent):
-            members = self.book.members(policy.group)
-            count, _ = await db(self.slots.in_flight, members)
+        """The group's and the provider's limits at `now` (also asked by a manual rotate).
+        `cache`: what a tick read already ([in flight, last start] per group and provider)."""
+        cache = {} if cache is None else cache
+        group = policy.group
+        if group is not None and (policy.stagger or policy.max_concurrent):
+            key = ("group", group)
+            if key not in cache:
+                count, _ = await db(self.slots.in_flight, self.book.members(group))
+                last = await db(self.slots.group_last_start, group)
+                cache[key] = [count, last]
+            count, last = cache[key]
             if policy.max_concurrent is not None and count >= policy.max_concurrent:
                 return (
                     None,
-                    f"group {policy.group} has {count} rotation(s) in flight "
+                    f"group {group} has {count} rotation(s) in flight "
                     f"(max_concurrent {policy.max_concurrent})",
                 )
-            last = await db(self.slots.group_last_start, policy.group) if policy.stagger else None
-            if last is not None and now - last < policy.stagger:
+            if policy.stagger and last is not None and now - last < policy.stagger:
                 until = place(policy, self.book.freezes, last + policy.stagger)
                 return (
                     until,
-                    f"stagger {format_duration(policy.stagger)} in group {policy.group}: "
+                    f"stagger {format_duration(policy.stagger)} in group {group}: "
                     f"the last start was at {last.isoformat(timespec='seconds')}",
                 )
         provider = self.book.providers.get(name)
         limit = self.book.provider_limits.get(provider or "")
         if provider is not None and limit is not None:
-            count = await db(self.slots.in_flight_of_provider, provider)
+            key = ("provider", provider)
+            if key not in cache:
+                cache[key] = [await db(self.slots.in_flight_of_provider, provider), None]
+            count = cache[key][0]
             if count >= limit:
                 return (
                     None,
@@ -322,13 +364,36 @@ class Scheduler:
                 )
         return None
 
-    async def _create(self, slot: Slot, cred: ManagedCredential, policy: Policy) -> int:
+    async def _fire_all(self, batch: list[tuple[Slot, Any, Any]]) -> int:
+        if not batch:
+            return 0
+        now = self.deps.time.now()
+        outcomes = await db(self.slots.fire_slots, batch, now)
+        fired = 0
+        for (slot, rotation, _), outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, KeyturnError):
+                note = f"not fired: {outcome}"
+                await db(self.slots.postpone_slot, slot.credential, slot.slot, now + RECHECK, note)
+            elif outcome:
+                fired += 1
+                log.info(
+                    "slot fired",
+                    credential=slot.credential,
+                    slot=slot.slot.isoformat(),
+                    rotation=rotation.id,
+                    policy=slot.policy,
+                )
+        return fired
+
+    async def _rotation(
+        self, slot: Slot, cred: ManagedCredential, policy: Policy
+    ) -> tuple[Any, Any] | None:
         deps = self.deps
         name = slot.credential
         try:
             cfg: Any = deps.services.credential_config(name)
             options = deps.registry.kind(cred.kind).options(cfg)
-            rotation, event = new_rotation(
+            return new_rotation(
                 deps.registry,
                 deps.clock,
                 cred,
@@ -342,19 +407,9 @@ class Scheduler:
             log.warning("slot cannot fire", credential=name, error=str(exc))
             note = f"not fired: {exc}"
             await db(self.slots.postpone_slot, name, slot.slot, deps.time.now() + RECHECK, note)
-            return 0
-        try:
-            fired = await db(self.slots.fire_slot, slot, rotation, event, deps.time.now())
-        except AlreadyRotating as exc:
-            note = f"not fired: {exc}"
-            await db(self.slots.postpone_slot, name, slot.slot, deps.time.now() + RECHECK, note)
-            return 0
-        if fired:
-            log.info(
-                "slot fired",
-                credential=name,
-                slot=slot.slot.isoformat(),
-                rotation=rotation.id,
-                policy=policy.name,
-            )
-        return int(fired)
+            return None
+
+
+def _limit_keys(policy: Policy, provider: str | None) -> list[tuple[str, str]]:
+    keys = [("group", policy.group)] if policy.group is not None else []
+    return keys + ([("provider", provider)] if provider is not None else [])

@@ -12,19 +12,20 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, and_, delete, exists, func, insert, select, update
+from sqlalchemy import Connection, Row, Table, and_, delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from keyturn.adapters.store.models import ScheduleClockRow, SlotRow
 from keyturn.adapters.store.sql import (
     SqlStore,
     _event_values,
+    _rotation_from_row,
     _rotation_values,
     credentials_t,
     events_t,
     rotations_t,
 )
-from keyturn.domain.errors import AlreadyRotating
+from keyturn.domain.errors import AlreadyRotating, KeyturnError
 from keyturn.domain.model import Event, Rotation, Slot
 from keyturn.ports import ClockAnchor
 
@@ -320,6 +321,55 @@ class SqlSlots:
                 .where(s.credential == credential, s.slot == slot, s.status == "scheduled")
                 .values(status=status, note=note)
             )
+
+    def fire_slots(
+        self, fires: Sequence[tuple[Slot, Rotation, Event]], now: datetime
+    ) -> list[bool | KeyturnError]:
+        out: list[bool | KeyturnError] = []
+        with self.store._tx() as conn:
+            for slot, rotation, event in fires:
+                try:
+                    with conn.begin_nested():
+                        out.append(self._fire(conn, slot, rotation, event, now))
+                except IntegrityError:
+                    out.append(AlreadyRotating(slot.credential))
+        return out
+
+    def unfinished(self, credentials: Sequence[str]) -> dict[str, Rotation]:
+        r = rotations_t.c
+        out: dict[str, Rotation] = {}
+        names = list(credentials)
+        with self.store._read() as conn:
+            for i in range(0, len(names), _CHUNK):
+                stmt = select(rotations_t).where(
+                    r.credential.in_(names[i : i + _CHUNK]), r.finished_at.is_(None)
+                )
+                for row in conn.execute(stmt).all():
+                    rotation = _rotation_from_row(row)
+                    out[rotation.credential] = rotation
+        return out
+
+    def _fire(
+        self, conn: Connection, slot: Slot, rotation: Rotation, event: Event, now: datetime
+    ) -> bool:
+        s = slots_t.c
+        taken = conn.execute(
+            update(slots_t)
+            .where(
+                and_(
+                    s.credential == slot.credential,
+                    s.slot == slot.slot,
+                    s.status == "scheduled",
+                    s.fingerprint == slot.fingerprint,
+                )
+            )
+            .values(status="fired", rotation_id=rotation.id, fired_at=now)
+        ).rowcount
+        if taken != 1:
+            return False
+        conn.execute(insert(rotations_t).values(**_rotation_values(rotation)))
+        conn.execute(insert(events_t).values(**_event_values(event)))
+        return True
 
     def fire_slot(self, slot: Slot, rotation: Rotation, event: Event, now: datetime) -> bool:
         s = slots_t.c
