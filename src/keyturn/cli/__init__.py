@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import typer
-from rich.console import Console
 from typer.core import TyperGroup
 
 from keyturn.cli import liveness, render
@@ -107,7 +106,7 @@ app.add_typer(rotations_app, name="rotations")
 app.add_typer(credentials_app, name="credentials")
 app.add_typer(keys_app, name="keys")
 
-out = Console(highlight=False, soft_wrap=True)
+out = render.lazy_console(highlight=False, soft_wrap=True)
 
 
 class _State:
@@ -383,7 +382,7 @@ def rotations_list(
             ]
         )  # fmt: skip
     elif not rotations:
-        out.print("no rotations")
+        sys.stdout.write("no rotations\n")
     elif not _terminal():
         sys.stdout.write(render.plain_rotations(rotations) + "\n")
     else:
@@ -625,7 +624,7 @@ def credentials_list(
         _print_json([render.credential_dict(c) for c in creds])
         return
     if not creds:
-        out.print("no managed credentials; add one with `keyturn credentials import`")
+        sys.stdout.write("no managed credentials; add one with `keyturn credentials import`\n")
         return
     header = ("name", "kind", "provider", "credential", "algorithm")
     rows = [(c.name, c.kind, c.provider, c.credential_uuid, c.algorithm) for c in creds]
