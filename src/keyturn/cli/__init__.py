@@ -72,7 +72,7 @@ class _LazyGroup(TyperGroup):
             return TyperGroup(name=cmd_name, help=help_line)
         module, attribute = target.split(":")
         sub_app = getattr(importlib.import_module(module), attribute)
-        cmd = typer.main.get_command(sub_app)
+        cmd = typer.main.get_group(sub_app)  # a group even when it has one command
         cmd.name, cmd.help = cmd_name, help_line
         self.commands[cmd_name] = cmd
         return cmd
@@ -93,18 +93,29 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True, add_completion=False)
 rotations_app = typer.Typer(
-    help="See, resume, pause, cancel or roll back rotations.", no_args_is_help=True
+    help="See, resume, pause, cancel or roll back rotations.",
+    no_args_is_help=True,
+    add_completion=False,
 )
-credentials_app = typer.Typer(help="Managed credentials.", no_args_is_help=True)
+credentials_app = typer.Typer(
+    help="Managed credentials.", no_args_is_help=True, add_completion=False
+)
 keys_app = typer.Typer(
-    help="The master key that encrypts stored keys and secrets.", no_args_is_help=True
+    help="The master key that encrypts stored keys and secrets.",
+    no_args_is_help=True,
+    add_completion=False,
 )
-app.add_typer(db_app, name="db")
-app.add_typer(rotations_app, name="rotations")
-app.add_typer(credentials_app, name="credentials")
-app.add_typer(keys_app, name="keys")
+# Each group's commands are built (typer inspects every function's signature) only when one
+# of them runs: a command pays for its own group, not for all of them.
+for _name, _attribute, _sub_app in [
+    ("db", "db_app", db_app),
+    ("rotations", "rotations_app", rotations_app),
+    ("credentials", "credentials_app", credentials_app),
+    ("keys", "keys_app", keys_app),
+]:
+    _LazyGroup.lazy[_name] = (f"{__name__}:{_attribute}", str(_sub_app.info.help))
 
 out = render.lazy_console(highlight=False, soft_wrap=True)
 
