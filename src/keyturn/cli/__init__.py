@@ -9,7 +9,7 @@ and the sandbox and receiver apps (a web stack) only when one of their commands 
 from __future__ import annotations
 
 import importlib
-import json
+import os
 import re
 import signal
 import sys
@@ -302,7 +302,23 @@ def _target_rotation(store: Any, rotation_id: str | None, latest: str | None) ->
             raise KeyturnError(f"credential {latest} has no rotation yet")
         return str(found.id)
     assert rotation_id is not None
+    if not store.rotation_ids(rotation_id, limit=1) and _is_credential(store, rotation_id):
+        raise KeyturnError(
+            f"{rotation_id} is a credential, not a rotation id; a verb that changes something "
+            f"needs the rotation: --latest {rotation_id}, or an id from "
+            f"`keyturn rotations show {rotation_id}`"
+        )
     return _resolve_id(store, rotation_id)
+
+
+def _is_credential(store: Any, name: str) -> bool:
+    from keyturn.domain.errors import NotFound
+
+    try:
+        store.get_credential(name)
+    except NotFound:
+        return False
+    return True
 
 
 def _since(text: str, now: datetime) -> datetime:
@@ -865,6 +881,29 @@ _mount_receiver()
 mount_workers(app, out)
 
 
+#: Exit status of a failure keyturn did not foresee (a bug): sysexits' EX_SOFTWARE.
+EXIT_INTERNAL = 70
+#: Set to 1 to see the traceback of such a failure.
+TRACEBACK_ENV = "KEYTURN_TRACEBACK"
+
+
+def _unforeseen(exc: Exception) -> str:
+    """One line for a failure no command turned into a KeyturnError. A file or network error
+    names its file and cause; anything else is a bug, said so, never with its arguments (they
+    may hold material)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror.lower()}:{where} (check the path, its permissions or the service)"
+    return (
+        f"unexpected {type(exc).__name__}: this is a bug in keyturn; rerun with "
+        f"{TRACEBACK_ENV}=1 to see where, and report it"
+    )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()).rstrip(".")
+
+
 def main() -> None:
     try:
         rc = app(standalone_mode=False)
@@ -878,14 +917,14 @@ def main() -> None:
         # Usage errors (typer vendors its own click, so match by shape, not by class).
         fmt = getattr(exc, "format_message", None)
         code = getattr(exc, "exit_code", None)
-        if fmt is None or not isinstance(code, int):
+        if fmt is not None and isinstance(code, int):
+            ctx = getattr(exc, "ctx", None)
+            where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+            sys.stderr.write(f"keyturn: error: {_one_line(fmt())}{where}\n")
+            sys.exit(code)
+        if os.environ.get(TRACEBACK_ENV) == "1":
             raise
-        ctx = getattr(exc, "ctx", None)
-        where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
-        sys.stderr.write(f"keyturn: error: {fmt()}{where}\n")
-        sys.exit(code)
-    except json.JSONDecodeError as exc:  # pragma: no cover - defensive
-        sys.stderr.write(f"keyturn: error: invalid JSON ({exc})\n")
-        sys.exit(1)
+        sys.stderr.write(f"keyturn: error: {_unforeseen(exc)}\n")
+        sys.exit(1 if isinstance(exc, OSError) else EXIT_INTERNAL)
     if isinstance(rc, int) and rc:
         sys.exit(rc)
