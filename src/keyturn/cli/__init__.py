@@ -227,7 +227,7 @@ def rotate(
     kind: Annotated[
         str | None, typer.Option("--kind", help="Every managed credential of this kind.")
     ] = None,
-    reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")] = "scheduled rotation",
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")] = "manual rotation",
     as_json: Annotated[
         bool,
         typer.Option(
@@ -760,8 +760,11 @@ def reconcile(
     elif not findings:
         out.print("provider and store agree; no rotation needs a human")
     else:
-        for f in findings:
-            out.print(f"{f.kind:<11} {f.credential}: {f.message}", markup=False)
+        width = max(60, out.width)
+        for f in findings:  # the message folded under its finding, never inside an id
+            out.print(f"{f.kind:<11} {f.credential}", markup=False, highlight=False)
+            for line in render.fold(f.message, width, " " * 4):
+                out.print(line, markup=False, highlight=False, soft_wrap=True)
     if findings:
         raise typer.Exit(1)
 

@@ -24,12 +24,26 @@ class _LazyConsole:
         self._options = options
         self._console: Console | None = None
 
-    def __getattr__(self, name: str) -> Any:
+    def real(self) -> Console:
         if self._console is None:
             from rich.console import Console
 
             self._console = Console(**self._options)
-        return getattr(self._console, name)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real(), name)
+
+    def __enter__(self) -> Console:  # special methods are not found through __getattr__
+        return self.real().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.real().__exit__(*exc)
+
+
+def real_console(console: Console) -> Console:
+    """The rich Console itself (for rich's own machinery, such as a Live display)."""
+    return console.real() if isinstance(console, _LazyConsole) else console
 
 
 def lazy_console(**options: Any) -> Console:

@@ -61,7 +61,8 @@ def mount(app: typer.Typer, out: Console) -> None:
     @app.command()
     def demo() -> None:
         """Rotate all three kinds against a local sandbox, end to end, and check the result."""
+        from keyturn.cli.render import real_console
         from keyturn.quickstart.demo import run_demo
 
-        if not run_demo(out):
+        if not run_demo(real_console(out)):
             raise typer.Exit(1)
