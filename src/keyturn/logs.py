@@ -1,13 +1,20 @@
-"""Structured logging: human-readable on a terminal, JSON lines with --log-format json."""
+"""Structured logging: human-readable on a terminal, JSON lines with --log-format json.
+
+Importing structlog costs a read-only command a noticeable share of its start-up (it brings in
+rich's traceback renderer), and most commands never log. So :func:`configure` applies at once
+only when structlog is already imported; otherwise it records the settings and applies them the
+moment anything imports structlog, before that module can log a line.
+"""
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import logging
 import sys
+from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
-
-import orjson
-import structlog
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -16,13 +23,31 @@ LEVELS = {
     "error": logging.ERROR,
 }
 
+_pending: tuple[str, str] | None = None
+
 
 def _orjson_text(value: Any, **kw: Any) -> str:
     """JSON lines by orjson (a worker logs every action; the standard encoder costs more)."""
+    import orjson
+
     return orjson.dumps(value, default=kw.get("default")).decode()
 
 
 def configure(fmt: str = "auto", level: str = "info") -> None:
+    """Log as `fmt` (auto, console or json) at `level`, now or when structlog is first imported."""
+    global _pending
+    if "structlog" in sys.modules:
+        _pending = None
+        _apply(fmt, level)
+        return
+    if _pending is None:
+        sys.meta_path.insert(0, _ApplyAfterImport())
+    _pending = (fmt, level)
+
+
+def _apply(fmt: str, level: str) -> None:
+    import structlog
+
     renderer: structlog.typing.Processor
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_text)
@@ -40,3 +65,34 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+class _ApplyAfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when structlog is about to be imported it lets the other finders
+    find it and wraps its loader, so the recorded settings apply once the module has run."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "structlog":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        spec.loader = _ConfiguringLoader(spec.loader)
+        return spec
+
+
+class _ConfiguringLoader(importlib.abc.Loader):
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self._inner = inner
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._inner.exec_module(module)
+        settings = _pending
+        if settings is not None:
+            _apply(*settings)

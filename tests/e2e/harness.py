@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import subprocess
 import sys
@@ -15,8 +16,9 @@ from typing import Any
 
 import httpx
 
-from keyturn.receiver import ReceiverProcess
-from keyturn.sandbox.testing import SandboxProcess
+from keyturn.adapters.secrets_file import WebhookSecretsFileTarget
+from keyturn.receiver import ReceiverProcess, start_receiver
+from keyturn.sandbox.testing import SandboxProcess, start_sandbox
 
 KEYTURN = [sys.executable, "-m", "keyturn"]
 SA = "sandbox-service-account"
@@ -205,6 +207,56 @@ class Kt:
     def sqlite_dump(self) -> str:
         with sqlite3.connect(self.workdir / "keyturn.db") as conn:
             return "\n".join(conn.iterdump())
+
+
+class KtFactory:
+    """``make(db_url=None, *, receiver=False, **sandbox_kwargs)``: a sandbox and an
+    initialised keyturn working directory (short lease, fast retries), under `base`.
+
+    With ``receiver=True`` the reference receiver runs too and sandbox-webhook points at it
+    (``kt.receiver``; its record file is ``kt.receiver.record``). The receiver is started
+    first, on a port it picks itself, reading a placeholder secrets file at the webhook's
+    deploy path; `init` then points the webhook at it and deploys the real secret, which the
+    receiver has loaded before this returns. No port is guessed, so parallel tests never race.
+    """
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.sandboxes: list[SandboxProcess] = []
+        self.receivers: list[ReceiverProcess] = []
+
+    def make(
+        self, db_url: str | None = None, *, receiver: bool = False, **sandbox_kwargs: Any
+    ) -> Kt:
+        base = self.base
+        sandbox = start_sandbox(base / f"sandbox-{len(self.sandboxes)}", **sandbox_kwargs)
+        self.sandboxes.append(sandbox)
+        kt = Kt(base / f"work-{len(self.sandboxes)}", sandbox, db_url)
+        init = ["init", str(kt.workdir), "--sandbox-bootstrap", str(sandbox.bootstrap_path)]
+        if receiver:
+            target = WebhookSecretsFileTarget("placeholder", kt.secrets_file)
+            target.deploy([f"whs-placeholder-{secrets.token_hex(8)}"])
+            kt.receiver = start_receiver(
+                kt.secrets_file, record=base / f"receiver-{len(self.sandboxes)}.jsonl"
+            )
+            self.receivers.append(kt.receiver)
+            init += ["--receiver-url", kt.receiver.url]
+        kt.run(*init)
+        if kt.receiver is not None:
+            deployed = WebhookSecretsFileTarget("deployed", kt.secrets_file)
+            kt.receiver.wait_for_version(deployed.read_back()[0])
+        else:
+            kt.enable_webhooks()  # init leaves it disabled when no receiver answers
+        # A short lease, so a worker killed here is taken over within seconds, and fast retries.
+        for old, new in LEASE_PATCH:
+            kt.patch_config(old, new)
+        return kt
+
+    def close(self) -> None:
+        for s in self.sandboxes:
+            s.stop()
+        for r in self.receivers:
+            r.close()
 
 
 # --- SIGKILL at action boundaries (see test_crash_matrix.py for the pattern)

@@ -9,7 +9,7 @@ and the sandbox and receiver apps (a web stack) only when one of their commands 
 from __future__ import annotations
 
 import importlib
-import json
+import os
 import re
 import signal
 import sys
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import typer
-from rich.console import Console
 from typer.core import TyperGroup
 
 from keyturn.cli import liveness, render
@@ -73,7 +72,7 @@ class _LazyGroup(TyperGroup):
             return TyperGroup(name=cmd_name, help=help_line)
         module, attribute = target.split(":")
         sub_app = getattr(importlib.import_module(module), attribute)
-        cmd = typer.main.get_command(sub_app)
+        cmd = typer.main.get_group(sub_app)  # a group even when it has one command
         cmd.name, cmd.help = cmd_name, help_line
         self.commands[cmd_name] = cmd
         return cmd
@@ -94,20 +93,31 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True, add_completion=False)
 rotations_app = typer.Typer(
-    help="See, resume, pause, cancel or roll back rotations.", no_args_is_help=True
+    help="See, resume, pause, cancel or roll back rotations.",
+    no_args_is_help=True,
+    add_completion=False,
 )
-credentials_app = typer.Typer(help="Managed credentials.", no_args_is_help=True)
+credentials_app = typer.Typer(
+    help="Managed credentials.", no_args_is_help=True, add_completion=False
+)
 keys_app = typer.Typer(
-    help="The master key that encrypts stored keys and secrets.", no_args_is_help=True
+    help="The master key that encrypts stored keys and secrets.",
+    no_args_is_help=True,
+    add_completion=False,
 )
-app.add_typer(db_app, name="db")
-app.add_typer(rotations_app, name="rotations")
-app.add_typer(credentials_app, name="credentials")
-app.add_typer(keys_app, name="keys")
+# Each group's commands are built (typer inspects every function's signature) only when one
+# of them runs: a command pays for its own group, not for all of them.
+for _name, _attribute, _sub_app in [
+    ("db", "db_app", db_app),
+    ("rotations", "rotations_app", rotations_app),
+    ("credentials", "credentials_app", credentials_app),
+    ("keys", "keys_app", keys_app),
+]:
+    _LazyGroup.lazy[_name] = (f"{__name__}:{_attribute}", str(_sub_app.info.help))
 
-out = Console(highlight=False, soft_wrap=True)
+out = render.lazy_console(highlight=False, soft_wrap=True)
 
 
 class _State:
@@ -217,7 +227,7 @@ def rotate(
     kind: Annotated[
         str | None, typer.Option("--kind", help="Every managed credential of this kind.")
     ] = None,
-    reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")] = "scheduled rotation",
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")] = "manual rotation",
     as_json: Annotated[
         bool,
         typer.Option(
@@ -386,7 +396,23 @@ def _target_rotation(store: Any, rotation_id: str | None, latest: str | None) ->
             raise KeyturnError(f"credential {latest} has no rotation yet")
         return str(found.id)
     assert rotation_id is not None
+    if not store.rotation_ids(rotation_id, limit=1) and _is_credential(store, rotation_id):
+        raise KeyturnError(
+            f"{rotation_id} is a credential, not a rotation id; a verb that changes something "
+            f"needs the rotation: --latest {rotation_id}, or an id from "
+            f"`keyturn rotations show {rotation_id}`"
+        )
     return _resolve_id(store, rotation_id)
+
+
+def _is_credential(store: Any, name: str) -> bool:
+    from keyturn.domain.errors import NotFound
+
+    try:
+        store.get_credential(name)
+    except NotFound:
+        return False
+    return True
 
 
 def _since(text: str, now: datetime) -> datetime:
@@ -477,7 +503,7 @@ def rotations_list(
             ]
         )  # fmt: skip
     elif not rotations:
-        out.print("no rotations")
+        sys.stdout.write("no rotations\n")
     elif not _terminal():
         sys.stdout.write(render.plain_rotations(rotations) + "\n")
     else:
@@ -848,7 +874,7 @@ def credentials_list(
         _print_json([{**render.credential_dict(c), **v} for c, v in zip(creds, views, strict=True)])
         return
     if not creds:
-        out.print("no managed credentials; add one with `keyturn credentials import`")
+        sys.stdout.write("no managed credentials; add one with `keyturn credentials import`\n")
         return
     header = ("name", "kind", "provider", "key age", "last rotation", "next due", "policy",
               "credential")  # fmt: skip
@@ -963,8 +989,11 @@ def reconcile(
     elif not findings:
         out.print("provider and store agree; no rotation needs a human")
     else:
-        for f in findings:
-            out.print(f"{f.kind:<11} {f.credential}: {f.message}", markup=False)
+        width = max(60, out.width)
+        for f in findings:  # the message folded under its finding, never inside an id
+            out.print(f"{f.kind:<11} {f.credential}", markup=False, highlight=False)
+            for line in render.fold(f.message, width, " " * 4):
+                out.print(line, markup=False, highlight=False, soft_wrap=True)
     if findings:
         raise typer.Exit(1)
 
@@ -1084,6 +1113,29 @@ _mount_receiver()
 mount_workers(app, out)
 
 
+#: Exit status of a failure keyturn did not foresee (a bug): sysexits' EX_SOFTWARE.
+EXIT_INTERNAL = 70
+#: Set to 1 to see the traceback of such a failure.
+TRACEBACK_ENV = "KEYTURN_TRACEBACK"
+
+
+def _unforeseen(exc: Exception) -> str:
+    """One line for a failure no command turned into a KeyturnError. A file or network error
+    names its file and cause; anything else is a bug, said so, never with its arguments (they
+    may hold material)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror.lower()}:{where} (check the path, its permissions or the service)"
+    return (
+        f"unexpected {type(exc).__name__}: this is a bug in keyturn; rerun with "
+        f"{TRACEBACK_ENV}=1 to see where, and report it"
+    )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()).rstrip(".")
+
+
 def main() -> None:
     try:
         rc = app(standalone_mode=False)
@@ -1097,14 +1149,14 @@ def main() -> None:
         # Usage errors (typer vendors its own click, so match by shape, not by class).
         fmt = getattr(exc, "format_message", None)
         code = getattr(exc, "exit_code", None)
-        if fmt is None or not isinstance(code, int):
+        if fmt is not None and isinstance(code, int):
+            ctx = getattr(exc, "ctx", None)
+            where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+            sys.stderr.write(f"keyturn: error: {_one_line(fmt())}{where}\n")
+            sys.exit(code)
+        if os.environ.get(TRACEBACK_ENV) == "1":
             raise
-        ctx = getattr(exc, "ctx", None)
-        where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
-        sys.stderr.write(f"keyturn: error: {fmt()}{where}\n")
-        sys.exit(code)
-    except json.JSONDecodeError as exc:  # pragma: no cover - defensive
-        sys.stderr.write(f"keyturn: error: invalid JSON ({exc})\n")
-        sys.exit(1)
+        sys.stderr.write(f"keyturn: error: {_unforeseen(exc)}\n")
+        sys.exit(1 if isinstance(exc, OSError) else EXIT_INTERNAL)
     if isinstance(rc, int) and rc:
         sys.exit(rc)

@@ -5,15 +5,50 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any, cast
 
 from keyturn.domain.errors import KeyturnError
 from keyturn.domain.model import ActionRecord, Event, ManagedCredential, Rotation
 from keyturn.engine.registry import discovered
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+
+class _LazyConsole:
+    """A rich Console made at its first use: rich is a tenth of a read command's start-up, and
+    output to a pipe (plain columns, JSON) never needs it."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def real(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real(), name)
+
+    def __enter__(self) -> Console:  # special methods are not found through __getattr__
+        return self.real().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.real().__exit__(*exc)
+
+
+def real_console(console: Console) -> Console:
+    """The rich Console itself (for rich's own machinery, such as a Live display)."""
+    return console.real() if isinstance(console, _LazyConsole) else console
+
+
+def lazy_console(**options: Any) -> Console:
+    """A stand-in for ``Console(**options)`` that imports rich when first used."""
+    return cast("Console", _LazyConsole(**options))
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -225,6 +260,9 @@ def rotation_row(r: Rotation, *, short: bool, local: bool) -> tuple[str, ...]:
 def rotations_table(
     rotations: list[Rotation], *, short: bool = False, local: bool = False
 ) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 2, 0, 0))
     for col in ROTATION_COLUMNS:
         # A long status (a wait's words) wraps inside its own column, which never gets narrower

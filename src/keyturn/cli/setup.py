@@ -17,7 +17,7 @@ from keyturn.cli.wiring import Wiring
 from keyturn.domain.errors import ConfigError, KeyturnError, NotFound
 from keyturn.domain.model import ManagedCredential, SealedSecret
 from keyturn.engine.registry import discovered
-from keyturn.engine.spi import ProviderAccess
+from keyturn.engine.spi import CredentialConfig, ImportSpec, ProviderAccess
 
 
 def _secret_id() -> str:
@@ -79,12 +79,9 @@ def import_many(w: Wiring, entries: list[ImportEntry]) -> tuple[list[str], list[
     return imported, refused
 
 
-async def _prepared(
-    w: Wiring, e: ImportEntry, verify: bool = True
-) -> tuple[ManagedCredential, list[SealedSecret]]:
-    plugin = discovered().kind(e.kind)
-    spec = plugin.import_spec
-    cfg = w.config.credential(e.name)
+def _check_entry(w: Wiring, e: ImportEntry, cfg: CredentialConfig, spec: ImportSpec) -> None:
+    """The entry agrees with its config section, is not managed yet, and brings what its kind
+    needs."""
     if cfg.kind != e.kind:
         raise ConfigError(
             f"--kind {e.kind} does not match [credentials.{e.name}] kind = {cfg.kind}; "
@@ -95,7 +92,6 @@ async def _prepared(
             f"--provider {e.provider} does not match [credentials.{e.name}] provider = "
             f"{cfg.provider}; make them agree"
         )
-    provider = w.config.provider(e.provider)
     try:
         w.store.get_credential(e.name)
     except NotFound:
@@ -113,13 +109,27 @@ async def _prepared(
         raise KeyturnError(f"a {e.kind} credential needs {spec.material_option} FILE")
     if spec.needs_uuid and not e.credential_uuid:
         raise KeyturnError(f"a {e.kind} credential needs --credential-uuid UUID")
+
+
+async def _prepared(
+    w: Wiring, e: ImportEntry, verify: bool = True
+) -> tuple[ManagedCredential, list[SealedSecret]]:
+    plugin = discovered().kind(e.kind)
+    spec = plugin.import_spec
+    cfg = w.config.credential(e.name)
+    _check_entry(w, e, cfg, spec)
+    provider = w.config.provider(e.provider)
+    assert e.material_file is not None  # checked
     material = _read(
         spec.material_option,
         e.material_file,
         spec.material_purpose.replace("_", " "),
         strip=spec.strip_material,
     )
-    algorithm = plugin.imported(e.name, cfg, material, w)
+    try:
+        algorithm = plugin.imported(e.name, cfg, material, w)
+    except KeyturnError as exc:  # the file's content is refused: say which file
+        raise KeyturnError(f"{spec.material_option} {e.material_file}: {exc}") from None
     token: bytes | None = None
     if e.token_file is not None:
         token = _read("--token-file", e.token_file, "bearer token")

@@ -9,11 +9,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 
 from keyturn.cli.liveness import utc
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from keyturn.domain.model import WorkerRecord
     from keyturn.ports import Store
 
@@ -125,7 +126,7 @@ def mount(app: typer.Typer, out: Console) -> None:
             sys.stdout.write(dump(rows) + "\n")
             return
         if not rows:
-            out.print("no worker has registered; start one with `keyturn worker`", markup=False)
+            sys.stdout.write("no worker has registered; start one with `keyturn worker`\n")
             return
         for line in workers_table(rows):
             out.print(line, markup=False)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def mount(app: typer.Typer, out: Console) -> None:
@@ -59,7 +61,8 @@ def mount(app: typer.Typer, out: Console) -> None:
     @app.command()
     def demo() -> None:
         """Rotate all three kinds against a local sandbox, end to end, and check the result."""
+        from keyturn.cli.render import real_console
         from keyturn.quickstart.demo import run_demo
 
-        if not run_demo(out):
+        if not run_demo(real_console(out)):
             raise typer.Exit(1)

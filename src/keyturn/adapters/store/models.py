@@ -1,4 +1,5 @@
-"""The database schema, declared once (SQLAlchemy 2 typed declarative).
+"""The database schema, declared once (SQLAlchemy Core tables: no ORM, which a command that
+only reads would otherwise pay for at start-up).
 
 The Alembic revisions in ``migrations/versions`` must produce exactly this schema; a test compares
 them (``tests/integration/test_migrations.py``). Every datetime is timezone-aware UTC at the port:
@@ -9,11 +10,11 @@ again on the way out.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
 from sqlalchemy import (
     JSON,
     Boolean,
+    Column,
     DateTime,
     Dialect,
     Double,
@@ -23,9 +24,9 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 #: Deterministic constraint names, so migrations and models agree on them on every dialect.
@@ -64,223 +65,199 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
-class Base(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {
-        datetime: UTCDateTime(),
-        dict[str, Any]: JSON(),
-        bytes: LargeBinary(),
-        str: String(),
-    }
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
+#: Sealed secret material. Only ciphertext, never plaintext; ciphertext is NULL once purged.
+secrets_t = Table(
+    "secrets",
+    metadata,
+    Column("id", String(), primary_key=True),
+    Column("purpose", String(), nullable=False),
+    Column("master_key_id", String(), nullable=False),
+    Column("nonce", LargeBinary(), nullable=False),
+    Column("ciphertext", LargeBinary(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("purge_after", UTCDateTime(), nullable=True),
+    Column("purged_at", UTCDateTime(), nullable=True),
+)
 
-class SecretRow(Base):
-    """Sealed secret material. Only ciphertext, never plaintext; ciphertext is NULL once purged."""
+#: A managed credential: which provider credential it is and where its secret lives.
+credentials_t = Table(
+    "credentials",
+    metadata,
+    Column("name", String(), primary_key=True),
+    Column("kind", String(), nullable=False),
+    Column("provider", String(), nullable=False),
+    Column("credential_id", String(), nullable=False),
+    Column("credential_uuid", String(), nullable=False),
+    Column("key_ref", String(), ForeignKey("secrets.id"), nullable=True),
+    Column("algorithm", String(), nullable=False),
+    Column("token_ref", String(), ForeignKey("secrets.id"), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
 
-    __tablename__ = "secrets"
+#: One rotation of one managed credential; `version` is the compare-and-set fencing token.
+rotations_t = Table(
+    "rotations",
+    metadata,
+    Column("id", String(), primary_key=True),
+    Column("credential", String(), ForeignKey("credentials.name"), nullable=False),
+    Column("kind", String(), nullable=False),
+    Column("state", String(), nullable=False),
+    Column("version", Integer(), nullable=False),
+    Column("reason", String(), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("next_attempt_at", UTCDateTime(), nullable=True),
+    Column("lease_owner", String(), nullable=True),
+    Column("lease_expires_at", UTCDateTime(), nullable=True),
+    # Set by each claim (revision 0005): when the lease was taken, and the owner whose lease
+    # (expired, never released) it took over.
+    Column("lease_taken_at", UTCDateTime(), nullable=True),
+    Column("lease_taken_from", String(), nullable=True),
+    Column("attempts", Integer(), nullable=False),
+    Column("last_error", String(), nullable=True),
+    Column("halted_reason", String(), nullable=True),
+    Column("paused", Boolean(), nullable=False),
+    Column("request_action", String(), nullable=True),
+    Column("request_actor", String(), nullable=True),
+    Column("request_reason", String(), nullable=True),
+    Column("request_at", UTCDateTime(), nullable=True),
+    Column("rollback_from", String(), nullable=True),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    # The wait the rotation is in (added by revision 0004); while waiting, next_attempt_at is
+    # the next check time, so the claim needs nothing else.
+    Column("wait_key", String(), nullable=True),
+    Column("wait_for", String(), nullable=True),
+    Column("wait_since", UTCDateTime(), nullable=True),
+    Column("wait_deadline", UTCDateTime(), nullable=True),
+    Column("data", JSON(), nullable=False),
+    # At most one unfinished rotation per credential, enforced by the database.
+    Index(
+        "uq_rotations_unfinished_credential",
+        "credential",
+        unique=True,
+        sqlite_where=text("finished_at IS NULL"),
+        postgresql_where=text("finished_at IS NULL"),
+    ),
+    # Serves the claim query: only unfinished rotations, in the claim's order.
+    Index(
+        "ix_rotations_due",
+        "next_attempt_at",
+        "created_at",
+        "id",
+        sqlite_where=text("finished_at IS NULL"),
+        postgresql_where=text("finished_at IS NULL"),
+    ),
+    # Serves list_rotations(credential=...) and latest_rotation, newest first.
+    Index("ix_rotations_credential_created_at", "credential", "created_at"),
+)
 
-    id: Mapped[str] = mapped_column(primary_key=True)
-    purpose: Mapped[str]
-    master_key_id: Mapped[str]
-    nonce: Mapped[bytes]
-    ciphertext: Mapped[bytes | None]
-    created_at: Mapped[datetime]
-    purge_after: Mapped[datetime | None]
-    purged_at: Mapped[datetime | None]
+#: The append-only history of a rotation. The store never updates or deletes events.
+events_t = Table(
+    "events",
+    metadata,
+    Column("id", Integer(), primary_key=True, autoincrement=True),
+    Column("rotation_id", String(), ForeignKey("rotations.id"), index=True, nullable=False),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("kind", String(), nullable=False),
+    Column("actor", String(), nullable=False),
+    Column("from_state", String(), nullable=True),
+    Column("to_state", String(), nullable=True),
+    Column("trigger", String(), nullable=True),
+    Column("reason", String(), nullable=True),
+    Column("detail", JSON(), nullable=False),
+)
 
+#: The write-ahead record of one external action: intent first, then its outcome.
+actions_t = Table(
+    "actions",
+    metadata,
+    Column("rotation_id", String(), ForeignKey("rotations.id"), primary_key=True),
+    Column("phase", String(), primary_key=True),
+    Column("name", String(), primary_key=True),
+    # Order in which the intents of one rotation were first recorded (0, 1, ...).
+    Column("seq", Integer(), nullable=False),
+    Column("idempotency_key", String(), unique=True, nullable=False),
+    Column("status", String(), nullable=False),
+    Column("intent_at", UTCDateTime(), nullable=False),
+    Column("outcome_at", UTCDateTime(), nullable=True),
+    Column("attempts", Integer(), nullable=False),
+    Column("detail", JSON(), nullable=False),
+    Column("error", String(), nullable=True),
+)
 
-class CredentialRow(Base):
-    """A managed credential: which provider credential it is and where its secret lives."""
+#: A worker process: registered at its start, heartbeat while it runs, stopped_at on a
+#: clean stop (revision 0005). Rows of long-silent workers are pruned; none blocks anything.
+workers_t = Table(
+    "workers",
+    metadata,
+    Column("owner", String(), primary_key=True),
+    Column("host", String(), nullable=False),
+    Column("pid", Integer(), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("heartbeat_at", UTCDateTime(), nullable=False),
+    Column("stopped_at", UTCDateTime(), nullable=True),
+    Column("concurrency", Integer(), nullable=False),
+    Column("heartbeat_seconds", Double(), nullable=False),
+    Column("lease_seconds", Double(), nullable=False),
+)
 
-    __tablename__ = "credentials"
+#: One schedule slot of a credential (revision 0006): the next one ``scheduled`` (at most one
+#: per credential), then ``fired`` (with the rotation it created, in the same transaction),
+#: ``skipped`` or ``superseded``. (credential, slot) is the at-most-once key.
+slots_t = Table(
+    "schedule_slots",
+    metadata,
+    Column("credential", String(), ForeignKey("credentials.name"), primary_key=True),
+    # The nominal slot (UTC), before jitter, windows, freezes and stagger.
+    Column("slot", UTCDateTime(), primary_key=True),
+    # When it fires (on the schedule's clock).
+    Column("due_at", UTCDateTime(), nullable=False),
+    Column("status", String(), nullable=False),
+    # Of the policy that computed it; a worker whose config gives another does not fire it.
+    Column("fingerprint", String(), nullable=False),
+    Column("policy", String(), nullable=False),
+    Column("grp", String(), nullable=True),
+    Column("why", String(), nullable=False),
+    Column("note", String(), nullable=True),
+    Column("rotation_id", String(), nullable=True),
+    Column("planned_by", String(), nullable=False),
+    # The credential row's updated_at when the slot was planned (its key then): a slot whose
+    # credential got another key since (a rotation by hand) is planned anew, not fired.
+    Column("key_recorded_at", UTCDateTime(), nullable=True),
+    # When that key was created on the schedule's clock, as first seen (a test clock that
+    # jumps later does not move it).
+    Column("key_created", UTCDateTime(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("fired_at", UTCDateTime(), nullable=True),
+    # at most one scheduled slot per credential
+    Index(
+        "uq_schedule_slots_scheduled_credential",
+        "credential",
+        unique=True,
+        sqlite_where=text("status = 'scheduled'"),
+        postgresql_where=text("status = 'scheduled'"),
+    ),
+    # the tick: the next due slots, in order
+    Index(
+        "ix_schedule_slots_due",
+        "due_at",
+        sqlite_where=text("status = 'scheduled'"),
+        postgresql_where=text("status = 'scheduled'"),
+    ),
+    # a group's starts (stagger)
+    Index("ix_schedule_slots_grp_due_at", "grp", "due_at"),
+)
 
-    name: Mapped[str] = mapped_column(primary_key=True)
-    kind: Mapped[str]
-    provider: Mapped[str]
-    credential_id: Mapped[str]
-    credential_uuid: Mapped[str]
-    key_ref: Mapped[str | None] = mapped_column(ForeignKey("secrets.id"))
-    algorithm: Mapped[str]
-    token_ref: Mapped[str | None] = mapped_column(ForeignKey("secrets.id"))
-    created_at: Mapped[datetime]
-    updated_at: Mapped[datetime]
-
-
-class RotationRow(Base):
-    """One rotation of one managed credential; `version` is the compare-and-set fencing token."""
-
-    __tablename__ = "rotations"
-
-    id: Mapped[str] = mapped_column(primary_key=True)
-    credential: Mapped[str] = mapped_column(ForeignKey("credentials.name"))
-    kind: Mapped[str]
-    state: Mapped[str]
-    version: Mapped[int] = mapped_column(Integer)
-    reason: Mapped[str]
-    created_at: Mapped[datetime]
-    updated_at: Mapped[datetime]
-    next_attempt_at: Mapped[datetime | None]
-    lease_owner: Mapped[str | None]
-    lease_expires_at: Mapped[datetime | None]
-    #: Set by each claim (revision 0005): when the lease was taken, and the owner whose lease
-    #: (expired, never released) it took over.
-    lease_taken_at: Mapped[datetime | None]
-    lease_taken_from: Mapped[str | None]
-    attempts: Mapped[int] = mapped_column(Integer)
-    last_error: Mapped[str | None]
-    halted_reason: Mapped[str | None]
-    paused: Mapped[bool] = mapped_column(Boolean)
-    request_action: Mapped[str | None]
-    request_actor: Mapped[str | None]
-    request_reason: Mapped[str | None]
-    request_at: Mapped[datetime | None]
-    rollback_from: Mapped[str | None]
-    finished_at: Mapped[datetime | None]
-    #: The wait the rotation is in (added by revision 0004); while waiting, next_attempt_at is
-    #: the next check time, so the claim needs nothing else.
-    wait_key: Mapped[str | None]
-    wait_for: Mapped[str | None]
-    wait_since: Mapped[datetime | None]
-    wait_deadline: Mapped[datetime | None]
-    data: Mapped[dict[str, Any]]
-
-    __table_args__ = (
-        # At most one unfinished rotation per credential, enforced by the database.
-        Index(
-            "uq_rotations_unfinished_credential",
-            "credential",
-            unique=True,
-            sqlite_where=text("finished_at IS NULL"),
-            postgresql_where=text("finished_at IS NULL"),
-        ),
-        # Serves the claim query: only unfinished rotations, in the claim's order.
-        Index(
-            "ix_rotations_due",
-            "next_attempt_at",
-            "created_at",
-            "id",
-            sqlite_where=text("finished_at IS NULL"),
-            postgresql_where=text("finished_at IS NULL"),
-        ),
-        # Serves list_rotations(credential=...) and latest_rotation, newest first.
-        Index("ix_rotations_credential_created_at", "credential", "created_at"),
-    )
-
-
-class EventRow(Base):
-    """The append-only history of a rotation. The store never updates or deletes events."""
-
-    __tablename__ = "events"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    rotation_id: Mapped[str] = mapped_column(ForeignKey("rotations.id"), index=True)
-    at: Mapped[datetime]
-    kind: Mapped[str]
-    actor: Mapped[str]
-    from_state: Mapped[str | None]
-    to_state: Mapped[str | None]
-    trigger: Mapped[str | None]
-    reason: Mapped[str | None]
-    detail: Mapped[dict[str, Any]]
-
-
-class ActionRow(Base):
-    """The write-ahead record of one external action: intent first, then its outcome."""
-
-    __tablename__ = "actions"
-
-    rotation_id: Mapped[str] = mapped_column(ForeignKey("rotations.id"), primary_key=True)
-    phase: Mapped[str] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(primary_key=True)
-    #: Order in which the intents of one rotation were first recorded (0, 1, ...).
-    seq: Mapped[int] = mapped_column(Integer)
-    idempotency_key: Mapped[str] = mapped_column(unique=True)
-    status: Mapped[str]
-    intent_at: Mapped[datetime]
-    outcome_at: Mapped[datetime | None]
-    attempts: Mapped[int] = mapped_column(Integer)
-    detail: Mapped[dict[str, Any]]
-    error: Mapped[str | None]
-
-
-class WorkerRow(Base):
-    """A worker process: registered at its start, heartbeat while it runs, stopped_at on a
-    clean stop (revision 0005). Rows of long-silent workers are pruned; none blocks anything."""
-
-    __tablename__ = "workers"
-
-    owner: Mapped[str] = mapped_column(primary_key=True)
-    host: Mapped[str]
-    pid: Mapped[int] = mapped_column(Integer)
-    started_at: Mapped[datetime]
-    heartbeat_at: Mapped[datetime]
-    stopped_at: Mapped[datetime | None]
-    concurrency: Mapped[int] = mapped_column(Integer)
-    heartbeat_seconds: Mapped[float] = mapped_column(Double)
-    lease_seconds: Mapped[float] = mapped_column(Double)
-
-
-class SlotRow(Base):
-    """One schedule slot of a credential (revision 0006): the next one ``scheduled`` (at most
-    one per credential), then ``fired`` (with the rotation it created, in the same
-    transaction), ``skipped`` or ``superseded``. (credential, slot) is the at-most-once key."""
-
-    __tablename__ = "schedule_slots"
-
-    credential: Mapped[str] = mapped_column(ForeignKey("credentials.name"), primary_key=True)
-    #: The nominal slot (UTC), before jitter, windows, freezes and stagger.
-    slot: Mapped[datetime] = mapped_column(primary_key=True)
-    #: When it fires (on the schedule's clock).
-    due_at: Mapped[datetime]
-    status: Mapped[str]
-    #: Of the policy that computed it; a worker whose config gives another does not fire it.
-    fingerprint: Mapped[str]
-    policy: Mapped[str]
-    grp: Mapped[str | None]
-    why: Mapped[str]
-    note: Mapped[str | None]
-    rotation_id: Mapped[str | None]
-    planned_by: Mapped[str]
-    #: The credential row's updated_at when the slot was planned (its key then): a slot whose
-    #: credential got another key since (a rotation by hand) is planned anew, not fired.
-    key_recorded_at: Mapped[datetime | None]
-    #: When that key was created on the schedule's clock, as first seen (a test clock that
-    #: jumps later does not move it).
-    key_created: Mapped[datetime | None]
-    created_at: Mapped[datetime]
-    fired_at: Mapped[datetime | None]
-
-    __table_args__ = (
-        # at most one scheduled slot per credential
-        Index(
-            "uq_schedule_slots_scheduled_credential",
-            "credential",
-            unique=True,
-            sqlite_where=text("status = 'scheduled'"),
-            postgresql_where=text("status = 'scheduled'"),
-        ),
-        # the tick: the next due slots, in order
-        Index(
-            "ix_schedule_slots_due",
-            "due_at",
-            sqlite_where=text("status = 'scheduled'"),
-            postgresql_where=text("status = 'scheduled'"),
-        ),
-        # a group's planned starts (stagger)
-        Index("ix_schedule_slots_grp_due_at", "grp", "due_at"),
-    )
-
-
-class ScheduleClockRow(Base):
-    """Tests only (revision 0006): the schedule's clock shared by every process on the database:
-    schedule time = anchor_schedule + (database time - anchor_real) * scale."""
-
-    __tablename__ = "schedule_clock"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    anchor_real: Mapped[datetime]
-    anchor_schedule: Mapped[datetime]
-    scale: Mapped[float] = mapped_column(Double)
-
-
-metadata = Base.metadata
+#: Tests only (revision 0006): the schedule's clock shared by every process on the database:
+#: schedule time = anchor_schedule + (database time - anchor_real) * scale.
+schedule_clock_t = Table(
+    "schedule_clock",
+    metadata,
+    Column("id", Integer(), primary_key=True),
+    Column("anchor_real", UTCDateTime(), nullable=False),
+    Column("anchor_schedule", UTCDateTime(), nullable=False),
+    Column("scale", Double(), nullable=False),
+)

@@ -18,13 +18,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from sqlalchemy import Connection, Table, TextualSelect, text
 from sqlalchemy.dialects import postgresql
 
-from keyturn.adapters.store.models import ActionRow, CredentialRow, EventRow, SecretRow
+from keyturn.adapters.store.models import actions_t, credentials_t, events_t, secrets_t
 from keyturn.domain.errors import KeyturnError, StaleVersion
 from keyturn.domain.model import ActionRecord, ActionStatus, Phase, Rotation
 from keyturn.ports import Change
@@ -35,12 +35,6 @@ _PG = postgresql.dialect()  # type: ignore[no-untyped-call]
 def _typed(table: Table, names: Sequence[str]) -> list[tuple[str, str]]:
     """(column, PostgreSQL type) for `names`, from the table's declaration in models.py."""
     return [(n, table.c[n].type.compile(dialect=_PG)) for n in names]
-
-
-events_t = cast(Table, EventRow.__table__)
-actions_t = cast(Table, ActionRow.__table__)
-credentials_t = cast(Table, CredentialRow.__table__)
-secrets_t = cast(Table, SecretRow.__table__)
 
 
 class Fallback(Exception):

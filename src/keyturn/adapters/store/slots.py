@@ -10,27 +10,22 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Connection, Row, Table, and_, delete, exists, func, insert, select, update
+from sqlalchemy import Connection, Row, and_, delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from keyturn.adapters.store.models import ScheduleClockRow, SlotRow
+from keyturn.adapters.store.models import credentials_t, events_t, rotations_t, slots_t
+from keyturn.adapters.store.models import schedule_clock_t as clock_t
 from keyturn.adapters.store.sql import (
     SqlStore,
     _event_values,
     _rotation_from_row,
     _rotation_values,
-    credentials_t,
-    events_t,
-    rotations_t,
 )
 from keyturn.domain.errors import AlreadyRotating, KeyturnError
 from keyturn.domain.model import Event, Rotation, Slot
 from keyturn.ports import ClockAnchor
-
-slots_t = cast(Table, SlotRow.__table__)
-clock_t = cast(Table, ScheduleClockRow.__table__)
 
 #: The IN lists a query takes at once.
 _CHUNK = 500

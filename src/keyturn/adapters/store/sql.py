@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     Connection,
@@ -29,8 +29,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -42,14 +40,13 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.pool import NullPool
 
-from keyturn.adapters.store import pg_batch
 from keyturn.adapters.store.models import (
-    ActionRow,
-    CredentialRow,
-    EventRow,
-    RotationRow,
-    SecretRow,
-    WorkerRow,
+    actions_t,
+    credentials_t,
+    events_t,
+    rotations_t,
+    secrets_t,
+    workers_t,
 )
 from keyturn.domain.errors import (
     AlreadyRotating,
@@ -73,13 +70,6 @@ from keyturn.domain.model import (
     WorkerRecord,
 )
 from keyturn.ports import Change
-
-secrets_t = cast(Table, SecretRow.__table__)
-credentials_t = cast(Table, CredentialRow.__table__)
-rotations_t = cast(Table, RotationRow.__table__)
-events_t = cast(Table, EventRow.__table__)
-actions_t = cast(Table, ActionRow.__table__)
-workers_t = cast(Table, WorkerRow.__table__)
 
 #: SQLite waits this long for the write lock before giving up (milliseconds).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -500,6 +490,16 @@ class SqlStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _upsert(self, table: Table) -> Any:
+        """The dialect's INSERT (with ``on_conflict_do_update``), imported when first used."""
+        if self._postgres:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert(table)
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table)
+
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
         """One transaction; the database errors a caller can act on, translated."""
@@ -771,6 +771,8 @@ class SqlStore:
             return [self._commit_or_error(changes[0])]
         now = self._now()
         if self._postgres:
+            from keyturn.adapters.store import pg_batch  # PostgreSQL only: its dialect is costly
+
             try:
                 return self._commit_set_based(changes, now)
             except StoreUnavailable:
@@ -797,6 +799,8 @@ class SqlStore:
         self, changes: Sequence[Change], now: datetime
     ) -> list[Rotation | KeyturnError]:
         """PostgreSQL: the whole batch in a few set-based statements (see pg_batch)."""
+        from keyturn.adapters.store import pg_batch
+
         values = [rotation_update_values(c.updates) for c in changes]
         results: list[Rotation | KeyturnError | None] = [None] * len(changes)
         with self._tx() as conn:
@@ -819,6 +823,8 @@ class SqlStore:
 
     def _write_rows_set_based(self, conn: Connection, done: list[Change], now: datetime) -> None:
         """The rows that go with the changes whose compare-and-set succeeded."""
+        from keyturn.adapters.store import pg_batch
+
         secrets = [s for c in done for s in c.secrets]
         if secrets:
             ids = [s.id for s in secrets]
@@ -887,8 +893,7 @@ class SqlStore:
 
     def register_worker(self, worker: WorkerRecord) -> None:
         values = _worker_values(worker)
-        insert_fn = pg_insert if self._postgres else sqlite_insert
-        stmt = insert_fn(workers_t).values(**values)
+        stmt = self._upsert(workers_t).values(**values)
         stmt = stmt.on_conflict_do_update(
             index_elements=[workers_t.c.owner],
             set_={k: v for k, v in values.items() if k != "owner"},
@@ -1061,8 +1066,7 @@ class SqlStore:
             .where(a.rotation_id == action.rotation_id)
             .scalar_subquery()
         )
-        upsert = pg_insert if self._postgres else sqlite_insert
-        stmt = upsert(actions_t).values(
+        stmt = self._upsert(actions_t).values(
             rotation_id=action.rotation_id,
             phase=Phase(action.phase).value,
             name=action.name,
