@@ -125,3 +125,30 @@ def test_a_freeze_holds_switching_off_in_flight(make_kt: Callable[..., Kt]) -> N
     assert [kt.show(r)["state"] for r in ids] == ["old_deactivated"] * 2
     assert not _active(kt, old_sa)
     assert not old_hooks & set(kt.provider_webhooks())
+
+
+def test_bake_and_approval_before_start(make_kt: Callable[..., Kt]) -> None:
+    kt = make_kt()
+    _policy(kt, [SA], 'bake = "4s"\napproval = "before_start"\napproval_timeout = "1h"')
+    old_uuid = kt.bootstrap["service_account"]["credential_uuid"]
+    before = set(kt.provider_credentials())
+    rid = kt.rotate(SA)
+    assert kt.worker().returncode == 0
+    shown = kt.show(rid)
+    assert (shown["state"], shown["status"]) == ("pending", "awaiting_approval")
+    assert set(kt.provider_credentials()) == before  # nothing was called before the approval
+    kt.run("rotations", "approve", rid, "--reason", "go")
+    # bake: the worker goes on past verified only after 4 s there, holding no lease meanwhile
+    result = kt.worker()
+    assert result.returncode == 0, result.stderr
+    shown = kt.show(rid)
+    assert shown["state"] == "old_deactivated"
+    events = shown["events"]
+    baked = [e for e in events if e["detail"].get("wait") == "gate.bake"]
+    assert baked and "bake time: 4s in verified" in baked[0]["reason"], events
+    verified_at = next(e["at"] for e in events if e.get("to") == "verified")
+    done_at = next(e["at"] for e in events if e.get("to") == "old_deactivated")
+    from datetime import datetime as dt
+
+    assert dt.fromisoformat(done_at) - dt.fromisoformat(verified_at) >= timedelta(seconds=4)
+    assert not _active(kt, old_uuid)

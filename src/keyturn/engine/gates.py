@@ -41,11 +41,12 @@ async def before_step(run: RotationRun, trigger: Trigger) -> None:
         return
     if trigger is not Trigger.DEACTIVATE_OLD or await _started(run, trigger):
         return
-    verified_at = await _entered(run, State.VERIFIED)
-    if policy.bake > timedelta(0):
-        _bake(run, policy, verified_at)
-    if policy.approval == "before_deactivate":
-        await _approval(run, policy, "before_deactivate", since=verified_at)
+    if policy.bake > timedelta(0) or policy.approval == "before_deactivate":
+        verified_at = await _entered(run, State.VERIFIED)
+        if policy.bake > timedelta(0):
+            _bake(run, policy, verified_at)
+        if policy.approval == "before_deactivate":
+            await _approval(run, policy, "before_deactivate", since=verified_at)
     _freeze_or_window(run, policy, "deactivate_old")
 
 
