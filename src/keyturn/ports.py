@@ -240,8 +240,10 @@ class SlotStore(Protocol):
         note: str | None,
         *,
         key_recorded_at: datetime | None = None,
+        fingerprint: str | None = None,
     ) -> None:
-        """Move a scheduled slot's due_at (with why; with the key it now counts from)."""
+        """Move a scheduled slot's due_at (with why; with the key it now counts from, and the
+        fingerprint of the policy that now owns it)."""
 
     def close_slot(self, credential: str, slot: datetime, status: str, note: str) -> None:
         """Mark a scheduled slot skipped or superseded (with why)."""

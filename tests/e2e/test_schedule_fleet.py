@@ -185,22 +185,20 @@ def test_workers_with_different_policies_rotate_once_per_slot(
         other.write_text(fleet.kt.config.read_text().replace('every = "1h"', 'every = "2h"'))
         t0 = datetime.now(UTC)
         _set_clock(fleet, t0)
-        hourly = fleet.start_worker(concurrency=8)
-        two_hourly = fleet.start_worker(concurrency=8, KEYTURN_CONFIG=str(other))
+        # the two-hourly worker plans every first slot; the hourly one sees them as another
+        # policy's and leaves them to it
+        fleet.start_worker(concurrency=8, KEYTURN_CONFIG=str(other))
         _wait_planned(fleet)
+        hourly = fleet.start_worker(concurrency=8)
+        hourly.owner()
         for slot in (1, 2):
             # past the slot of either policy, whichever planned it
             _set_clock(fleet, t0 + timedelta(hours=2 * slot + 1))
             _wait_rotations(fleet, slot, timeout=90)
             time.sleep(1.0)
             _check_done(fleet, slot)
-        mismatches = [
-            line
-            for w in (hourly, two_hourly)
-            for line in w.lines()
-            if str(line.get("event", "")).startswith("slot left to workers of its policy")
-        ]
-        assert mismatches, "neither worker saw a slot of the other's policy"
+        fingerprints = fleet.reader.query("SELECT DISTINCT fingerprint FROM schedule_slots")
+        assert len(fingerprints) == 2, fingerprints  # both configs planned slots
         _no_errors(fleet)
     finally:
         fleet.kill_workers()

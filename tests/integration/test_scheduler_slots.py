@@ -167,12 +167,34 @@ def test_another_policy_fingerprint_does_not_fire(world: Any) -> None:
     other = Scheduler(_deps(store, clock, Policy("h", every=timedelta(hours=2)), names), owner="b")
     assert asyncio.run(hourly.plan_all()) == N
     assert asyncio.run(other.plan_all()) == 0  # the credentials have their slot
-    clock.at = T0 + timedelta(hours=3)
+    clock.at = T0 + timedelta(hours=1, minutes=1)
     assert asyncio.run(other.tick()) == 0  # not its fingerprint: left alone
     assert len(other._foreign) == N
     assert asyncio.run(hourly.tick()) == N
     assert asyncio.run(other.tick()) == 0
     assert len(store.list_rotations()) == N
+
+
+def test_a_slot_no_live_worker_of_its_policy_fires_is_taken_over(world: Any) -> None:
+    """Every worker's config changed: the slots planned by the old one are replanned by the
+    new one once they are FOREIGN_GRACE overdue, and fire once."""
+    store, clock, names = world
+    old = Scheduler(_deps(store, clock, Policy("h", every=timedelta(hours=1)), names), owner="a")
+    new = Scheduler(_deps(store, clock, Policy("h", every=timedelta(hours=2)), names), owner="b")
+    assert asyncio.run(old.plan_all()) == N
+    clock.at = T0 + timedelta(hours=1, minutes=5)  # due, seen by the new worker: left alone
+    assert asyncio.run(new.tick()) == 0
+    clock.at = T0 + timedelta(hours=1, minutes=5, seconds=30)
+    assert asyncio.run(new.tick()) == 0  # within the grace
+    clock.at = T0 + timedelta(hours=2, minutes=30)  # past the grace and past the new slot
+    asyncio.run(new.tick())  # takes the slots over (and may fire some at once)
+    asyncio.run(new.tick())
+    assert len(store.list_rotations()) == N
+    assert asyncio.run(old.tick()) == 0  # its slots were superseded or re-owned
+    assert asyncio.run(new.tick()) == 0
+    assert _count(store, "SELECT credential, count(*) FROM rotations GROUP BY credential") == (
+        dict.fromkeys(names, 1)
+    )
 
 
 def test_an_unfinished_rotation_is_not_rotated_again_and_says_so(world: Any) -> None:

@@ -43,6 +43,12 @@ PLAN_EVERY_SECONDS = 60.0
 #: A slot held back by an unfinished rotation or a limit is looked at again after this long
 #: (schedule time) unless the rotation's end plans it anew first.
 RECHECK = timedelta(minutes=10)
+#: A due slot of another policy fingerprint that this worker has seen due, unfired, for this
+#: long on its own clock (at least ten ticks) has no live worker of that configuration (one
+#: fires within a tick): a worker of this one plans the credential anew (the old slot
+#: superseded, never fired), so a config change everywhere does not leave every credential
+#: unscheduled. Real time, not the schedule's: a test clock that jumps does not trigger it.
+FOREIGN_GRACE_SECONDS = 60.0
 
 
 def plan_start(
@@ -71,6 +77,8 @@ class Scheduler:
         self.owner = owner
         #: Slots this worker's configuration does not fire (another fingerprint).
         self._foreign: set[tuple[str, datetime]] = set()
+        #: When this worker first saw each foreign slot due (its own clock).
+        self._foreign_due: dict[tuple[str, datetime], datetime] = {}
         self.fired = 0
         self.ticks = 0
 
@@ -179,18 +187,23 @@ class Scheduler:
         except KeyturnError as exc:  # the planning pass repairs it
             log.warning("could not plan the next slot", credential=credential, error=str(exc))
 
-    async def replan(self, credential: str) -> Slot | None:
+    async def replan(self, credential: str, *, take_over: bool = False) -> Slot | None:
+        """Plan the credential's next slot from its current key (superseding its scheduled
+        one); a slot of another policy fingerprint is left alone unless `take_over`."""
         policy = self.book.policy_of(credential)
         if policy is None:
             return None
         existing = (await db(self.slots.scheduled_slots, [credential])).get(credential)
         mine = self.book.fingerprint(credential)
-        if existing is not None and existing.fingerprint != mine:
-            self._mismatch(existing)
-            return None
         try:
             cred = await db(self.deps.store.get_credential, credential)
         except NotFound:
+            return None
+        stale = existing is not None and existing.key_recorded_at != (
+            cred.updated_at or cred.created_at
+        )  # planned from a key the credential no longer has: whoever fires it plans anew
+        if existing is not None and existing.fingerprint != mine and not (take_over or stale):
+            self._mismatch(existing)
             return None
         now = self.deps.time.now()
         peers: list[datetime] = []
@@ -204,7 +217,9 @@ class Scheduler:
         if slot is None:
             return existing
         if existing is not None and existing.slot == slot.slot:
-            if existing.key_recorded_at != slot.key_recorded_at:  # same slot, counted anew
+            owned = existing.fingerprint == slot.fingerprint
+            if existing.key_recorded_at != slot.key_recorded_at or not owned:
+                # the same slot, counted anew (from another key, or by this policy)
                 await db(
                     self.slots.postpone_slot,
                     credential,
@@ -212,10 +227,31 @@ class Scheduler:
                     slot.due_at,
                     slot.note,
                     key_recorded_at=slot.key_recorded_at,
+                    fingerprint=None if owned else slot.fingerprint,
                 )
+                return slot
             return existing
         replaces = existing.slot if existing is not None else None
         return slot if await db(self.slots.plan_slot, slot, replaces=replaces) else None
+
+    def _unowned(self, slot: Slot) -> bool:
+        local = self.deps.clock.now()
+        first = self._foreign_due.setdefault((slot.credential, slot.slot), local)
+        grace = max(FOREIGN_GRACE_SECONDS, 10 * self.book.tick_seconds)
+        return (local - first).total_seconds() > grace
+
+    async def _take_over(self, slot: Slot) -> None:
+        log.warning(
+            "slot of another policy fingerprint unfired past its due time; planning the "
+            "credential by this worker's policy",
+            credential=slot.credential,
+            slot=slot.slot.isoformat(),
+            slot_fingerprint=slot.fingerprint,
+            our_fingerprint=self.book.fingerprint(slot.credential),
+        )
+        if await self.replan(slot.credential, take_over=True) is not None:
+            self._foreign.discard((slot.credential, slot.slot))
+            self._foreign_due.pop((slot.credential, slot.slot), None)
 
     def _mismatch(self, slot: Slot) -> None:
         key = (slot.credential, slot.slot)
@@ -242,11 +278,11 @@ class Scheduler:
         due = await db(self.slots.due_slots, now, self.book.batch + len(self._foreign))
         mine: list[tuple[Slot, Policy]] = []
         for slot in due:
-            if (slot.credential, slot.slot) in self._foreign:
-                continue
             policy = self.book.policy_of(slot.credential)
             if policy is None or self.book.fingerprint(slot.credential) != slot.fingerprint:
                 self._mismatch(slot)
+                if policy is not None and self._unowned(slot):
+                    await self._take_over(slot)
                 continue
             mine.append((slot, policy))
         if not mine:

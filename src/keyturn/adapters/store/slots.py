@@ -296,11 +296,14 @@ class SqlSlots:
         note: str | None,
         *,
         key_recorded_at: datetime | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         s = slots_t.c
         values: dict[str, Any] = {"due_at": due_at, "note": note}
         if key_recorded_at is not None:
             values["key_recorded_at"] = key_recorded_at
+        if fingerprint is not None:
+            values["fingerprint"] = fingerprint
         with self.store._tx() as conn:
             conn.execute(
                 update(slots_t)
