@@ -6,13 +6,22 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
 
+from keyturn.domain import schedule as sched
 from keyturn.domain.errors import ConfigError, KeyturnError
 from keyturn.engine.registry import Registry, discovered
 from keyturn.engine.spi import (
@@ -77,6 +86,9 @@ class ProviderConfig(_Model):
     #: (and command) using the same database (Dfns: 1000 requests per minute per organisation;
     #: set the same value everywhere). Unset: no client-side limit.
     requests_per_minute: float | None = Field(default=None, gt=0)
+    #: At most this many scheduled rotations of credentials of this provider in flight at once
+    #: (manual `keyturn rotate` respects it unless --now). Unset: no limit.
+    max_concurrent_rotations: int | None = Field(default=None, ge=1)
 
     @field_validator("base_url")
     @classmethod
@@ -91,6 +103,63 @@ class LoggingConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class WindowConfig(_Model):
+    #: Weekdays (mon ... sun); all of them by default.
+    days: list[str] = Field(default_factory=lambda: list(sched._WEEKDAYS))
+    #: START-END of local time, START before END (24:00 is the end of the day).
+    hours: str = "00:00-24:00"
+    #: Default: the policy's timezone.
+    timezone: str | None = None
+
+
+class PolicyConfig(_Model):
+    """A rotation policy (``[policies.NAME]``); every key may be left out (inherited from
+    ``[policies.default]``, and overridden per credential in ``[credentials.NAME.schedule]``)."""
+
+    every: str | None = None
+    cron: str | None = None
+    timezone: str | None = None
+    max_age: str | None = None
+    min_age: str | None = None
+    windows: list[WindowConfig] | None = None
+    jitter: str | None = None
+    stagger: str | None = None
+    group: str | None = None
+    max_concurrent: int | None = Field(default=None, ge=1)
+    bake: str | None = None
+    approval: Literal["none", "before_start", "before_deactivate"] | None = None
+    approval_timeout: str | None = None
+
+
+class FreezeConfig(_Model):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    from_: datetime = Field(alias="from")
+    to: datetime
+    reason: str
+    #: The groups it freezes; none named: every credential.
+    groups: list[str] = Field(default_factory=list)
+
+    @field_validator("from_", "to")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        if v.tzinfo is None or v.utcoffset() is None:
+            raise ValueError(
+                "a freeze time needs an offset (e.g. 2026-12-20T00:00:00+01:00 or ...Z)"
+            )
+        return v.astimezone(UTC)
+
+
+class ScheduleConfig(_Model):
+    #: Seconds between two looks of a worker's scheduler for due slots.
+    tick_seconds: float = Field(default=5.0, gt=0)
+    #: Due slots fired per tick, at most.
+    batch: int = Field(default=100, ge=1, le=10000)
+    #: Tests only: the schedule runs on a clock shared through the database (offset and scale,
+    #: set with `keyturn clock set`) instead of the database's own clock.
+    test_clock: bool = False
+
+
 class Config(_Model):
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     keys: KeysConfig = Field(default_factory=KeysConfig)
@@ -99,11 +168,34 @@ class Config(_Model):
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     #: Each table validated by its kind's model (see :func:`load_config`).
     credentials: dict[str, CredentialConfig] = Field(default_factory=dict)
+    policies: dict[str, PolicyConfig] = Field(default_factory=dict)
+    freeze: list[FreezeConfig] = Field(default_factory=list)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     #: Where the file was read from (paths in it are relative to its directory).
     source: Path | None = None
     #: Where database.url came from, for errors: "database.url in FILE" or
     #: "environment variable KEYTURN_DATABASE_URL" (set by :func:`load_config`).
     database_url_from: str = "database.url"
+    _policies: dict[str, sched.Policy] = PrivateAttr(default_factory=dict)
+
+    @property
+    def freezes(self) -> list[sched.Freeze]:
+        return [sched.Freeze(f.from_, f.to, f.reason, frozenset(f.groups)) for f in self.freeze]
+
+    def policy_of(self, credential: str) -> sched.Policy | None:
+        """The resolved policy of a configured credential (None: rotated by hand only)."""
+        return self._policies.get(credential)
+
+    @property
+    def policies_by_credential(self) -> dict[str, sched.Policy]:
+        """Every configured credential's policy (also those that start nothing by themselves
+        but gate their rotations: bake, approval, windows, freezes)."""
+        return dict(self._policies)
+
+    @property
+    def scheduled_policies(self) -> dict[str, sched.Policy]:
+        """The credentials whose policy starts rotations (every, cron or max_age)."""
+        return {c: p for c, p in self._policies.items() if p.scheduled}
 
     def credential(self, name: str) -> CredentialConfig:
         try:
@@ -257,7 +349,122 @@ def load_config(path: Path | None, registry: Registry | None = None) -> Config:
                 f"config file {where}: key credentials.{name}.provider: no provider named "
                 f"{cred.provider!r}; define [providers.{cred.provider}]"
             )
+    _resolve_policies(where, config)
     return config
+
+
+def _windows(
+    tables: list[dict[str, Any]], tz: str, fail: Callable[[str, str], ConfigError]
+) -> list[sched.Window]:
+    windows = []
+    for i, w in enumerate(tables):
+        try:
+            start, end = sched.parse_hours(w["hours"])
+            windows.append(
+                sched.Window(sched.parse_days(w["days"]), start, end, w.get("timezone") or tz)
+            )
+        except sched.ScheduleError as exc:
+            raise fail(f"windows[{i}]", str(exc)) from None
+    return windows
+
+
+_DURATIONS = ("every", "max_age", "min_age", "jitter", "stagger", "bake", "approval_timeout")
+
+
+def _resolve_policies(where: object, config: Config, now: datetime | None = None) -> None:
+    """Resolve every credential's policy (default < named < its overrides) into a
+    :class:`keyturn.domain.schedule.Policy`, refusing what cannot work: one line naming the
+    file, the key and the fix."""
+    now = now or datetime.now(UTC)
+    freezes = config.freezes
+    for i, f in enumerate(config.freeze):
+        if f.to <= f.from_:
+            raise ConfigError(
+                f"config file {where}: key freeze[{i}].to: it is not after from; swap them"
+            )
+    named = config.policies
+    for each in named:
+        _policy(where, f"policies.{each}", each, [named.get("default"), named[each]], freezes, now)
+    for cname, cred in config.credentials.items():
+        pname = cred.policy
+        if pname is not None and pname not in named:
+            known = ", ".join(sorted(named)) or "none is defined"
+            raise ConfigError(
+                f"config file {where}: key credentials.{cname}.policy: no policy named "
+                f"{pname!r} ({known}); define [policies.{pname}] or fix the name"
+            )
+        if pname is None and "default" in named:
+            pname = "default"
+        try:
+            override = PolicyConfig.model_validate(cred.schedule)
+        except ValidationError as exc:
+            raise ConfigError(
+                _first_error(where, exc, f"credentials.{cname}.schedule", model=PolicyConfig)
+            ) from None
+        if pname is None and not cred.schedule:
+            continue
+        layers = [named.get("default"), named.get(pname) if pname else None, override]
+        policy = _policy(
+            where, f"credentials.{cname}.schedule", pname or cname, layers, freezes, now
+        )
+        config._policies[cname] = policy
+
+
+def _policy(
+    where: object,
+    key: str,
+    name: str,
+    layers: list[PolicyConfig | None],
+    freezes: list[sched.Freeze],
+    now: datetime,
+) -> sched.Policy:
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if layer is not None:
+            merged.update(layer.model_dump(exclude_none=True))
+    tz = merged.get("timezone") or "UTC"
+
+    def fail(field: str, msg: str) -> ConfigError:
+        return ConfigError(f"config file {where}: key {key}.{field}: {msg}")
+
+    durations: dict[str, timedelta] = {}
+    for field in _DURATIONS:
+        if field in merged:
+            try:
+                durations[field] = sched.parse_duration(str(merged[field]))
+            except sched.ScheduleError as exc:
+                raise fail(field, str(exc)) from None
+    try:
+        sched.zone(tz)
+    except sched.ScheduleError as exc:
+        raise fail("timezone", str(exc)) from None
+    windows = _windows(merged.get("windows") or [], tz, fail)
+    if "every" in merged and "cron" in merged:
+        raise fail("cron", "both every and cron are set; keep one of them")
+    try:
+        policy = sched.Policy(
+            name=name,
+            every=durations.get("every"),
+            cron=merged.get("cron"),
+            timezone=tz,
+            max_age=durations.get("max_age"),
+            min_age_=durations.get("min_age"),
+            windows=tuple(windows),
+            jitter=durations.get("jitter", timedelta(0)),
+            stagger=durations.get("stagger", timedelta(0)),
+            group=merged.get("group"),
+            max_concurrent=merged.get("max_concurrent"),
+            bake=durations.get("bake", timedelta(0)),
+            approval=merged.get("approval", "none"),
+            approval_timeout=durations.get("approval_timeout", timedelta(days=7)),
+        )
+    except sched.ScheduleError as exc:
+        raise fail("cron", str(exc)) from None
+    for field, problem in sched.problems(policy, freezes, now):
+        if field.startswith("freeze["):  # the freeze's own key, not the policy's
+            raise ConfigError(f"config file {where}: key {field}: {problem} (policy {name})")
+        raise fail(field, problem)
+    return policy
 
 
 def _first_error(

@@ -20,6 +20,7 @@ from keyturn.domain.model import (
     OperatorRequest,
     Rotation,
     SealedSecret,
+    Slot,
     WorkerRecord,
 )
 
@@ -168,6 +169,109 @@ class Store(Protocol):
 
     def master_key_ids(self) -> set[str]:
         """The master key ids that unpurged ciphertexts were made with."""
+
+
+# ------------------------------------------------------------------------------------- slots
+
+
+@dataclass(frozen=True)
+class ClockAnchor:
+    """The tests' shared schedule clock: schedule time = ``schedule`` + (database time -
+    ``real``) * ``scale``."""
+
+    real: datetime
+    schedule: datetime
+    scale: float
+
+
+class SlotStore(Protocol):
+    """The scheduler's slots (a credential has at most one ``scheduled`` slot), and the
+    database's clock."""
+
+    def db_now(self) -> datetime:
+        """The database server's time (aware UTC)."""
+
+    def clock_anchor(self) -> ClockAnchor | None:
+        """The shared test clock, if one is set."""
+
+    def set_clock_anchor(self, anchor: ClockAnchor | None) -> None:
+        """Set (or clear) the shared test clock; every waiting rotation is made due, so its
+        wait is looked at again on the new clock."""
+
+    def due_slots(self, now: datetime, limit: int) -> list[Slot]:
+        """Scheduled slots with due_at <= now, the earliest first (one indexed query)."""
+
+    def scheduled_slots(self, credentials: Sequence[str] | None = None) -> dict[str, Slot]:
+        """The scheduled slot of each credential (of `credentials`, or every one)."""
+
+    def unplanned(self, credentials: Sequence[str]) -> list[str]:
+        """Those of `credentials` that are managed and have no scheduled slot (what a planning
+        pass plans; a slot of a credential whose rotation is unfinished is held back when due,
+        and says why)."""
+
+    def last_fired(self, credentials: Sequence[str]) -> dict[str, datetime]:
+        """The latest fired slot of each of `credentials` that has one."""
+
+    def keys_created(self, credentials: Sequence[str]) -> dict[str, tuple[datetime, datetime]]:
+        """Per credential, from its latest slot: (the key's updated_at it was planned from,
+        when that key was created on the schedule's clock)."""
+
+    def group_last_start(self, group: str) -> datetime | None:
+        """The latest fired_at (schedule time) of the group's slots: scheduled fires and
+        rotations started by hand, which record a fired slot too."""
+
+    def record_start(self, slot: Slot) -> None:
+        """Record a rotation started by hand as a fired slot of its credential (so stagger and
+        the next slot count from it); an existing slot with that key is left as it is."""
+
+    def group_starts(self, group: str, since: datetime) -> list[datetime]:
+        """due_at of the group's scheduled slots, and fired_at of its slots fired since."""
+
+    def plan_slot(self, slot: Slot, *, replaces: datetime | None = None) -> bool:
+        """Insert `slot` as the credential's scheduled slot (marking its scheduled slot
+        `replaces` superseded in the same transaction). False when another scheduled slot
+        is there (another worker planned first) or the slot exists already."""
+
+    def postpone_slot(
+        self,
+        credential: str,
+        slot: datetime,
+        due_at: datetime,
+        note: str | None,
+        *,
+        key_recorded_at: datetime | None = None,
+        fingerprint: str | None = None,
+    ) -> None:
+        """Move a scheduled slot's due_at (with why; with the key it now counts from, and the
+        fingerprint of the policy that now owns it)."""
+
+    def close_slot(self, credential: str, slot: datetime, status: str, note: str) -> None:
+        """Mark a scheduled slot skipped or superseded (with why)."""
+
+    def fire_slot(self, slot: Slot, rotation: Rotation, event: Event, now: datetime) -> bool:
+        """In one transaction: mark the scheduled slot (credential, slot) with `slot`'s
+        fingerprint fired with `rotation`, and create the rotation. False when it is no longer
+        scheduled with that fingerprint (fired by another worker); AlreadyRotating when the
+        credential has an unfinished rotation (nothing is written)."""
+
+    def fire_slots(
+        self, fires: Sequence[tuple[Slot, Rotation, Event]], now: datetime
+    ) -> list[bool | KeyturnError]:
+        """:meth:`fire_slot` for each, in one transaction (a savepoint each): per fire, True,
+        False (no longer scheduled with that fingerprint) or the AlreadyRotating it met."""
+
+    def unfinished(self, credentials: Sequence[str]) -> dict[str, Rotation]:
+        """The unfinished rotation of each of `credentials` that has one."""
+
+    def slots_of(self, credential: str, limit: int = 20) -> list[Slot]:
+        """The credential's slots, newest first."""
+
+    def in_flight(self, credentials: Sequence[str]) -> tuple[int, datetime | None]:
+        """How many of `credentials` have an unfinished rotation, and the newest rotation's
+        created_at among them."""
+
+    def in_flight_of_provider(self, provider: str) -> int:
+        """Unfinished rotations of the provider's managed credentials."""
 
 
 # ------------------------------------------------------------------------------------ secrets

@@ -26,7 +26,10 @@ from keyturn.adapters.store.sql import make_engine
 from keyturn.domain.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
-TABLES = {"secrets", "credentials", "rotations", "events", "actions", "rate_budgets", "workers"}
+TABLES = {
+    "secrets", "credentials", "rotations", "events", "actions", "rate_budgets", "workers",
+    "schedule_slots", "schedule_clock",
+}  # fmt: skip
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

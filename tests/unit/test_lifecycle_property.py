@@ -158,6 +158,8 @@ def check_sequence(store: Store, sequence: list[tuple[str, Any]]) -> None:
                     ok = False
                 elif arg in REQUEST_OK:
                     ok = expected in REQUEST_OK[arg]
+                elif arg in ("approve", "deny"):
+                    ok = False  # no policy gate here: nothing ever awaits approval
                 elif arg == "pause":
                     ok = not paused
                 else:  # resume

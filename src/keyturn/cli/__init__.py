@@ -234,19 +234,41 @@ def rotate(
             "--json", help='{"id": first id, "started": [{credential, id}], "refused": [...]}'
         ),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print what a rotation would do now (gates, then every external call in "
+            "order) and start nothing.",
+        ),
+    ] = False,
+    now_: Annotated[
+        bool,
+        typer.Option(
+            "--now",
+            help="Start even inside a freeze or against the policy's stagger and "
+            "max_concurrent limits.",
+        ),
+    ] = False,
 ) -> None:
     """Start rotations of managed credentials (one transaction each); a worker carries them
-    out. A name that cannot start gets one line and the exit code is 1."""
+    out. A name that cannot start gets one line and the exit code is 1. A credential's policy
+    is respected (freezes, stagger, max_concurrent) unless --now."""
     w = state.wiring()
     chosen = _rotation_names(w, list(names or []), every, kind)
+    if dry_run:
+        _dry_run(w, chosen, as_json)
+        return
     w.checked_vault()
     started: list[dict[str, str]] = []
     refused: list[dict[str, str]] = []
     for name in chosen:
         try:
-            started.append(
-                {"credential": name, "id": w.start_rotation(name, reason=reason, actor=actor()).id}
-            )
+            if not now_:
+                _respect_policy(w, name)
+            rotation = w.start_rotation(name, reason=reason, actor=actor())
+            _record_start(w, rotation)
+            started.append({"credential": name, "id": rotation.id})
         except KeyturnError as exc:
             if len(chosen) == 1:
                 raise
@@ -264,6 +286,78 @@ def rotate(
             sys.stderr.write(f"keyturn: error: {r['credential']}: {r['error']}\n")
     if refused:
         raise typer.Exit(1)
+
+
+def _dry_run(w: Wiring, chosen: list[str], as_json: bool) -> None:
+    from keyturn.cli.schedule import Planned, _gates, calls_of
+    from keyturn.engine.planner import describe
+
+    now = w.schedule_time.now()
+    docs = []
+    for name in chosen:
+        managed = w.store.get_credential(name)
+        policy = w.config.policy_of(name)
+        item = Planned(name, policy.name if policy else None, now, None, "rotate (by hand)")
+        item.gates = _gates(policy) if policy else []
+        item.actions = calls_of(w, managed)
+        if as_json:
+            docs.append(item.as_dict())
+            continue
+        out.print(f"rotating {name} now would, in order:", markup=False)
+        for g in item.gates:
+            out.print(f"  gate: {g}", markup=False)
+        for line in describe(item.actions):
+            out.print(f"  {line}", markup=False)
+    if as_json:
+        _print_json({"dry_run": True, "rotations": docs})
+
+
+def _record_start(w: Wiring, rotation: Any) -> None:
+    """A start by hand counts for the policy's stagger and for the next slot, as a fired slot."""
+    from keyturn.domain.model import Slot
+
+    policy = w.config.policy_of(rotation.credential)
+    if policy is None:
+        return
+    now = w.schedule_time.now().replace(microsecond=0)
+    w.slots.record_start(
+        Slot(
+            credential=rotation.credential,
+            slot=now,
+            due_at=now,
+            fingerprint="manual",
+            policy=policy.name,
+            group=policy.group,
+            why=f"rotated by hand by {actor()}",
+            status="fired",
+            rotation_id=rotation.id,
+            planned_by=actor(),
+            fired_at=now,
+        )
+    )
+
+
+def _respect_policy(w: Wiring, name: str) -> None:
+    """Refuse a manual start the policy does not allow now (--now overrides)."""
+    from keyturn.domain.schedule import freeze_at
+    from keyturn.engine.scheduler import Scheduler
+
+    policy = w.config.policy_of(name)
+    if policy is None:
+        return
+    now = w.schedule_time.now()
+    frozen = freeze_at(w.config.freezes, policy.group, now)
+    if frozen is not None:
+        raise KeyturnError(
+            f"{name}: inside the freeze {frozen.reason!r} until {frozen.end.isoformat()}; "
+            "wait for its end or pass --now"
+        )
+    deps = w.engine_deps()
+    held = asyncio.run(Scheduler(deps, owner=f"cli:{actor()}").limits(name, policy, now))
+    if held is not None:
+        until, why = held
+        when = f"; retry after {until.isoformat(timespec='seconds')}" if until else ""
+        raise KeyturnError(f"{name}: {why}{when}, or pass --now")
 
 
 # ---------------------------------------------------------------------------------- rotations
@@ -638,6 +732,130 @@ def rotations_pause(
     )
 
 
+@rotations_app.command("approve")
+def rotations_approve(
+    rotation_id: IdArg = None, *, reason: ReasonOpt, latest: LatestOpt = None
+) -> None:
+    """Give the approval a rotation awaits (its policy's `approval`); it carries on."""
+    _operator(
+        OperatorAction.APPROVE, _target_rotation(state.wiring().store, rotation_id, latest), reason
+    )
+
+
+@rotations_app.command("deny")
+def rotations_deny(
+    rotation_id: IdArg = None, *, reason: ReasonOpt, latest: LatestOpt = None
+) -> None:
+    """Refuse the approval a rotation awaits: it rolls back (cancelled if nothing was done)."""
+    _operator(
+        OperatorAction.DENY, _target_rotation(state.wiring().store, rotation_id, latest), reason
+    )
+
+
+# ------------------------------------------------------------------------------------- plan
+
+
+def _until(text: str | None, now: datetime) -> datetime:
+    if text is None:
+        return now + timedelta(days=30)
+    text = text.strip()
+    if text and text[-1] in "smhdw" and text[:-1].replace(".", "").isdigit():
+        from keyturn.domain.schedule import parse_duration
+
+        return now + parse_duration(text)
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise KeyturnError(
+            f"--until {text!r} is not a date; give 2027-01-31, 2027-01-31T12:00+01:00 or 30d"
+        ) from None
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+@app.command("plan")
+def plan_command(
+    until: Annotated[
+        str | None,
+        typer.Option("--until", metavar="DATE", help="Up to this date (ISO, or 30d; default 30d)."),
+    ] = None,
+    credential: Annotated[
+        str | None, typer.Option("--credential", metavar="NAME", help="Only this credential.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """Every rotation the policies would start before DATE: when (windows, freezes, stagger
+    and jitter applied), why, and the exact external calls each would make, in order. Reads
+    only: no rotation is started, no slot is written, nothing is called."""
+    from keyturn.cli.schedule import plan_fleet
+    from keyturn.engine.planner import describe
+
+    w = state.wiring()
+    if credential is not None:
+        w.store.get_credential(credential)
+        if w.config.policy_of(credential) is None:
+            raise KeyturnError(
+                f'credential {credential} has no policy; set policy = "NAME" in '
+                f"[credentials.{credential}] (or define [policies.default])"
+            )
+    now = w.schedule_time.now()
+    planned, notes = plan_fleet(w, until=_until(until, now), credential=credential)
+    if as_json:
+        _print_json({"now": now.isoformat(), "rotations": [p.as_dict() for p in planned],
+                     "notes": notes})  # fmt: skip
+        return
+    if not planned:
+        out.print("no rotation would start before " + _until(until, now).isoformat(), markup=False)
+    for p in planned:
+        extra = f" ({'; '.join(p.notes)})" if p.notes else ""
+        head = f"{p.at.isoformat(timespec='seconds')}  {p.credential}  policy {p.policy}: {p.why}"
+        out.print(head + extra, markup=False)
+        for g in p.gates:
+            out.print(f"  gate: {g}", markup=False)
+        if p.deactivate_not_before is not None:
+            not_before = p.deactivate_not_before.isoformat(timespec="seconds")
+            out.print(f"  deactivate_old not before {not_before}", markup=False)
+        for line in describe(p.actions):
+            out.print(f"  {line}", markup=False)
+    for n in notes:
+        out.print(f"note: {n}", markup=False)
+
+
+# -------------------------------------------------------------------------------- clock
+
+clock_app = typer.Typer(
+    help="Tests only: the schedule's clock shared through the database.", no_args_is_help=True
+)
+app.add_typer(clock_app, name="clock", hidden=True)
+
+
+@clock_app.command("set")
+def clock_set(
+    at: Annotated[str, typer.Option("--at", help="What the schedule's clock reads now (ISO).")],
+    scale: Annotated[
+        float, typer.Option("--scale", help="Schedule seconds per real second.")
+    ] = 1.0,
+) -> None:
+    """Make the schedule's clock read AT now and run SCALE times real time (every process on
+    the database whose config says [schedule] test_clock = true follows it)."""
+    from keyturn.ports import ClockAnchor
+
+    w = state.wiring()
+    if not w.config.schedule.test_clock:
+        raise KeyturnError(
+            "the shared test clock is off in this config; set test_clock = true in [schedule] "
+            "(tests only)"
+        )
+    if scale <= 0:
+        raise KeyturnError("--scale must be above 0")
+    try:
+        when = datetime.fromisoformat(at)
+    except ValueError:
+        raise KeyturnError(f"--at {at!r} is not an ISO date and time") from None
+    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    w.slots.set_clock_anchor(ClockAnchor(w.slots.db_now(), when, scale))
+    out.print(f"schedule clock: {when.isoformat()} now, x{scale:g}", markup=False)
+
+
 # -------------------------------------------------------------------------------- credentials
 
 
@@ -645,16 +863,27 @@ def rotations_pause(
 def credentials_list(
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
-    """Managed credentials and the credential each currently points at."""
-    creds = state.wiring().store.list_credentials()
+    """Managed credentials, the credential each points at, its key's age, its last rotation,
+    its next due rotation and its policy."""
+    from keyturn.cli.schedule import inventory
+
+    w = state.wiring()
+    creds = w.store.list_credentials()
+    views = inventory(w, creds)
     if as_json:
-        _print_json([render.credential_dict(c) for c in creds])
+        _print_json([{**render.credential_dict(c), **v} for c, v in zip(creds, views, strict=True)])
         return
     if not creds:
         sys.stdout.write("no managed credentials; add one with `keyturn credentials import`\n")
         return
-    header = ("name", "kind", "provider", "credential", "algorithm")
-    rows = [(c.name, c.kind, c.provider, c.credential_uuid, c.algorithm) for c in creds]
+    header = ("name", "kind", "provider", "key age", "last rotation", "next due", "policy",
+              "credential")  # fmt: skip
+    rows = [
+        (c.name, c.kind, c.provider, render.age(v["key_age_seconds"]),
+         f"{v['last_rotation'] or '-'} ({v['last_rotation_state']})" if v["last_rotation"] else "-",
+         (v["next_rotation_at"] or "-")[:19], v["policy"] or "-", c.credential_uuid)
+        for c, v in zip(creds, views, strict=True)
+    ]  # fmt: skip
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     for row in [header, *rows]:
         cells = [v.ljust(widths[i]) for i, v in enumerate(row[:-1])]

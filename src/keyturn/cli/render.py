@@ -68,9 +68,14 @@ def _one_line(words: str | None) -> str:
     return " ".join(str(words).split())
 
 
+def awaiting_approval(r: Rotation) -> bool:
+    return (r.wait_key or "").startswith("gate.approval") and not r.finished
+
+
 def waiting_of(r: Rotation) -> str:
     """``waiting for X since T, deadline D`` (one line): what a waiting rotation waits for."""
-    text = f"waiting for {_one_line(r.wait_for)}"
+    head = "awaiting approval: " if awaiting_approval(r) else "waiting for "
+    text = f"{head}{_one_line(r.wait_for)}"
     if r.wait_since is not None:
         text += f" since {when(r.wait_since)}"
     if r.wait_deadline is not None:
@@ -181,7 +186,17 @@ def dump(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=False, default=str)
 
 
-STATUSES = ("halted", "paused", "requested", "waiting", "running", "retrying", "due", "done")
+STATUSES = (
+    "halted",
+    "paused",
+    "requested",
+    "awaiting_approval",
+    "waiting",
+    "running",
+    "retrying",
+    "due",
+    "done",
+)
 
 
 def status_key(r: Rotation) -> str:
@@ -194,6 +209,8 @@ def status_key(r: Rotation) -> str:
         return "halted"
     if r.finished:
         return "done"
+    if awaiting_approval(r):
+        return "awaiting_approval"
     if r.wait_for is not None:
         return "waiting"
     if r.lease_owner:
@@ -404,3 +421,14 @@ def show_rotation(
     _print_actions(console, actions)
     console.print("  timeline:")
     print_timeline(console, events, local=local)
+
+
+def age(seconds: float | None) -> str:
+    """A duration in its largest unit: 45s, 12m, 5h, 91d."""
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit}"
+    return f"{s}s"

@@ -22,11 +22,13 @@ from keyturn.engine.registry import discovered
 
 if TYPE_CHECKING:
     from keyturn.adapters.keys import CryptoKeys
+    from keyturn.adapters.store.slots import SqlSlots
     from keyturn.adapters.store.sql import SqlStore
     from keyturn.adapters.vault import AesGcmVault
     from keyturn.config import Config
     from keyturn.domain.model import Rotation
     from keyturn.engine.run import BlockingPool, CrashHook, EngineDeps
+    from keyturn.engine.schedtime import ScheduleBook, ScheduleTime
     from keyturn.engine.spi import CredentialConfig, ProviderAccess
     from keyturn.ports import Fence, RequestBudget
 
@@ -311,4 +313,40 @@ class Wiring:
             services=self,
             settings=settings,
             crash_hook=hook,
+            schedule=self.schedule_book,
+            slots=self.slots,
+            schedule_time=self.schedule_time,
+        )
+
+    @cached_property
+    def slots(self) -> SqlSlots:
+        from keyturn.adapters.store.slots import SqlSlots
+
+        return SqlSlots(self.store)
+
+    @cached_property
+    def schedule_time(self) -> ScheduleTime:
+        """The schedule's clock: the database's (or the tests' shared one), sampled now."""
+        from keyturn.engine.schedtime import ScheduleTime
+
+        t = ScheduleTime(self.clock, self.slots, shared_test_clock=self.config.schedule.test_clock)
+        t.sync()
+        return t
+
+    @cached_property
+    def schedule_book(self) -> ScheduleBook:
+        from keyturn.engine.schedtime import ScheduleBook
+
+        cfg = self.config
+        return ScheduleBook(
+            policies=cfg.policies_by_credential,
+            freezes=cfg.freezes,
+            providers={n: c.provider for n, c in cfg.credentials.items()},
+            provider_limits={
+                n: p.max_concurrent_rotations
+                for n, p in cfg.providers.items()
+                if p.max_concurrent_rotations is not None
+            },
+            tick_seconds=cfg.schedule.tick_seconds,
+            batch=cfg.schedule.batch,
         )

@@ -26,6 +26,11 @@ class OperatorAction(StrEnum):
     ROLLBACK = "rollback"
     CANCEL = "cancel"
     PAUSE = "pause"
+    #: Give the approval a policy's gate waits for (``approval``).
+    APPROVE = "approve"
+    #: Refuse it: before the old side is switched off the rotation rolls back (or is
+    #: cancelled while nothing was done).
+    DENY = "deny"
 
 
 class ActionStatus(StrEnum):
@@ -194,3 +199,28 @@ def evolve(obj: T, changes: Mapping[str, Any]) -> T:
     new.__dict__.update(obj.__dict__)
     new.__dict__.update(changes)
     return new
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A credential's schedule slot: ``slot`` is the nominal time (the at-most-once key),
+    ``due_at`` when it fires, on the schedule's clock. ``status``: scheduled, fired, skipped,
+    superseded. ``fingerprint`` is of the policy that computed it."""
+
+    credential: str
+    slot: datetime
+    due_at: datetime
+    fingerprint: str
+    policy: str
+    group: str | None
+    why: str
+    status: str = "scheduled"
+    note: str | None = None
+    rotation_id: str | None = None
+    planned_by: str = ""
+    #: The credential's updated_at (its key) the slot was planned from.
+    key_recorded_at: datetime | None = None
+    #: When that key was created, on the schedule's clock.
+    key_created: datetime | None = None
+    created_at: datetime | None = None
+    fired_at: datetime | None = None

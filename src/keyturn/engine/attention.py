@@ -17,6 +17,8 @@ def attention(r: Rotation, now: datetime) -> str | None:
         return None
     if r.halted_reason:
         return "halted"
+    if (r.wait_key or "").startswith("gate.approval"):
+        return "awaiting approval"
     if r.lease_owner and r.lease_expires_at is not None and r.lease_expires_at < now:
         return f"holder {r.lease_owner} lost (its lease expired)"
     if r.request is not None and now - r.request.at > REQUEST_STALE:

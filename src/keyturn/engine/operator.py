@@ -11,6 +11,7 @@ from keyturn.domain.errors import KeyturnError, StaleVersion, TransitionRefused
 from keyturn.domain.lifecycle import GuardFacts, State, Trigger, check_guards
 from keyturn.domain.model import (
     Event,
+    ManagedCredential,
     OperatorAction,
     OperatorRequest,
     Phase,
@@ -20,6 +21,9 @@ from keyturn.engine.registry import Registry
 from keyturn.engine.run import EngineDeps, RotationRun, db, new_rotation_id
 from keyturn.engine.steps import CLEAR_WAIT
 from keyturn.ports import Clock, Store
+
+#: wait_key prefix of a policy's approval gate (see keyturn.engine.gates).
+APPROVAL_KEY = "gate.approval"
 
 
 def guard_facts(store: Store, registry: Registry, rotation: Rotation) -> GuardFacts:
@@ -54,6 +58,23 @@ def validate(store: Store, registry: Registry, rotation: Rotation, action: Opera
         )
     elif action is OperatorAction.PAUSE and rotation.paused:
         raise TransitionRefused(rotation.state.value, action.value, "it is already paused")
+    elif action in (OperatorAction.APPROVE, OperatorAction.DENY):
+        if not (rotation.wait_key or "").startswith(APPROVAL_KEY):
+            raise TransitionRefused(
+                rotation.state.value,
+                action.value,
+                "it is not awaiting approval"
+                + (f" (it is waiting for {rotation.wait_for})" if rotation.wait_for else ""),
+            )
+        if action is OperatorAction.DENY and not _denied_without_intent(store, rotation):
+            check_guards(rotation.state, Trigger.ROLLBACK, guard_facts(store, registry, rotation))
+
+
+def _denied_without_intent(store: Store, rotation: Rotation) -> bool:
+    """A denial of a rotation that has done nothing yet cancels it (else it rolls back)."""
+    return rotation.state is State.PENDING and not any(
+        a.phase is Phase.FORWARD for a in store.actions(rotation.id)
+    )
 
 
 def applies(store: Store, registry: Registry, rotation: Rotation, action: OperatorAction) -> bool:
@@ -168,6 +189,26 @@ async def apply_request(run: RotationRun) -> Applied:
     clear_halt = {"request": None, "paused": False, "halted_reason": None, **CLEAR_WAIT}
     if request.action is OperatorAction.PAUSE:
         await run.unit.write(updates={"request": None, "paused": True}, events=[note("applied")])
+    elif request.action is OperatorAction.APPROVE:
+        # the gate finds this event and lets the step run
+        await run.unit.write(
+            updates={**clear_halt, "next_attempt_at": None}, events=[note("applied")]
+        )
+    elif request.action is OperatorAction.DENY:
+        await run.unit.write(updates={}, events=[note("applied")])
+        no_intent = await db(_denied_without_intent, run.deps.store, rotation)
+        trigger = Trigger.CANCEL if no_intent else Trigger.ROLLBACK
+        extra = {} if no_intent else {"rollback_from": State(rotation.state)}
+        if not no_intent:
+            facts = await db(guard_facts, run.deps.store, run.deps.registry, rotation)
+            check_guards(rotation.state, Trigger.ROLLBACK, facts)
+        await run.transition(
+            trigger,
+            actor=request.actor,
+            reason=f"approval denied: {request.reason}",
+            updates={**clear_halt, **extra},
+        )
+        await run.unit.flush()
     elif request.action is OperatorAction.RESUME:
         await run.unit.write(
             updates={**clear_halt, "attempts": 0, "last_error": None, "next_attempt_at": None},
@@ -204,6 +245,30 @@ def start_rotation(
 ) -> Rotation:
     """Create a pending rotation of a managed credential, due now."""
     managed = store.get_credential(credential)
+    rotation, event = new_rotation(
+        registry,
+        clock,
+        managed,
+        reason=reason,
+        actor=actor,
+        options=options,
+        rotation_id=rotation_id,
+    )
+    return store.create_rotation(rotation, event)
+
+
+def new_rotation(
+    registry: Registry,
+    clock: Clock,
+    managed: ManagedCredential,
+    *,
+    reason: str,
+    actor: str,
+    options: Mapping[str, Any],
+    rotation_id: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+) -> tuple[Rotation, Event]:
+    """A pending rotation of `managed`, due now, and its first event (not stored)."""
     kind = registry.kind(managed.kind)
     now = clock.now()
     rotation = Rotation(
@@ -226,6 +291,6 @@ def start_rotation(
         trigger="create",
         to_state=State.PENDING.value,
         reason=reason,
-        detail={"options": dict(options)},
+        detail={"options": dict(options), **(detail or {})},
     )
-    return store.create_rotation(rotation, event)
+    return rotation, event

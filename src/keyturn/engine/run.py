@@ -23,9 +23,10 @@ from keyturn.engine.actions import ActionLog
 from keyturn.engine.batch import CommitBatcher, Loaders
 from keyturn.engine.lease import Lease, LeaseLost
 from keyturn.engine.registry import Registry, discovered
+from keyturn.engine.schedtime import ScheduleBook, ScheduleTime
 from keyturn.engine.spi import CredentialConfig, Services
 from keyturn.engine.unit import UnitOfWork
-from keyturn.ports import Clock, Keys, Store, Vault
+from keyturn.ports import Clock, Keys, SlotStore, Store, Vault
 
 __all__ = [
     "CrashHook",
@@ -87,8 +88,24 @@ class EngineDeps:
     settings: EngineSettings = field(default_factory=EngineSettings)
     crash_hook: CrashHook = no_crash
     registry: Registry = field(default_factory=discovered)
+    #: The configured policies (None: nothing is scheduled, no gate applies).
+    schedule: ScheduleBook | None = None
+    #: The scheduler's slots (None: no scheduler runs in a worker).
+    slots: SlotStore | None = None
+    #: The schedule's clock (set in __post_init__ from `clock` when not given).
+    schedule_time: ScheduleTime | None = None
     _targets: dict[str, list[Any]] = field(default_factory=dict)
     _probes: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.schedule_time is None:
+            self.schedule_time = ScheduleTime(self.clock, self.slots)
+
+    @property
+    def time(self) -> ScheduleTime:
+        """The schedule's clock (schedules, windows, freezes, bake, approvals, wait deadlines)."""
+        assert self.schedule_time is not None
+        return self.schedule_time
 
     def config(self, credential: str) -> CredentialConfig:
         return self.services.credential_config(credential)

@@ -66,6 +66,11 @@ class CredentialConfig(PluginModel):
     token_file: Path | None = None
     targets: list[TargetConfig] = Field(default_factory=list)
     probes: list[ProbeConfig] = Field(default_factory=list)
+    #: The rotation policy (``[policies.NAME]``) this credential follows; None: the
+    #: installation's ``[policies.default]`` if there is one, else rotated by hand only.
+    policy: str | None = None
+    #: Keys of the policy overridden for this credential (validated with the policies).
+    schedule: dict[str, Any] = Field(default_factory=dict)
 
 
 class RotationData(BaseModel):

@@ -215,6 +215,11 @@ async def run_step(run: RotationRun, trigger: Trigger) -> None:
             if isinstance(item, Wait):
                 await _wait(run, ctx, item)
             else:
+                if item.irreversible:
+                    from keyturn.engine.gates import before_irreversible
+
+                    await ctx.save()
+                    await before_irreversible(run, item)
                 ctx._target = target
                 try:
                     await _perform(run, ctx, item, signer, signer_ref)
@@ -310,7 +315,9 @@ async def _wait(run: RotationRun, ctx: StepContext[Any, Any], wait: Wait[Any]) -
             await run.unit.add(updates=CLEAR_WAIT)
         return
     await ctx.save()
-    now = run.now()
+    # deadlines on the schedule's clock (a test may run it faster); the next check on ours
+    time = run.deps.time
+    now = time.now()
     same = rotation.wait_key == key
     since = rotation.wait_since if same and rotation.wait_since is not None else now
     deadline = (
@@ -323,7 +330,7 @@ async def _wait(run: RotationRun, ctx: StepContext[Any, Any], wait: Wait[Any]) -
             f"waited for {pending} since {_when(since)}; its deadline {_when(deadline)} passed"
         )
     next_check = min(deadline, now + timedelta(seconds=max(0.0, wait.every(ctx))))
-    raise Waiting(key, pending, since, deadline, next_check)
+    raise Waiting(key, pending, since, deadline, time.to_local(next_check))
 
 
 def _when(at: datetime) -> str:

@@ -16,7 +16,8 @@ from keyturn.domain.errors import KeyturnError, StaleVersion, StoreUnavailable
 from keyturn.domain.lifecycle import FORWARD
 from keyturn.domain.model import Event, Rotation, WorkerRecord
 from keyturn.engine.batch import CommitBatcher, Loaders
-from keyturn.engine.operator import apply_request, halt_advice
+from keyturn.engine.gates import before_step
+from keyturn.engine.operator import APPROVAL_KEY, apply_request, halt_advice
 from keyturn.engine.run import (
     EngineDeps,
     LeaseLost,
@@ -26,6 +27,7 @@ from keyturn.engine.run import (
     db,
     engine_logger,
 )
+from keyturn.engine.scheduler import Scheduler
 from keyturn.engine.steps import WaitExpired, Waiting, run_step
 
 log = structlog.get_logger("keyturn.worker")
@@ -56,6 +58,12 @@ class Worker:
         self.halted: set[str] = set()
         self.started_at: datetime | None = None
         self._registered = False
+        #: Fires the due slots of the configured policies (None: nothing scheduled here).
+        self.scheduler = (
+            Scheduler(deps, owner=self.owner)
+            if deps.schedule is not None and deps.slots is not None and deps.schedule.policies
+            else None
+        )
 
     def stop(self) -> None:
         """Stop claiming; in-flight rotations stop at their next action boundary."""
@@ -71,12 +79,19 @@ class Worker:
         self._engine_log = engine_logger()
         await self._register()
         heartbeat = asyncio.create_task(self._heartbeat(), name=f"heartbeat {self.owner}")
+        ticking = (
+            asyncio.create_task(self.scheduler.run(self._stopping), name=f"scheduler {self.owner}")
+            if self.scheduler is not None and not until_idle
+            else None
+        )
         clean = False
         try:
             await self._run(until_idle=until_idle)
             clean = True
         finally:
             heartbeat.cancel()
+            if ticking is not None:
+                ticking.cancel()
             await self.batcher.aclose()
             await self.loaders.aclose()
             log.info(
@@ -256,6 +271,9 @@ class Worker:
         finally:
             renewer.cancel()
         await run.release()
+        if self.scheduler is not None and run.rotation.finished:
+            # the credential's next slot, from the key the release just recorded
+            await self.scheduler.finished(run.rotation.credential)
 
     async def _note_takeover(self, run: RotationRun) -> None:
         """A claim that took over another owner's expired lease goes in the timeline, with
@@ -298,7 +316,7 @@ class Worker:
                 )
                 continue
             if rotation.finished:
-                self.completed += 1
+                await self._finished(rotation)
                 return
             if rotation.paused or rotation.halted_reason:
                 return
@@ -309,6 +327,7 @@ class Worker:
                 raise WorkerStopping()
             trigger = FORWARD[rotation.state]
             try:
+                await before_step(run, trigger)
                 await run_step(run, trigger)
             except OperatorInterrupt:
                 continue
@@ -323,6 +342,9 @@ class Worker:
             except KeyturnError as exc:
                 await self._failed(run, trigger.value, exc)
                 return
+
+    async def _finished(self, rotation: Rotation) -> None:
+        self.completed += 1
 
     async def _wait(self, run: RotationRun, step: str, wait: Waiting) -> None:
         """Record what the step waits for (an event when the wait begins or changes); the
@@ -340,7 +362,10 @@ class Worker:
                     from_state=rotation.state.value,
                     reason=wait.what,
                     detail={
-                        "status": "waiting",
+                        # an approval wait is an event a notification can be sent for
+                        "status": "awaiting_approval"
+                        if wait.key.startswith(APPROVAL_KEY)
+                        else "waiting",
                         "wait": wait.key,
                         "deadline": wait.deadline.isoformat(),
                     },

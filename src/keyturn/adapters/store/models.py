@@ -203,3 +203,61 @@ workers_t = Table(
     Column("heartbeat_seconds", Double(), nullable=False),
     Column("lease_seconds", Double(), nullable=False),
 )
+
+#: One schedule slot of a credential (revision 0006): the next one ``scheduled`` (at most one
+#: per credential), then ``fired`` (with the rotation it created, in the same transaction),
+#: ``skipped`` or ``superseded``. (credential, slot) is the at-most-once key.
+slots_t = Table(
+    "schedule_slots",
+    metadata,
+    Column("credential", String(), ForeignKey("credentials.name"), primary_key=True),
+    # The nominal slot (UTC), before jitter, windows, freezes and stagger.
+    Column("slot", UTCDateTime(), primary_key=True),
+    # When it fires (on the schedule's clock).
+    Column("due_at", UTCDateTime(), nullable=False),
+    Column("status", String(), nullable=False),
+    # Of the policy that computed it; a worker whose config gives another does not fire it.
+    Column("fingerprint", String(), nullable=False),
+    Column("policy", String(), nullable=False),
+    Column("grp", String(), nullable=True),
+    Column("why", String(), nullable=False),
+    Column("note", String(), nullable=True),
+    Column("rotation_id", String(), nullable=True),
+    Column("planned_by", String(), nullable=False),
+    # The credential row's updated_at when the slot was planned (its key then): a slot whose
+    # credential got another key since (a rotation by hand) is planned anew, not fired.
+    Column("key_recorded_at", UTCDateTime(), nullable=True),
+    # When that key was created on the schedule's clock, as first seen (a test clock that
+    # jumps later does not move it).
+    Column("key_created", UTCDateTime(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("fired_at", UTCDateTime(), nullable=True),
+    # at most one scheduled slot per credential
+    Index(
+        "uq_schedule_slots_scheduled_credential",
+        "credential",
+        unique=True,
+        sqlite_where=text("status = 'scheduled'"),
+        postgresql_where=text("status = 'scheduled'"),
+    ),
+    # the tick: the next due slots, in order
+    Index(
+        "ix_schedule_slots_due",
+        "due_at",
+        sqlite_where=text("status = 'scheduled'"),
+        postgresql_where=text("status = 'scheduled'"),
+    ),
+    # a group's starts (stagger)
+    Index("ix_schedule_slots_grp_due_at", "grp", "due_at"),
+)
+
+#: Tests only (revision 0006): the schedule's clock shared by every process on the database:
+#: schedule time = anchor_schedule + (database time - anchor_real) * scale.
+schedule_clock_t = Table(
+    "schedule_clock",
+    metadata,
+    Column("id", Integer(), primary_key=True),
+    Column("anchor_real", UTCDateTime(), nullable=False),
+    Column("anchor_schedule", UTCDateTime(), nullable=False),
+    Column("scale", Double(), nullable=False),
+)
