@@ -232,6 +232,8 @@ class Worker:
             # every run ends with a write (the release, a failure, a halt), so writes are held
             hold_writes=True,
             stopping=self._stopping,
+            # its steps follow one another at once: one provider session for all of them
+            keep_sessions=True,
         )
         renewer = asyncio.create_task(self._renew(run))
         try:
@@ -255,6 +257,7 @@ class Worker:
             return
         finally:
             renewer.cancel()
+            await run.close_sessions()
         await run.release()
 
     async def _note_takeover(self, run: RotationRun) -> None:
