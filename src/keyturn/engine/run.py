@@ -24,7 +24,7 @@ from keyturn.engine.batch import CommitBatcher, Loaders
 from keyturn.engine.lease import Lease, LeaseLost
 from keyturn.engine.registry import Registry, discovered
 from keyturn.engine.schedtime import ScheduleBook, ScheduleTime
-from keyturn.engine.spi import CredentialConfig, Services
+from keyturn.engine.spi import CredentialConfig, KindPlugin, Services
 from keyturn.engine.unit import UnitOfWork
 from keyturn.ports import Clock, Keys, SlotStore, Store, Vault
 
@@ -172,6 +172,7 @@ class RotationRun:
         loaders: Loaders | None = None,
         hold_writes: bool = False,
         stopping: asyncio.Event | None = None,
+        keep_sessions: bool = False,
     ) -> None:
         self.deps = deps
         self.owner = owner
@@ -198,6 +199,11 @@ class RotationRun:
         # proxy each bind builds a logger anew.
         self.log = (logger or log).bind(rotation=rotation.id, credential=rotation.credential)
         self.actions = ActionLog(self)
+        #: Keep a kind's provider session for the run's later steps (a worker's run, whose
+        #: steps follow one another at once), closed by :meth:`close_sessions`; otherwise a
+        #: session lasts one step.
+        self.keep_sessions = keep_sessions
+        self._sessions: dict[str, Any] = {}
 
     @property
     def rotation(self) -> Rotation:
@@ -236,6 +242,31 @@ class RotationRun:
         if self.stopping is not None and self.stopping.is_set():
             raise WorkerStopping()
         await self.ensure_lease()
+
+    # ------------------------------------------------------------------ provider sessions
+
+    async def open_session(self, kind: KindPlugin) -> Any:
+        """The provider session of `kind` for a step: the run's own when it keeps sessions (one
+        per run: the store reads behind it, its client and its connections, made once)."""
+        session = self._sessions.get(kind.name)
+        if session is None:
+            session = await kind.open_session(self.deps.services, self.rotation, self.fence)
+            if self.keep_sessions:
+                self._sessions[kind.name] = session
+        return session
+
+    async def done_with_session(self, kind: KindPlugin, session: Any) -> None:
+        """A step is done with `session`: closed now unless the run keeps it."""
+        if self._sessions.get(kind.name) is not session:
+            await _close(session)
+
+    async def close_sessions(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            try:
+                await _close(session)
+            except Exception:  # closing never decides a rotation's fate
+                self.log.warning("could not close a provider session", exc_info=True)
 
     # ------------------------------------------------------------------ reads
 
@@ -311,6 +342,12 @@ class RotationRun:
             await self.unit.write(updates={"lease_owner": None, "lease_expires_at": None})
         except StaleVersion:
             self.log.warning("lease lost before release")
+
+
+async def _close(session: Any) -> None:
+    close = getattr(session, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def new_secret_id() -> str:

@@ -205,7 +205,7 @@ async def run_step(run: RotationRun, trigger: Trigger) -> None:
     config = deps.config(run.rotation.credential)
     signer = kind.signer(config)
     signer_ref = await _key_ref(run, signer) if signer else None
-    session = await kind.open_session(deps.services, run.rotation, run.fence)
+    session = await run.open_session(kind)
     try:
         ctx: StepContext[Any, Any] = StepContext(run, kind, session, config)
         for item in step.expand([t.name for t in ctx.targets]):
@@ -235,9 +235,7 @@ async def run_step(run: RotationRun, trigger: Trigger) -> None:
             purge_after=finish.purge_after,
         )
     finally:
-        close = getattr(session, "aclose", None)
-        if close is not None:
-            await close()
+        await run.done_with_session(kind, session)
 
 
 async def _perform(

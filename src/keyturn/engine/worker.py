@@ -247,6 +247,8 @@ class Worker:
             # every run ends with a write (the release, a failure, a halt), so writes are held
             hold_writes=True,
             stopping=self._stopping,
+            # its steps follow one another at once: one provider session for all of them
+            keep_sessions=True,
         )
         renewer = asyncio.create_task(self._renew(run))
         try:
@@ -270,6 +272,7 @@ class Worker:
             return
         finally:
             renewer.cancel()
+            await run.close_sessions()
         await run.release()
         if self.scheduler is not None and run.rotation.finished:
             # the credential's next slot, from the key the release just recorded

@@ -125,6 +125,13 @@ def _iso_utc(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+@functools.lru_cache(maxsize=512)
+def _absolute(base_url: str, path: str) -> httpx.URL:
+    """`base_url` + `path` as httpx's URL, parsed once per path: given a path, httpx parses it
+    and joins it to the base URL on every request (~3% of a worker's CPU)."""
+    return httpx.URL(base_url + path)
+
+
 @functools.cache
 def _tls_context() -> ssl.SSLContext:
     """The default verifying TLS context (certifi's roots, as httpx builds it), made once."""
@@ -269,7 +276,11 @@ class DfnsClient:
         started = time.monotonic()
         try:
             response = await self._http.request(
-                method, path, content=content or None, headers=headers, params=params
+                method,
+                _absolute(self._base_url, path),
+                content=content or None,
+                headers=headers,
+                params=params,
             )
         except httpx.TimeoutException as exc:
             phase = next((p for cls, p in _TIMEOUT_PHASES if isinstance(exc, cls)), "read")
