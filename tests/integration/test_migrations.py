@@ -26,7 +26,17 @@ from keyturn.adapters.store.sql import make_engine
 from keyturn.domain.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
-TABLES = {"secrets", "credentials", "rotations", "events", "actions", "rate_budgets", "workers"}
+TABLES = {
+    "secrets",
+    "credentials",
+    "rotations",
+    "events",
+    "actions",
+    "rate_budgets",
+    "workers",
+    "api_tokens",
+    "idempotency_keys",
+}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
