@@ -117,7 +117,9 @@ def serve(
     n = concurrency if concurrency is not None else w.config.worker.concurrency
     if n < 1:
         raise KeyturnError("--concurrency must be at least 1")
-    deps = w.engine_deps(n) if worker else None
+    # made now: a verb carried out at once needs the engine (and the master key), so a missing
+    # key is one line at start-up, not a failed request later
+    deps = w.engine_deps(n) if worker else w.engine_deps()
     app = create_app(backend(w, deps))
     try:
         sock = _listen(host, port)
@@ -128,7 +130,7 @@ def serve(
     server = uvicorn.Server(config)
 
     async def go() -> None:
-        runner = Worker(deps, concurrency=n) if deps is not None else None
+        runner = Worker(deps, concurrency=n) if worker else None
         task = asyncio.create_task(runner.run()) if runner is not None else None
         if task is not None:
             # a worker that dies takes the service down with it (so a supervisor restarts both)
