@@ -524,3 +524,34 @@ def test_serve_with_a_worker_rotates_and_stops_cleanly(make_kt: Any, tmp_path: P
         code = proc.wait(timeout=30)
     assert code == 0, (tmp_path / "serve.log").read_text()[-2000:]
     assert [w["status"] for w in json.loads(kt.run("workers", "--json").stdout)] == ["stopped"]
+
+
+@pytest.mark.postgres
+def test_serve_on_postgres(make_kt: Any, fresh_pg_url: str, tmp_path: Path) -> None:
+    """The same store calls on PostgreSQL: token lookup, a verb with If-Match and an
+    Idempotency-Key, its replay, a stale revision, the audit event."""
+    kt = make_kt(db_url=fresh_pg_url)
+    token = kt.run("tokens", "create", "--role", "operator", "--name", "pg-op").stdout.strip()
+    rid = kt.rotate(PAT)
+    proc, base = _start_serve(kt, tmp_path / "serve.log")
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        rev = httpx.get(f"{base}/v1/rotations/{rid}", headers=auth, timeout=10).json()["revision"]
+        headers = {**auth, "If-Match": f'"{rev}"', "Idempotency-Key": "pg-1"}
+        url, body = f"{base}/v1/rotations/{rid}/pause", {"reason": "change freeze"}
+        first = httpx.post(url, json=body, headers=headers, timeout=10)
+        assert first.status_code == 200, first.text
+        again = httpx.post(url, json=body, headers=headers, timeout=10)
+        assert (again.status_code, again.json()) == (200, first.json())
+        stale = httpx.post(url, json=body, headers={**headers, "Idempotency-Key": "pg-2"})
+        assert stale.status_code == 412, stale.text
+        page = httpx.get(f"{base}/v1/rotations", params={"status": "paused"}, headers=auth).json()
+        assert [r["id"] for r in page["items"]] == [rid]
+        events = httpx.get(f"{base}/v1/rotations/{rid}", headers=auth).json()["timeline"]
+        assert [(e["actor"], e["detail"]["status"]) for e in events if e["trigger"] == "pause"] == [
+            ("pg-op", "requested"),
+            ("pg-op", "applied"),
+        ]
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
