@@ -447,6 +447,9 @@ def _mount_verb(
             if replay is not None:
                 return replay
         try:
+            # read again right before acting (the check and the write are two statements: the
+            # operator service re-validates the verb on its own read, as the CLI's does)
+            rotation = await db(rotation_or_404, rotation_id)
             _if_match(if_match, rotation)
             status, result = await _carry_out(b, token, rotation, verb, action, body.reason)
         except BaseException:
