@@ -42,7 +42,16 @@ pg_admin_url = PG_ADMIN_URL
 #: A fixed instant the store tests measure time from.
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
-TABLES = ("actions", "events", "rotations", "credentials", "secrets", "workers")
+TABLES = (
+    "actions",
+    "events",
+    "rotations",
+    "credentials",
+    "secrets",
+    "workers",
+    "api_tokens",
+    "idempotency_keys",
+)
 
 
 def _libpq(url: str) -> str:

@@ -15,7 +15,9 @@ from keyturn.domain.errors import KeyturnError
 from keyturn.domain.lifecycle import State
 from keyturn.domain.model import (
     ActionRecord,
+    ApiToken,
     Event,
+    IdempotencyRecord,
     ManagedCredential,
     OperatorRequest,
     Rotation,
@@ -128,6 +130,10 @@ class Store(Protocol):
     def request(self, rotation_id: str, request: OperatorRequest, event: Event) -> Rotation:
         """Record an operator request and its event WITHOUT bumping the version (the lease
         holder must not be fenced out by it); make the rotation due now."""
+
+    def append_event(self, event: Event) -> None:
+        """Add an event to a rotation's timeline WITHOUT touching the rotation (an audit
+        record: an operator action that was refused); NotFound for an unknown rotation."""
 
     # workers (liveness: what a heartbeat says; nothing is ever blocked by a worker's row)
     def register_worker(self, worker: WorkerRecord) -> None:
@@ -272,6 +278,34 @@ class SlotStore(Protocol):
 
     def in_flight_of_provider(self, provider: str) -> int:
         """Unfinished rotations of the provider's managed credentials."""
+
+
+class AccessStore(Protocol):
+    """The HTTP API's own records: bearer tokens (stored as hashes) and the first response to
+    each Idempotency-Key."""
+
+    def add_token(self, token: ApiToken) -> None:
+        """Insert a token; KeyturnError when its name (or hash) exists, revoked or not."""
+
+    def token_by_hash(self, token_hash: str) -> ApiToken | None: ...
+
+    def list_tokens(self) -> list[ApiToken]:
+        """Every token, revoked ones too, by name."""
+
+    def revoke_token(self, name: str, at: datetime) -> ApiToken:
+        """Set revoked_at (kept if already revoked); NotFound for an unknown name."""
+
+    def reserve_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord | None:
+        """Insert `record` (no response yet) and return None; when the token already used the
+        key, insert nothing and return the existing record."""
+
+    def finish_idempotency(
+        self, token_name: str, key: str, status_code: int, response: dict[str, Any]
+    ) -> None:
+        """Store the response of a reserved key."""
+
+    def release_idempotency(self, token_name: str, key: str) -> None:
+        """Forget a reserved key whose request failed before it had a response."""
 
 
 # ------------------------------------------------------------------------------------ secrets

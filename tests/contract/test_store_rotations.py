@@ -489,3 +489,14 @@ def test_utc_is_kept_for_other_zones_in_events(store: Store, seed) -> None:
     store.commit(Change(rotation.id, 1, events=[seed.event(rotation.id, at=at)]))
     got = store.events(rotation.id)[-1].at
     assert got == at and got.tzinfo is not None and got.utcoffset() == timedelta(0)
+
+
+def test_append_event_adds_to_the_timeline_without_touching_the_rotation(
+    store: Store, seed
+) -> None:
+    rotation = seed.rotation()
+    store.append_event(seed.event(rotation.id, kind="operator", detail={"status": "refused: x"}))
+    assert store.get_rotation(rotation.id) == rotation  # same version, same updated_at
+    assert [e.detail for e in store.events(rotation.id)][-1] == {"status": "refused: x"}
+    with pytest.raises(NotFound):
+        store.append_event(seed.event("rot-missing"))

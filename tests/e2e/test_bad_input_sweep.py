@@ -166,6 +166,19 @@ CASES: list[tuple[str, list[str], dict[str, str], tuple[str, ...]]] = [
                               "{files}/bootstrap.json"], {}, ("bootstrap.json",)),
     ("init-receiver-url", ["init", "{files}/new-3", "--sandbox-bootstrap", "{bootstrap}",
                            "--receiver-url", "receiver:9"], {}, ("--receiver-url",)),
+    # --- retry-now, tokens and serve (issue 14)
+    ("retry-now-pending", ["rotations", "retry-now", "{pending}", "--reason", "x"], {},
+     ("cannot retry-now", "no attempt has failed")),
+    ("retry-now-done", ["rotations", "retry-now", "{done}", "--reason", "x"], {},
+     ("finished",)),
+    ("retry-now-blank-reason", ["rotations", "retry-now", "{pending}", "--reason", " "], {},
+     ("--reason",)),
+    ("tokens-role", ["tokens", "create", "--role", "root", "--name", "x"], {}, ("--role", "root")),
+    ("tokens-name", ["tokens", "create", "--role", "viewer", "--name", "a b"], {}, ("--name",)),
+    ("tokens-revoke-unknown", ["tokens", "revoke", "nobody"], {}, ("nobody", "tokens list")),
+    ("serve-port", ["serve", "--port", "99999"], {}, ("--port 99999",)),
+    ("serve-host", ["serve", "--host", "203.0.113.7", "--port", "0"], {},
+     ("cannot listen on 203.0.113.7:0",)),
 ]  # fmt: skip
 
 

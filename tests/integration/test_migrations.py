@@ -28,7 +28,7 @@ from keyturn.domain.errors import ConfigError
 REPO = Path(__file__).resolve().parents[2]
 TABLES = {
     "secrets", "credentials", "rotations", "events", "actions", "rate_budgets", "workers",
-    "schedule_slots", "schedule_clock",
+    "schedule_slots", "schedule_clock", "api_tokens", "idempotency_keys",
 }  # fmt: skip
 
 

@@ -856,6 +856,24 @@ def clock_set(
     out.print(f"schedule clock: {when.isoformat()} now, x{scale:g}", markup=False)
 
 
+@rotations_app.command("retry-now")
+def rotations_retry_now(
+    rotation_id: IdArg = None, *, reason: ReasonOpt, latest: LatestOpt = None
+) -> None:
+    """Skip the backoff of a retrying rotation: its next attempt is now. Refused, with the
+    reason, when it is not backing off (halted or paused: resume it instead)."""
+    from keyturn.engine.operator import retry_now
+
+    w = state.wiring()
+    rid = _target_rotation(w.store, rotation_id, latest)
+    rotation = retry_now(w.store, w.clock, rid, actor(), reason)
+    out.print(
+        f"retry-now applied; rotation {rid} ({rotation.state.value}) is due now; "
+        + liveness.next_step_hint(w.store, w.clock.now()),
+        markup=False,
+    )
+
+
 # -------------------------------------------------------------------------------- credentials
 
 
@@ -1107,9 +1125,20 @@ def _mount_receiver() -> None:
     _LazyGroup.lazy["receiver"] = ("keyturn.receiver:app", "The reference event receiver.")
 
 
+def _mount_serve() -> None:
+    from keyturn.cli.serve import mount
+
+    mount(app, out)
+    _LazyGroup.lazy["tokens"] = (
+        "keyturn.cli.serve:tokens_app",
+        "Bearer tokens of the HTTP API (`keyturn serve`).",
+    )
+
+
 _mount_quickstart()
 _mount_sandbox()
 _mount_receiver()
+_mount_serve()
 mount_workers(app, out)
 
 

@@ -9,6 +9,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 from keyturn.domain.errors import KeyturnError
 from keyturn.domain.model import ActionRecord, Event, ManagedCredential, Rotation
+
+# defined with "needs attention" (one definition for the CLI and the API), used by name here
+from keyturn.engine.attention import STATUSES as STATUSES
+from keyturn.engine.attention import awaiting_approval
+from keyturn.engine.attention import status_key as status_key
 from keyturn.engine.registry import discovered
 
 if TYPE_CHECKING:
@@ -66,10 +71,6 @@ def when(dt: datetime | None, *, local: bool = False) -> str:
 
 def _one_line(words: str | None) -> str:
     return " ".join(str(words).split())
-
-
-def awaiting_approval(r: Rotation) -> bool:
-    return (r.wait_key or "").startswith("gate.approval") and not r.finished
 
 
 def waiting_of(r: Rotation) -> str:
@@ -184,40 +185,6 @@ def show_document(store: Any, r: Rotation, lease_seconds: float | None = None) -
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=False, default=str)
-
-
-STATUSES = (
-    "halted",
-    "paused",
-    "requested",
-    "awaiting_approval",
-    "waiting",
-    "running",
-    "retrying",
-    "due",
-    "done",
-)
-
-
-def status_key(r: Rotation) -> str:
-    """The status in one word (what `rotations list --status` filters on)."""
-    if r.request:
-        return "requested"
-    if r.paused:
-        return "paused"
-    if r.halted_reason:
-        return "halted"
-    if r.finished:
-        return "done"
-    if awaiting_approval(r):
-        return "awaiting_approval"
-    if r.wait_for is not None:
-        return "waiting"
-    if r.lease_owner:
-        return "running"
-    if r.attempts:
-        return "retrying"
-    return "due"
 
 
 SHORT_ID = 12  # "rot_" and 8 hex digits: what a terminal shows without --wide

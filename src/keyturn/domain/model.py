@@ -224,3 +224,42 @@ class Slot:
     key_created: datetime | None = None
     created_at: datetime | None = None
     fired_at: datetime | None = None
+
+
+class Role(StrEnum):
+    """What an API token may do: read (viewer), read and act on rotations (operator), and
+    everything, token management included (admin)."""
+
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    ADMIN = "admin"
+
+    def allows(self, needed: Role) -> bool:
+        order = (Role.VIEWER, Role.OPERATOR, Role.ADMIN)
+        return order.index(self) >= order.index(needed)
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """A bearer token of the HTTP API, as stored: its name, role and the SHA-256 (hex) of the
+    token, never the token."""
+
+    name: str
+    role: Role
+    token_hash: str = field(repr=False)
+    created_at: datetime | None = None
+    created_by: str = ""
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    """The first response to an Idempotency-Key of one token; `status_code` None while the
+    first request is still being carried out."""
+
+    token_name: str
+    key: str
+    fingerprint: str
+    created_at: datetime
+    status_code: int | None = None
+    response: dict[str, Any] | None = None

@@ -1,8 +1,10 @@
-"""What "needs attention" means: one definition for the CLI (`rotations list --attention`),
-and later the API and the dashboard."""
+"""What "needs attention" means, and a rotation's status in one word: one definition for the
+CLI (`rotations list --attention`, `--status`), the HTTP API and later the dashboard."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime, timedelta
 
 from keyturn.domain.model import Rotation
@@ -17,7 +19,7 @@ def attention(r: Rotation, now: datetime) -> str | None:
         return None
     if r.halted_reason:
         return "halted"
-    if (r.wait_key or "").startswith("gate.approval"):
+    if awaiting_approval(r):
         return "awaiting approval"
     if r.lease_owner and r.lease_expires_at is not None and r.lease_expires_at < now:
         return f"holder {r.lease_owner} lost (its lease expired)"
@@ -29,3 +31,59 @@ def attention(r: Rotation, now: datetime) -> str | None:
     if r.attempts > 0:
         return f"retrying (attempt {r.attempts})"
     return None
+
+
+STATUSES = (
+    "halted",
+    "paused",
+    "requested",
+    "awaiting_approval",
+    "waiting",
+    "running",
+    "retrying",
+    "due",
+    "done",
+)
+
+
+def awaiting_approval(r: Rotation) -> bool:
+    """Waiting at an approval gate (its policy's `approval`) for `approve` or `deny`."""
+    return (r.wait_key or "").startswith("gate.approval") and not r.finished
+
+
+def status_key(r: Rotation) -> str:
+    """The status in one word (what `rotations list --status` filters on)."""
+    if r.request:
+        return "requested"
+    if r.paused:
+        return "paused"
+    if r.halted_reason:
+        return "halted"
+    if r.finished:
+        return "done"
+    if awaiting_approval(r):
+        return "awaiting_approval"
+    if r.wait_for is not None:
+        return "waiting"
+    if r.lease_owner:
+        return "running"
+    if r.attempts:
+        return "retrying"
+    return "due"
+
+
+def revision(r: Rotation) -> str:
+    """What an HTTP ``If-Match`` names: a hash of what an operator decides on (state, status,
+    halted reason and pending request). Lease renewals, action commits, attempts and wait
+    checks do not change it; the version (the fencing token) changes with every write."""
+    request = r.request
+    facts = [
+        r.state.value,
+        status_key(r),
+        r.halted_reason,
+        [request.action.value, request.actor, request.reason, request.at.isoformat()]
+        if request is not None
+        else None,
+    ]
+    digest = hashlib.sha256(json.dumps(facts, separators=(",", ":")).encode()).hexdigest()
+    return digest[:20]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from keyturn.domain.errors import KeyturnError, StaleVersion, TransitionRefused
@@ -17,10 +18,15 @@ from keyturn.domain.model import (
     Phase,
     Rotation,
 )
+from keyturn.engine.attention import status_key
 from keyturn.engine.registry import Registry
 from keyturn.engine.run import EngineDeps, RotationRun, db, new_rotation_id
 from keyturn.engine.steps import CLEAR_WAIT
-from keyturn.ports import Clock, Store
+from keyturn.ports import Change, Clock, Store
+
+#: The trigger name of the retry-now verb in the timeline (it is no OperatorAction: nothing
+#: waits for a lease holder, it only moves a backing-off rotation's next attempt to now).
+RETRY_NOW = "retry-now"
 
 #: wait_key prefix of a policy's approval gate (see keyturn.engine.gates).
 APPROVAL_KEY = "gate.approval"
@@ -294,3 +300,101 @@ def new_rotation(
         detail={"options": dict(options), **(detail or {})},
     )
     return rotation, event
+
+
+def retry_refusal(rotation: Rotation, now: datetime) -> str | None:
+    """Why `retry-now` cannot apply to `rotation` now, in words naming what to do instead;
+    None when it can (the rotation is backing off after a failed attempt)."""
+    status = status_key(rotation)
+    if rotation.finished:
+        return f"the rotation is finished ({rotation.state.value}); there is nothing to retry"
+    if status == "halted":
+        return (
+            "it is halted (its retry budget is spent or a step refused); resume it instead, "
+            "which also gives it a fresh retry budget"
+        )
+    if status == "paused":
+        return "it is paused; resume it instead"
+    if status == "requested":
+        assert rotation.request is not None
+        return (
+            f"a {rotation.request.action.value} request is pending; a worker carries it out first"
+        )
+    if status == "waiting":
+        return (
+            f"it is waiting for {rotation.wait_for}, not backing off after a failure; its next "
+            "check comes on its own"
+        )
+    if status == "running":
+        return f"a worker ({rotation.lease_owner}) holds it and is working on it now"
+    if rotation.attempts == 0:
+        return "no attempt has failed, so there is no backoff to skip; it is due already"
+    if rotation.next_attempt_at is None or rotation.next_attempt_at <= now:
+        return "its next attempt is due already; the next worker to poll claims it"
+    return None
+
+
+def retry_now(
+    store: Store, clock: Clock, rotation_id: str, actor: str, reason: str, *, via: str = "cli"
+) -> Rotation:
+    """Skip the backoff of a retrying rotation: its next attempt becomes now (one
+    compare-and-set on its version, with the operator event). TransitionRefused, with the
+    reason, when it is not backing off."""
+    if not reason.strip():
+        raise KeyturnError("a reason is required for every operator action; pass --reason TEXT")
+    rotation = store.get_rotation(rotation_id)
+    now = clock.now()
+    refused = retry_refusal(rotation, now)
+    if refused is not None:
+        raise TransitionRefused(rotation.state.value, RETRY_NOW, refused)
+    event = Event(
+        rotation_id=rotation_id,
+        at=now,
+        kind="operator",
+        actor=actor,
+        trigger=RETRY_NOW,
+        reason=reason,
+        from_state=rotation.state.value,
+        detail={
+            "status": "applied",
+            "via": via,
+            "skipped_until": rotation.next_attempt_at.isoformat()
+            if rotation.next_attempt_at
+            else None,
+        },
+    )
+    change = Change(rotation_id, rotation.version, updates={"next_attempt_at": now}, events=[event])
+    try:
+        return store.commit(change)
+    except StaleVersion:
+        raise TransitionRefused(
+            rotation.state.value,
+            RETRY_NOW,
+            "a worker claimed it meanwhile (its attempt is under way)",
+        ) from None
+
+
+def audit_refusal(
+    store: Store,
+    clock: Clock,
+    rotation: Rotation,
+    verb: str,
+    actor: str,
+    reason: str,
+    refusal: str,
+    *,
+    via: str,
+) -> None:
+    """Record in the timeline that an operator's `verb` was refused (nothing else changes)."""
+    store.append_event(
+        Event(
+            rotation_id=rotation.id,
+            at=clock.now(),
+            kind="operator",
+            actor=actor,
+            trigger=verb,
+            reason=reason,
+            from_state=rotation.state.value,
+            detail={"status": f"refused: {refusal}", "via": via},
+        )
+    )

@@ -343,6 +343,11 @@ class MemoryStore:
             self._append_event(event)
             return copy.deepcopy(updated)
 
+    def append_event(self, event: Event) -> None:
+        with self._tx():
+            self._rotation(event.rotation_id)
+            self._append_event(event)
+
     # ------------------------------------------------------------------------------ workers
 
     def register_worker(self, worker: WorkerRecord) -> None:

@@ -261,3 +261,30 @@ schedule_clock_t = Table(
     Column("anchor_schedule", UTCDateTime(), nullable=False),
     Column("scale", Double(), nullable=False),
 )
+
+#: Bearer tokens of the HTTP API (revision 0007): only the SHA-256 of a token is stored; the
+#: token itself is shown once, by `keyturn tokens create`. A revoked token keeps its row (and
+#: its name) for the audit trail.
+api_tokens_t = Table(
+    "api_tokens",
+    metadata,
+    Column("name", String(), primary_key=True),
+    Column("role", String(), nullable=False),
+    Column("token_hash", String(), unique=True, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("created_by", String(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+)
+
+#: The first response to each Idempotency-Key of an API write (revision 0007), per token:
+#: the same key and body replay it; `status_code` is NULL while the first request runs.
+idempotency_keys_t = Table(
+    "idempotency_keys",
+    metadata,
+    Column("token_name", String(), primary_key=True),
+    Column("key", String(), primary_key=True),
+    Column("fingerprint", String(), nullable=False),
+    Column("status_code", Integer(), nullable=True),
+    Column("response", JSON(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+)

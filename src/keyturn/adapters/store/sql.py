@@ -42,8 +42,10 @@ from sqlalchemy.pool import NullPool
 
 from keyturn.adapters.store.models import (
     actions_t,
+    api_tokens_t,
     credentials_t,
     events_t,
+    idempotency_keys_t,
     rotations_t,
     secrets_t,
     workers_t,
@@ -60,11 +62,14 @@ from keyturn.domain.lifecycle import State
 from keyturn.domain.model import (
     ActionRecord,
     ActionStatus,
+    ApiToken,
     Event,
+    IdempotencyRecord,
     ManagedCredential,
     OperatorAction,
     OperatorRequest,
     Phase,
+    Role,
     Rotation,
     SealedSecret,
     WorkerRecord,
@@ -344,6 +349,17 @@ def _worker_from_row(row: Row[Any]) -> WorkerRecord:
         concurrency=int(m["concurrency"]),
         heartbeat_seconds=float(m["heartbeat_seconds"]),
         lease_seconds=float(m["lease_seconds"]),
+    )
+
+
+def _token_from_row(row: Row[Any]) -> ApiToken:
+    return ApiToken(
+        name=row.name,
+        role=Role(row.role),
+        token_hash=row.token_hash,
+        created_at=row.created_at,
+        created_by=row.created_by,
+        revoked_at=row.revoked_at,
     )
 
 
@@ -888,6 +904,107 @@ class SqlStore:
                 raise rotation_not_found(rotation_id)
             conn.execute(insert(events_t).values(**_event_values(event)))
         return _rotation_from_row(row)
+
+    def append_event(self, event: Event) -> None:
+        with self._tx() as conn:
+            self._require_rotation(conn, event.rotation_id)
+            conn.execute(insert(events_t).values(**_event_values(event)))
+
+    # ---------------------------------------------------------------- API tokens, idempotency
+
+    def add_token(self, token: ApiToken) -> None:
+        try:
+            with self._tx() as conn:
+                conn.execute(
+                    insert(api_tokens_t).values(
+                        name=token.name,
+                        role=token.role.value,
+                        token_hash=token.token_hash,
+                        created_at=token.created_at or self._now(),
+                        created_by=token.created_by,
+                        revoked_at=token.revoked_at,
+                    )
+                )
+        except IntegrityError:
+            raise KeyturnError(
+                f"a token named {token.name} exists already (revoked tokens keep their name); "
+                "choose another --name"
+            ) from None
+
+    def token_by_hash(self, token_hash: str) -> ApiToken | None:
+        with self._read() as conn:
+            row = conn.execute(
+                select(api_tokens_t).where(api_tokens_t.c.token_hash == token_hash)
+            ).first()
+        return _token_from_row(row) if row is not None else None
+
+    def list_tokens(self) -> list[ApiToken]:
+        with self._read() as conn:
+            rows = conn.execute(select(api_tokens_t).order_by(api_tokens_t.c.name)).all()
+        return [_token_from_row(r) for r in rows]
+
+    def revoke_token(self, name: str, at: datetime) -> ApiToken:
+        t = api_tokens_t.c
+        with self._tx() as conn:
+            conn.execute(
+                update(api_tokens_t)
+                .where(t.name == name, t.revoked_at.is_(None))
+                .values(revoked_at=at)
+            )
+            row = conn.execute(select(api_tokens_t).where(t.name == name)).first()
+        if row is None:
+            raise NotFound(f"no API token named {name!r}; see `keyturn tokens list`")
+        return _token_from_row(row)
+
+    def reserve_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord | None:
+        i = idempotency_keys_t.c
+        stmt = (
+            self._upsert(idempotency_keys_t)
+            .values(
+                token_name=record.token_name,
+                key=record.key,
+                fingerprint=record.fingerprint,
+                created_at=record.created_at,
+            )
+            .on_conflict_do_nothing(index_elements=[i.token_name, i.key])
+            .returning(i.key)
+        )
+        with self._tx() as conn:
+            if conn.execute(stmt).first() is not None:  # inserted: reserved now
+                return None
+            row = conn.execute(
+                select(idempotency_keys_t).where(
+                    i.token_name == record.token_name, i.key == record.key
+                )
+            ).one()
+        return IdempotencyRecord(
+            token_name=row.token_name,
+            key=row.key,
+            fingerprint=row.fingerprint,
+            created_at=row.created_at,
+            status_code=row.status_code,
+            response=row.response,
+        )
+
+    def finish_idempotency(
+        self, token_name: str, key: str, status_code: int, response: dict[str, Any]
+    ) -> None:
+        i = idempotency_keys_t.c
+        with self._tx() as conn:
+            conn.execute(
+                update(idempotency_keys_t)
+                .where(i.token_name == token_name, i.key == key)
+                .values(status_code=status_code, response=response)
+            )
+
+    def release_idempotency(self, token_name: str, key: str) -> None:
+        i = idempotency_keys_t.c
+        with self._tx() as conn:
+            conn.execute(
+                delete(idempotency_keys_t).where(
+                    i.token_name == token_name, i.key == key, i.status_code.is_(None)
+                )
+            )
 
     # ------------------------------------------------------------------------------ workers
 

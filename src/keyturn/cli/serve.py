@@ -1,0 +1,242 @@
+"""`keyturn serve` (the HTTP API, optionally with a worker in the same process) and
+`keyturn tokens` (the API's bearer tokens). The composition root of the web layer: the one
+place that hands the app its store, its readiness check and its rollback planner."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+from keyturn.domain.errors import KeyturnError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from keyturn.cli.wiring import Wiring
+    from keyturn.engine.run import EngineDeps
+    from keyturn.web.app import Backend
+
+tokens_app = typer.Typer(
+    help="Bearer tokens of the HTTP API (`keyturn serve`).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def backend(w: Wiring, deps: EngineDeps | None = None) -> Backend:
+    """The app's ports and callables, from the configuration's wiring."""
+    from keyturn.adapters.store.migrate import current_revision, head_revision
+    from keyturn.engine.registry import discovered
+    from keyturn.web.app import Backend
+
+    store = w.store  # refuses an unmigrated database in one line, before anything listens
+    made: list[EngineDeps] = [deps] if deps is not None else []
+
+    def engine_deps() -> EngineDeps:
+        if not made:
+            made.append(w.engine_deps())
+        return made[0]
+
+    def rollback_plan(rotation_id: str) -> dict[str, Any]:
+        from keyturn.cli import _plan_json, _rollback_plan
+
+        return _plan_json(*_rollback_plan(w, rotation_id))
+
+    url, source = w.config.database.url, w.config.database_url_from
+    head = head_revision()
+
+    def readiness() -> str | None:
+        try:
+            current = current_revision(url, source=source)
+        except KeyturnError as exc:
+            return str(exc)
+        if current != head:
+            return (
+                f"the database is not migrated (at {current or 'empty'}, needs {head}); run "
+                "`keyturn db upgrade`"
+            )
+        return None
+
+    return Backend(
+        store=store,
+        access=store,
+        registry=discovered(),
+        clock=w.clock,
+        lease_seconds=w.config.worker.lease_seconds,
+        max_attempts=w.config.worker.max_attempts,
+        engine_deps=engine_deps,
+        rollback_plan=rollback_plan,
+        readiness=readiness,
+        head_revision=head,
+    )
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so a taken port is one clear line."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise KeyturnError(f"--host {host!r} cannot be resolved ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise KeyturnError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --host or --port"
+        ) from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _cannot_start(problem: str) -> NoReturn:
+    """A server that cannot start exits 2 (as the sandbox and the receiver do)."""
+    sys.stderr.write(f"keyturn: error: {problem}\n")
+    raise typer.Exit(2)
+
+
+def serve(
+    w: Wiring, out: Console, *, host: str, port: int, worker: bool, concurrency: int | None
+) -> None:
+    import asyncio
+    import signal
+
+    import uvicorn
+
+    from keyturn.engine.worker import Worker
+    from keyturn.web.app import create_app
+
+    if not 0 <= port <= 65535:
+        _cannot_start(f"--port {port} is not a TCP port; use 1-65535, or 0 for a free one")
+    n = concurrency if concurrency is not None else w.config.worker.concurrency
+    if n < 1:
+        raise KeyturnError("--concurrency must be at least 1")
+    # made now: a verb carried out at once needs the engine (and the master key), so a missing
+    # key is one line at start-up, not a failed request later
+    deps = w.engine_deps(n) if worker else w.engine_deps()
+    app = create_app(backend(w, deps))
+    try:
+        sock = _listen(host, port)
+    except KeyturnError as exc:
+        _cannot_start(str(exc))
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+
+    async def go() -> None:
+        runner = Worker(deps, concurrency=n) if worker else None
+        task = asyncio.create_task(runner.run()) if runner is not None else None
+        if task is not None:
+            # a worker that dies takes the service down with it (so a supervisor restarts both)
+            task.add_done_callback(lambda _: setattr(server, "should_exit", True))
+        out.print(
+            f"keyturn serve: listening on http://{host}:{bound}"
+            + (f" with a worker ({runner.owner})" if runner is not None else ""),
+            markup=False,
+            highlight=False,
+        )
+        sys.stdout.flush()
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            if runner is not None and task is not None:
+                runner.stop()
+                await task
+
+    # uvicorn handles SIGTERM while it serves and raises it again once it has stopped: then
+    # (and before it serves) SIGTERM asks for the same clean stop, so the exit status is 0.
+    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
+    asyncio.run(go())
+
+
+def mount(app: typer.Typer, out: Console) -> None:
+    @app.command("serve")
+    def serve_command(
+        host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option("--port", help="TCP port (0: any free one).")] = 8000,
+        worker: Annotated[
+            bool, typer.Option("--worker", help="Also run a worker in this process.")
+        ] = False,
+        concurrency: Annotated[
+            int | None, typer.Option("--concurrency", help="The worker's rotations in flight.")
+        ] = None,
+    ) -> None:
+        """The HTTP API (OpenAPI at /openapi.json; /healthz, /readyz); SIGTERM stops it."""
+        from keyturn.cli import state
+
+        serve(state.wiring(), out, host=host, port=port, worker=worker, concurrency=concurrency)
+
+
+# ------------------------------------------------------------------------------------ tokens
+
+
+@tokens_app.command("create")
+def tokens_create(
+    role: Annotated[str, typer.Option("--role", help="viewer, operator or admin.")],
+    name: Annotated[str, typer.Option("--name", help="Who uses it (the actor in the timeline).")],
+) -> None:
+    """Create a token and print it, once: only its SHA-256 is stored."""
+    from keyturn.cli import state
+    from keyturn.cli.wiring import actor
+    from keyturn.engine.access import create_token, parse_role
+
+    chosen = parse_role(role)
+    w = state.wiring()
+    record, token = create_token(w.store, w.clock, name=name, role=chosen, actor=actor())
+    sys.stdout.write(token + "\n")
+    sys.stderr.write(
+        f"keyturn: token {record.name} ({record.role.value}) created; it is shown only this "
+        "once: keep it now (send it as Authorization: Bearer TOKEN)\n"
+    )
+
+
+@tokens_app.command("list")
+def tokens_list(
+    as_json: Annotated[bool, typer.Option("--json", help="One object per token.")] = False,
+) -> None:
+    """Every token (revoked ones too): name, role, created, by whom, revoked."""
+    from keyturn.cli import state
+    from keyturn.cli.render import dump, when
+
+    tokens = state.wiring().store.list_tokens()
+    rows = [
+        {
+            "name": t.name,
+            "role": t.role.value,
+            "created_at": t.created_at.isoformat() if t.created_at else None,
+            "created_by": t.created_by,
+            "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None,
+        }
+        for t in tokens
+    ]
+    if as_json:
+        sys.stdout.write(dump(rows) + "\n")
+        return
+    if not rows:
+        sys.stdout.write("no API tokens; create one with `keyturn tokens create`\n")
+        return
+    header = ("name", "role", "created", "created by", "revoked")
+    cells = [header] + [
+        (t.name, t.role.value, when(t.created_at), t.created_by, when(t.revoked_at)) for t in tokens
+    ]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    for c in cells:
+        sys.stdout.write("  ".join(v.ljust(widths[i]) for i, v in enumerate(c)).rstrip() + "\n")
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    name: Annotated[str, typer.Argument(help="The token's name.", show_default=False)],
+) -> None:
+    """Revoke a token: the API refuses it (401) from now on."""
+    from keyturn.cli import state
+
+    w = state.wiring()
+    revoked = w.store.revoke_token(name, w.clock.now())
+    sys.stdout.write(f"token {revoked.name} revoked\n")
