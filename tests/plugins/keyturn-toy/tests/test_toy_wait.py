@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import time
 from datetime import UTC, datetime, timedelta
@@ -155,7 +156,12 @@ def test_a_ten_minute_wait_holds_no_lease_spends_no_attempt_and_halts_at_its_dea
             assert "waited for the new key to bake on its targets for 3600s since" in (
                 halted.halted_reason or ""
             )
-            assert "deadline 2026-12-01T09:10:00+00:00 passed" in (halted.halted_reason or "")
+            # waits run on the schedule's clock (the database's, offset from this test's
+            # clock when the worker synced): the deadline is ten minutes after the wait began
+            found = re.search(r"since (\S+); its deadline (\S+) passed", halted.halted_reason or "")
+            assert found, halted.halted_reason
+            since, deadline = (datetime.fromisoformat(g) for g in found.groups())
+            assert deadline - since == timedelta(seconds=600)
             assert f"keyturn rotations resume {slow}" in (halted.halted_reason or "")
             events = [e for e in store.events(slow) if e.detail.get("status") == "waiting"]
             assert len(events) == 1  # the wait began once; its checks add no event
