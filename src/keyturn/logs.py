@@ -24,13 +24,13 @@ LEVELS = {
 }
 
 _pending: tuple[str, str] | None = None
+_orjson: Any = None  # orjson, imported with structlog's set-up (not at this module's import)
 
 
 def _orjson_text(value: Any, **kw: Any) -> str:
-    """JSON lines by orjson (a worker logs every action; the standard encoder costs more)."""
-    import orjson
-
-    return orjson.dumps(value, default=kw.get("default")).decode()
+    """JSON lines by orjson (a worker logs every action; the standard encoder costs more).
+    Used only once structlog, and so orjson, is being set up: see :func:`_apply`."""
+    return str(_orjson.dumps(value, default=kw.get("default")).decode())
 
 
 def configure(fmt: str = "auto", level: str = "info") -> None:
@@ -46,7 +46,11 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
 
 
 def _apply(fmt: str, level: str) -> None:
+    global _orjson
+    import orjson
     import structlog
+
+    _orjson = orjson
 
     renderer: structlog.typing.Processor
     if fmt == "json":

@@ -97,7 +97,8 @@ def test_halted_ids_from_a_pipe_are_whole_and_accepted(scene: Scene) -> None:
     assert _piped(kt, "KT rotations list --state halted 2>&1 || true").startswith(
         "keyturn: error: --state 'halted' is not known"
     )  # halted is a status, and the error says which states there are
-    assert _piped(kt, f"KT rotations list --credential {PAT} | awk 'NR > 1 {{print $1}}'").split()
+    only_pat = _piped(kt, f"KT rotations list --credential {PAT} | awk 'NR > 1 {{print $1}}'")
+    assert only_pat.split() == [scene.done]
     assert len(_piped(kt, "KT rotations list --limit 1").splitlines()) == 2  # header + 1
 
 

@@ -396,13 +396,18 @@ def _target_rotation(store: Any, rotation_id: str | None, latest: str | None) ->
             raise KeyturnError(f"credential {latest} has no rotation yet")
         return str(found.id)
     assert rotation_id is not None
-    if not store.rotation_ids(rotation_id, limit=1) and _is_credential(store, rotation_id):
+    from keyturn.domain.errors import NotFound
+
+    try:
+        return _resolve_id(store, rotation_id)
+    except NotFound:
+        if not _is_credential(store, rotation_id):
+            raise
         raise KeyturnError(
             f"{rotation_id} is a credential, not a rotation id; a verb that changes something "
             f"needs the rotation: --latest {rotation_id}, or an id from "
             f"`keyturn rotations show {rotation_id}`"
-        )
-    return _resolve_id(store, rotation_id)
+        ) from None
 
 
 def _is_credential(store: Any, name: str) -> bool:

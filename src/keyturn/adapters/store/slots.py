@@ -370,25 +370,10 @@ class SqlSlots:
         return True
 
     def fire_slot(self, slot: Slot, rotation: Rotation, event: Event, now: datetime) -> bool:
-        s = slots_t.c
         try:
             with self.store._tx() as conn:
-                taken = conn.execute(
-                    update(slots_t)
-                    .where(
-                        and_(
-                            s.credential == slot.credential,
-                            s.slot == slot.slot,
-                            s.status == "scheduled",
-                            s.fingerprint == slot.fingerprint,
-                        )
-                    )
-                    .values(status="fired", rotation_id=rotation.id, fired_at=now)
-                ).rowcount
-                if taken != 1:
+                if not self._fire(conn, slot, rotation, event, now):
                     return False
-                conn.execute(insert(rotations_t).values(**_rotation_values(rotation)))
-                conn.execute(insert(events_t).values(**_event_values(event)))
         except IntegrityError:
             existing = self.store.latest_rotation(slot.credential)
             raise AlreadyRotating(
