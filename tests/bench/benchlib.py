@@ -376,3 +376,33 @@ def seed_pending_rotations(url: str, n: int, vault: Any, *, at: datetime) -> Non
             conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM ANALYZE")
     finally:
         store.close()
+
+
+def start_py_spy(pid: int, label: str) -> subprocess.Popen[bytes] | None:
+    """With BENCH_PY_SPY=<dir>, sample every thread of process `pid` with py-spy (installed
+    separately: `.venv/bin/pip install py-spy`) into <dir>/<label>.txt, collapsed stacks, until
+    stop_py_spy. Without it, nothing."""
+    out = os.environ.get("BENCH_PY_SPY")
+    if not out:
+        return None
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "--threads", "--gil",
+         "--output", str(Path(out) / f"{label}.txt"), "--nonblocking"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def stop_py_spy(spy: subprocess.Popen[bytes] | None) -> None:
+    """Stop a py-spy started by start_py_spy and let it write its file."""
+    if spy is None:
+        return
+    import signal
+
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        spy.kill()

@@ -44,8 +44,25 @@ def _signer(key: SigningKey) -> KeySigner:
 class DfnsKeyProvider:
     """:class:`keyturn.ports.KeyProvider` for Dfns. Errors are ProviderError subclasses."""
 
+    #: Signers a provider keeps loaded (a rotation's run signs with its old and its new key).
+    KEEP_SIGNERS = 4
+
     def __init__(self, client: DfnsClient) -> None:
         self._client = client
+        # Loaded keys by (credential id, PEM): parsing a PEM costs ~0.1 ms of CPU, and one run
+        # signs several requests with the same two keys. Bounded, and gone with the provider
+        # (a worker's provider lives for one rotation's run).
+        self._signers: dict[tuple[str, bytes], KeySigner] = {}
+
+    def _signer(self, key: SigningKey) -> KeySigner:
+        cache_key = (key.credential_id, key.private_key_pem)
+        signer = self._signers.get(cache_key)
+        if signer is None:
+            signer = _signer(key)
+            if len(self._signers) >= self.KEEP_SIGNERS:
+                self._signers.pop(next(iter(self._signers)))
+            self._signers[cache_key] = signer
+        return signer
 
     def __repr__(self) -> str:
         return f"DfnsKeyProvider(base_url={self._client.base_url!r})"
@@ -57,8 +74,8 @@ class DfnsKeyProvider:
             raise InvalidRequest(
                 f"unknown registration path {via!r}; use one of: {', '.join(REGISTER_VIA)}"
             )
-        client = self._client.with_signer(_signer(signer))
-        new_signer = _signer(new_key)
+        client = self._client.with_signer(self._signer(signer))
+        new_signer = self._signer(new_key)
         if via == "credentials":
             created = await client.create_key_credential(new_signer, name)
         else:
@@ -71,15 +88,15 @@ class DfnsKeyProvider:
         return [_provider_credential(c) for c in await self._client.list_credentials()]
 
     async def activate(self, *, signer: SigningKey, credential_uuid: str) -> None:
-        await self._client.with_signer(_signer(signer)).activate_credential(credential_uuid)
+        await self._client.with_signer(self._signer(signer)).activate_credential(credential_uuid)
 
     async def deactivate(self, *, signer: SigningKey, credential_uuid: str) -> None:
-        await self._client.with_signer(_signer(signer)).deactivate_credential(credential_uuid)
+        await self._client.with_signer(self._signer(signer)).deactivate_credential(credential_uuid)
 
     async def prove(self, *, signer: SigningKey) -> None:
         """init + sign + /auth/action with `signer`: succeeds only if the provider accepts its
         signature (an active credential of this principal, the matching key). No side effect."""
-        client = self._client.with_signer(_signer(signer))
+        client = self._client.with_signer(self._signer(signer))
         await client.sign_user_action(_PROVE_METHOD, _PROVE_PATH, _PROVE_BODY)
 
     async def aclose(self) -> None:
