@@ -96,10 +96,10 @@ def system_cpu_seconds(pid: int) -> float:
     return int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
-def postgres_cpu_seconds() -> float:
-    """CPU time of the PostgreSQL server's processes alive now (its backends, the WAL writer,
-    the checkpointer...), from /proc: the database shares the machine's cores too."""
-    total = 0.0
+def postgres_cpu() -> dict[int, float]:
+    """CPU time of each PostgreSQL server process alive now (backends, the WAL writer, the
+    checkpointer...), from /proc: the database shares the machine's cores too."""
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             text = stat.read_text()
@@ -107,8 +107,16 @@ def postgres_cpu_seconds() -> float:
             continue
         if "(postgres)" in text:
             fields = text.rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+            found[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf(
+                "SC_CLK_TCK"
+            )
+    return found
+
+
+def postgres_cpu_since(before: dict[int, float]) -> float:
+    """PostgreSQL's CPU since `before` (postgres_cpu()): processes alive at both times, and
+    those started since in full (one that exited in between is not counted)."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in postgres_cpu().items())
 
 
 def runqueue_wait_seconds(pid: int) -> float:
@@ -236,7 +244,7 @@ def run_fleet(
             start_rotations(fleet, measured)
             before = proxy.stats()
             cpu_before = {k: cpu_seconds(pid) for k, pid in others.items()}
-            pg_before = postgres_cpu_seconds()
+            pg_before = postgres_cpu()
             sys_before = system_cpu_seconds(others["worker"]) if "worker" in others else 0.0
             load_before = os.getloadavg()[0]
             t0 = time.time()
@@ -251,7 +259,7 @@ def run_fleet(
             benchlib.stop_py_spy(spy)
             after = proxy.stats()
             cpu = {k: cpu_seconds(pid) - cpu_before.get(k, 0.0) for k, pid in others.items()}
-            cpu["postgres"] = postgres_cpu_seconds() - pg_before
+            cpu["postgres"] = postgres_cpu_since(pg_before)
             worker_system = system_cpu_seconds(worker.pid) - sys_before
             waited = runqueue_wait_seconds(worker.pid)
             load_after = os.getloadavg()[0]
