@@ -206,9 +206,10 @@ class _SecretSink(_SinkConfig):
 
 
 class WebhookSinkConfig(_SecretSink):
-    """A JSON webhook signed with HMAC-SHA256 (header Keyturn-Signature)."""
+    """Any HTTP endpoint: the notification POSTed as JSON, signed with HMAC-SHA256 (header
+    Keyturn-Signature)."""
 
-    type: Literal["webhook"]
+    type: Literal["http"]
     url: str
     #: The HMAC key: an environment variable's name, or a file of mode 0600.
     secret_env: str | None = None
@@ -226,7 +227,7 @@ class WebhookSinkConfig(_SecretSink):
 
 
 class SlackSinkConfig(_SecretSink):
-    """A Slack incoming webhook; its URL is the secret (environment variable or 0600 file)."""
+    """Slack's incoming-message URL: it is the secret (environment variable or 0600 file)."""
 
     type: Literal["slack"]
     url_env: str | None = None
@@ -498,6 +499,8 @@ def load_config(path: Path | None, registry: Registry | None = None) -> Config:
     raw["database_url_from"] = url_from
     registry = registry or discovered()
     base = path.resolve().parent
+    if "notifications" in raw:
+        raw["notifications"] = _notifications(where, raw["notifications"])
     tables = raw.pop("credentials", {})
     if not isinstance(tables, dict):
         raise ConfigError(f"config file {where}: key credentials: expected a table of tables")
@@ -522,6 +525,49 @@ def load_config(path: Path | None, registry: Registry | None = None) -> Config:
             )
     _resolve_policies(where, config)
     return config
+
+
+_SINK_MODELS: dict[str, type[_SinkConfig]] = {
+    "http": WebhookSinkConfig,
+    "slack": SlackSinkConfig,
+    "alertmanager": AlertmanagerSinkConfig,
+    "pagerduty": PagerDutySinkConfig,
+}
+
+
+def _notifications(where: object, table: object) -> NotificationsConfig:
+    """``[notifications]``: each sink validated by its type's model, so an error names the
+    sink's own key (not the union's branch) and the fix."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {where}: key notifications: expected a table")
+    table = dict(table)
+    sinks = table.pop("sinks", {})
+    if not isinstance(sinks, dict):
+        raise ConfigError(f"config file {where}: key notifications.sinks: expected a table")
+    types = ", ".join(_SINK_MODELS)
+    built: dict[str, _SinkConfig] = {}
+    for name, sink in sinks.items():
+        key = f"notifications.sinks.{name}"
+        if not isinstance(sink, dict):
+            raise ConfigError(f"config file {where}: key {key}: expected a table")
+        kind = sink.get("type")
+        model = _SINK_MODELS.get(kind) if isinstance(kind, str) else None
+        if model is None:
+            what = "missing" if kind is None else f"{kind!r} is not a sink type"
+            raise ConfigError(f"config file {where}: key {key}.type: {what}; use one of {types}")
+        try:
+            built[name] = model.model_validate(sink)
+        except ValidationError as exc:
+            others = {f"{t} sinks": m for t, m in _SINK_MODELS.items() if t != kind}
+            line = _first_error(
+                where, exc, key, model=model, what=f'sink of type "{kind}"', others=others
+            )
+            raise ConfigError(line.replace("Value error, ", "")) from None
+    try:
+        return NotificationsConfig.model_validate({**table, "sinks": built})
+    except ValidationError as exc:
+        line = _first_error(where, exc, "notifications", model=NotificationsConfig)
+        raise ConfigError(line.replace("Value error, ", "")) from None
 
 
 def _windows(

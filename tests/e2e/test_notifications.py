@@ -224,9 +224,11 @@ def secret_file(path: Path, value: str) -> Path:
     return path
 
 
-def start_worker(kt: Kt, log: Path, **env: str) -> subprocess.Popen[str]:
+def start_worker(
+    kt: Kt, log: Path, command: tuple[str, ...] = ("worker",), **env: str
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*KEYTURN, "worker"],
+        [*KEYTURN, *command],
         env=kt.env(**env),
         stdout=subprocess.DEVNULL,
         stderr=log.open("w"),
@@ -310,7 +312,7 @@ url_file = "slack.url"
 events = ["halted", "completed"]
 
 [notifications.sinks.hook]
-type = "webhook"
+type = "http"
 url = "{receivers.base}/hook"
 secret_file = "hook.key"
 """
@@ -406,7 +408,7 @@ def test_a_sink_down_delays_no_rotation_and_gets_each_notification_once(
     secret_file(kt.workdir / "hook.key", HOOK_KEY)
     sinks = f"""
 [notifications.sinks.hook]
-type = "webhook"
+type = "http"
 url = "{receivers.base}/hook"
 secret_file = "hook.key"
 events = ["completed"]
@@ -415,8 +417,9 @@ events = ["completed"]
     # down (500, after a second each) for the next 10 s: our "minute"
     receivers.delay = 1.0
     receivers.fail_until = time.monotonic() + 10
-    log = tmp_path / "worker.log"
-    worker = start_worker(kt, log)
+    log = tmp_path / "serve.log"
+    # `keyturn serve --worker`: the worker in the service delivers, in a task of its own
+    worker = start_worker(kt, log, command=("serve", "--port", "0", "--worker"))
     try:
         started = time.monotonic()
         first = kt.rotate(SA)
@@ -470,7 +473,7 @@ def test_two_processes_draining_one_outbox_send_each_notification_once(
     secret_file(kt.workdir / "hook.key", HOOK_KEY)
     sinks = f"""
 [notifications.sinks.hook]
-type = "webhook"
+type = "http"
 url = "{receivers.base}/hook"
 secret_file = "hook.key"
 events = ["halted"]

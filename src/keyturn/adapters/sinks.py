@@ -198,7 +198,7 @@ class WebhookSink(HttpSink):
     """POSTs the notification as JSON, signed with HMAC-SHA256 (``Keyturn-Signature``), with
     ``Keyturn-Notification-Id`` (the same on every retry: a receiver dedupes on it)."""
 
-    type = "webhook"
+    type = "http"
 
     def __init__(self, name: str, events: Iterable[str], *, url: str, key: str, **kw: Any) -> None:
         super().__init__(name, events, secrets=[key, *_url_secrets(url)], **kw)
