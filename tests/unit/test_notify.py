@@ -274,3 +274,30 @@ def test_sink_files_are_relative_to_the_config(tmp_path: Path) -> None:
     sink = load_config(cfg).notifications.sinks["chat"]
     assert isinstance(sink, SlackSinkConfig) and sink.url_file == tmp_path / "s.url"
     assert sink.kinds() == [k.value for k in NoticeKind]
+
+
+def test_a_holder_lost_without_takeover_is_noted_and_sent(db_url: str) -> None:
+    store = SqlStore(db_url)
+    store.add_credential(
+        ManagedCredential("payments", "service_account", "sandbox", "c", "u", None, "ed25519"), []
+    )
+    fresh = Rotation(**{**ROT.__dict__, "version": 1, "halted_reason": None})
+    store.create_rotation(fresh, Event("rot_1", T0, "operator", "t", trigger="create"))
+    store.claim(owner="w-dead", now=T0, lease_until=T0 + timedelta(seconds=30), limit=1)
+    got: list[dict[str, Any]] = []
+
+    def take(request: httpx.Request) -> httpx.Response:
+        got.append(json.loads(request.content))
+        return httpx.Response(200)
+
+    sink = sinks.WebhookSink("hook", ["holder_lost"], url="http://h.test/", key="k",
+                             transport=_transport(take))  # fmt: skip
+    clock = _Clock()
+    clock.t = T0 + timedelta(seconds=100)  # expired 70 s ago; nobody took it over
+    settings = DeliverySettings(holder_lost_after_seconds=60)
+    asyncio.run(Deliverer(SqlOutbox(store), [sink], clock, settings, "p1").round())
+    (note,) = got
+    assert note["kind"] == "holder_lost" and note["rotation_id"] == "rot_1"
+    assert "w-dead" in note["reason"] and "keyturn worker" in note["reason"]
+    assert [e.detail.get("status") for e in store.events("rot_1")][-1] == "holder_lost"
+    store.close()
