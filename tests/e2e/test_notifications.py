@@ -450,6 +450,9 @@ events = ["completed"]
         outcomes = [(a["outcome"], a["status_code"]) for a in d["attempt_log"]]
         assert outcomes[-1] == ("sent", 200) and ("retry", 500) in outcomes, outcomes
         assert all(a["error"] is None or "HTTP 500" in a["error"] for a in d["attempt_log"])
+    # nothing is left to send: a delivery process of its own finds the outbox drained
+    drained = kt.run("notifications", "deliver", "--until-drained", "--timeout", "10")
+    assert drained.returncode == 0 and len(receivers.at("/hook")) == 2
 
 
 def _ts(value: str) -> float:
@@ -459,7 +462,7 @@ def _ts(value: str) -> float:
 
 
 @pytest.mark.postgres
-def test_two_processes_draining_one_outbox_send_each_notification_once(
+def test_two_workers_draining_one_outbox_send_each_notification_once(
     make_kt: Callable[..., Kt], fresh_pg_url: str, receivers: Receivers, tmp_path: Path
 ) -> None:
     from keyturn.cli.wiring import SystemClock
@@ -500,24 +503,19 @@ events = ["halted"]
     assert SqlOutbox(store).pending_notifications() == count
     store.close()
     receivers.delay = 0.1
-    procs = [
-        subprocess.Popen(
-            [*KEYTURN, "notifications", "deliver", "--until-drained", "--timeout", "60"],
-            env=kt.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=90)
-        assert p.returncode == 0, err
+    # two workers (their rotations are all halted: they only deliver)
+    workers = [start_worker(kt, tmp_path / f"worker-{i}.log") for i in range(2)]
+    try:
+        wait_for("every notification", lambda: len(receivers.at("/hook")) >= count, timeout=60)
+        time.sleep(1.0)  # nothing more comes
+    finally:
+        for w in workers:
+            stop(w)
     ok = receivers.at("/hook")
     ids = [r.headers["Keyturn-Notification-Id"] for r in ok]
     assert len(ids) == count and len(set(ids)) == count, (len(ids), len(set(ids)))
     shown = deliveries(kt)
     assert len(shown) == count and {d["status"] for d in shown} == {"sent"}
     owners = {a["owner"] for d in shown for a in d["attempt_log"]}
-    assert len(owners) == 2, owners  # both processes delivered
+    assert len(owners) == 2, owners  # both workers delivered
     assert all(len(d["attempt_log"]) == 1 for d in shown)

@@ -301,3 +301,13 @@ def test_a_holder_lost_without_takeover_is_noted_and_sent(db_url: str) -> None:
     assert "w-dead" in note["reason"] and "keyturn worker" in note["reason"]
     assert [e.detail.get("status") for e in store.events("rot_1")][-1] == "holder_lost"
     store.close()
+
+
+def test_the_secret_scan_reads_json_documents() -> None:
+    from keyturn.testing.secret_scan import scan_json
+
+    key = "pd-routing-key-0123456789abcdef"
+    assert scan_json([{"a": [{"b": key}]}], {"rk": key})
+    assert scan_json([{"at": T0, "blob": key.encode()}], {"rk": key})  # non-JSON values as text
+    assert scan_json([{"t": "é " + key}], {"rk": key})
+    assert not scan_json([NOTE, DONE], {"rk": key})
