@@ -323,6 +323,8 @@ class NotificationsConfig(_Model):
     batch: int = Field(default=20, ge=1, le=1000)
     #: A lease expired this long with no worker taking the rotation over is a lost holder.
     holder_lost_after_seconds: float = Field(default=60.0, gt=0)
+    #: Attempts, and deliveries and notifications done with, are deleted after this many days.
+    keep_days: float = Field(default=30.0, gt=0)
 
 
 class Config(_Model):

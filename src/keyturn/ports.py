@@ -594,6 +594,10 @@ class OutboxStore(Protocol):
     def pending_notifications(self) -> int:
         """Notifications not fanned out plus deliveries due or leased (what is left to send)."""
 
+    def prune(self, before: datetime) -> int:
+        """Delete attempts older than `before`, and deliveries and notifications done with and
+        older than it; how many rows."""
+
 
 @dataclass(frozen=True)
 class SendResult:

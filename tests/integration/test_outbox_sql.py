@@ -176,3 +176,18 @@ def test_a_lost_holder_is_recorded_once_per_lost_lease(sql: Any) -> None:
     store.claim(owner="w2", now=T0 + timedelta(seconds=100),
                 lease_until=T0 + timedelta(seconds=130), limit=1)  # fmt: skip
     assert not outbox.record_lost_holder(lost, event)
+
+
+def test_prune_deletes_only_what_is_done_with(sql: Any) -> None:
+    store, outbox, seed = sql
+    r = seed.rotation()
+    store.commit(Change(r.id, r.version, {"halted_reason": "x"}, [_halt(r.id)]))
+    outbox.fan_out(lambda p, o: ["a", "b"], T0, 100)
+    claimed = outbox.claim_deliveries("p1", T0, T0 + timedelta(seconds=30), 10)
+    sent = next(d for d in claimed if d.sink == "a")
+    assert outbox.finish_delivery(sent, "p1", _attempt(sent.id), status="sent",
+                                  next_attempt_at=None)  # fmt: skip
+    later = T0 + timedelta(days=400)
+    assert outbox.prune(later) == 2  # a's attempt and delivery; b is still pending
+    assert [(d.sink, d.status) for d in outbox.deliveries()] == [("b", "pending")]
+    assert outbox.pending_notifications() == 1

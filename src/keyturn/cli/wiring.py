@@ -429,5 +429,6 @@ class Wiring:
             backoff_base_seconds=cfg.backoff_base_seconds,
             backoff_max_seconds=cfg.backoff_max_seconds,
             holder_lost_after_seconds=cfg.holder_lost_after_seconds,
+            keep_days=cfg.keep_days,
         )
         return Deliverer(self.outbox, sinks, self.clock, settings, owner)

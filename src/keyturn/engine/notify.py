@@ -49,6 +49,8 @@ class DeliverySettings:
     backoff_max_seconds: float = 60.0
     #: A lease expired this long ago with no takeover is a lost holder (None: not watched).
     holder_lost_after_seconds: float | None = 60.0
+    #: Attempts, and deliveries and notifications done with, are deleted after this long.
+    keep_days: float = 30.0
 
 
 def routes(sinks: Sequence[Sink]) -> Any:
@@ -82,6 +84,7 @@ class Deliverer:
         self.owner = owner
         self._route = routes(list(sinks))
         self._last_sweep = float("-inf")
+        self._last_prune = float("-inf")
         self.sent = 0
 
     @property
@@ -127,6 +130,7 @@ class Deliverer:
         """One pass; how many notifications were fanned out or deliveries attempted."""
         now = self.clock.now()
         await self._sweep(now)
+        await self._prune(now)
         fanned = await db(self.outbox.fan_out, self._route, now, 100)
         claimed = await db(
             self.outbox.claim_deliveries, self.owner, now, now + self.lease, self.settings.batch
@@ -141,6 +145,15 @@ class Deliverer:
                 await sink.aclose()
             except Exception:  # closing decides nothing
                 log.warning("could not close a sink", sink=sink.name)
+
+    async def _prune(self, now: datetime) -> None:
+        """Once an hour: a re-sent alert adds an attempt a minute, so the outbox is bounded."""
+        if time.monotonic() - self._last_prune < 3600:
+            return
+        self._last_prune = time.monotonic()
+        pruned = await db(self.outbox.prune, now - timedelta(days=self.settings.keep_days))
+        if pruned:
+            log.info("pruned the notification outbox", rows=pruned)
 
     # ------------------------------------------------------------------ lost holders
 

@@ -20,7 +20,19 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, exists, func, insert, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    and_,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from keyturn.adapters.store.models import (
@@ -374,3 +386,27 @@ class SqlOutbox:
                 select(func.count()).select_from(d_t).where(d_t.c.status == "pending")
             ).scalar_one()
         return int(unfanned) + int(pending)
+
+    def prune(self, before: datetime) -> int:
+        """Delete what is done with and older than `before`: attempts of every delivery,
+        deliveries no longer due (sent, resolved, superseded, failed), notifications whose
+        deliveries are all gone; how many rows."""
+        a = notification_attempts_t.c
+        d = d_t.c
+        done = d.status.not_in(_DUE)
+        with self.store._tx() as conn:
+            old_deliveries = select(d.id).where(done, d.created_at < before)
+            n = conn.execute(
+                delete(notification_attempts_t).where(
+                    or_(a.at < before, a.delivery_id.in_(old_deliveries))
+                )
+            ).rowcount
+            n += conn.execute(delete(d_t).where(done, d.created_at < before)).rowcount
+            n += conn.execute(
+                delete(n_t).where(
+                    n_t.c.fanned_out.is_(True),
+                    n_t.c.created_at < before,
+                    ~exists().where(d.notification_id == n_t.c.id),
+                )
+            ).rowcount
+        return int(n or 0)
