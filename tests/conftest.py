@@ -43,6 +43,9 @@ pg_admin_url = PG_ADMIN_URL
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 TABLES = (
+    "notification_attempts",
+    "notification_deliveries",
+    "notifications",
     "actions",
     "events",
     "rotations",

@@ -9,7 +9,7 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -19,6 +19,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from keyturn.domain import schedule as sched
@@ -160,6 +161,172 @@ class ScheduleConfig(_Model):
     test_clock: bool = False
 
 
+_NOTICE_KINDS = (
+    "halted",
+    "holder_lost",
+    "awaiting_approval",
+    "waiting",
+    "rolled_back",
+    "completed",
+    "cancelled",
+)
+_OPENING_KINDS = ("halted", "holder_lost", "awaiting_approval", "waiting")
+NoticeKindName = Literal[
+    "halted",
+    "holder_lost",
+    "awaiting_approval",
+    "waiting",
+    "rolled_back",
+    "completed",
+    "cancelled",
+]
+
+
+def _http_url(v: str) -> str:
+    if not (v.startswith("http://") or v.startswith("https://")):
+        raise ValueError("expected an http:// or https:// URL")
+    return v
+
+
+class _SinkConfig(_Model):
+    #: The notification kinds this sink takes (default: every kind; for alertmanager and
+    #: pagerduty: halted and holder_lost).
+    events: list[NoticeKindName] | None = None
+
+    def kinds(self) -> list[str]:
+        return list(self.events) if self.events is not None else list(_NOTICE_KINDS)
+
+
+class _SecretSink(_SinkConfig):
+    def secret_source(self, field: str) -> tuple[str | None, Path | None]:
+        env, file = getattr(self, f"{field}_env"), getattr(self, f"{field}_file")
+        if (env is None) == (file is None):
+            raise ValueError(f"set exactly one of {field}_env and {field}_file")
+        return env, file
+
+
+class WebhookSinkConfig(_SecretSink):
+    """Any HTTP endpoint: the notification POSTed as JSON, signed with HMAC-SHA256 (header
+    Keyturn-Signature)."""
+
+    type: Literal["http"]
+    url: str
+    #: The HMAC key: an environment variable's name, or a file of mode 0600.
+    secret_env: str | None = None
+    secret_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        return _http_url(v)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> WebhookSinkConfig:
+        self.secret_source("secret")
+        return self
+
+
+class SlackSinkConfig(_SecretSink):
+    """Slack's incoming-message URL: it is the secret (environment variable or 0600 file)."""
+
+    type: Literal["slack"]
+    url_env: str | None = None
+    url_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> SlackSinkConfig:
+        self.secret_source("url")
+        return self
+
+
+class AlertmanagerSinkConfig(_SinkConfig):
+    """Prometheus Alertmanager: url is its base (http://alertmanager:9093)."""
+
+    type: Literal["alertmanager"]
+    url: str
+    #: Re-send a firing alert this often; keep it well below Alertmanager's resolve_timeout.
+    resend_seconds: float = Field(default=60.0, gt=0)
+    #: Labels added to every alert (e.g. severity, team).
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        return _http_url(v)
+
+    def kinds(self) -> list[str]:
+        return list(self.events) if self.events is not None else ["halted", "holder_lost"]
+
+    @field_validator("events")
+    @classmethod
+    def _opening_only(cls, v: list[str] | None) -> list[str] | None:
+        return _opening_only(v)
+
+
+class PagerDutySinkConfig(_SecretSink):
+    """PagerDuty Events v2: one incident per rotation (dedup_key keyturn-<rotation id>)."""
+
+    type: Literal["pagerduty"]
+    #: The integration's routing key: an environment variable's name, or a 0600 file.
+    routing_key_env: str | None = None
+    routing_key_file: Path | None = None
+    events_url: str = "https://events.pagerduty.com/v2/enqueue"
+
+    @field_validator("events_url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        return _http_url(v)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> PagerDutySinkConfig:
+        self.secret_source("routing_key")
+        return self
+
+    def kinds(self) -> list[str]:
+        return list(self.events) if self.events is not None else ["halted", "holder_lost"]
+
+    @field_validator("events")
+    @classmethod
+    def _opening_only(cls, v: list[str] | None) -> list[str] | None:
+        return _opening_only(v)
+
+
+def _opening_only(v: list[str] | None) -> list[str] | None:
+    ends = sorted(set(v or ()) - set(_OPENING_KINDS))
+    if ends:
+        raise ValueError(
+            f"{', '.join(ends)} cannot be listed: this sink resolves what a rotation opened "
+            f"when it ends, by itself; list only {', '.join(_OPENING_KINDS)}"
+        )
+    return v
+
+
+SinkConfig = Annotated[
+    WebhookSinkConfig | SlackSinkConfig | AlertmanagerSinkConfig | PagerDutySinkConfig,
+    Field(discriminator="type"),
+]
+
+
+class NotificationsConfig(_Model):
+    """``[notifications]`` and its ``[notifications.sinks.NAME]`` tables."""
+
+    sinks: dict[str, SinkConfig] = Field(default_factory=dict)
+    #: Seconds between two looks at the outbox when nothing was due.
+    poll_seconds: float = Field(default=1.0, gt=0)
+    #: Each request's timeout.
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Retry 429s, 5xx and network errors for this long after the first attempt, then fail.
+    retry_for_seconds: float = Field(default=3600.0, gt=0)
+    backoff_base_seconds: float = Field(default=1.0, gt=0)
+    backoff_max_seconds: float = Field(default=60.0, gt=0)
+    #: Deliveries sent at once per process.
+    batch: int = Field(default=20, ge=1, le=1000)
+    #: A lease expired this long with no worker taking the rotation over is a lost holder.
+    holder_lost_after_seconds: float = Field(default=60.0, gt=0)
+    #: Attempts, and deliveries and notifications done with, are deleted after this many days.
+    keep_days: float = Field(default=30.0, gt=0)
+
+
 class Config(_Model):
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     keys: KeysConfig = Field(default_factory=KeysConfig)
@@ -171,6 +338,7 @@ class Config(_Model):
     policies: dict[str, PolicyConfig] = Field(default_factory=dict)
     freeze: list[FreezeConfig] = Field(default_factory=list)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
     #: Where the file was read from (paths in it are relative to its directory).
     source: Path | None = None
     #: Where database.url came from, for errors: "database.url in FILE" or
@@ -234,6 +402,12 @@ def _absolutise(raw: dict[str, object], base: Path) -> None:
             rel = url[len("sqlite:///") :]
             if rel and not rel.startswith(":memory:"):
                 db["url"] = f"sqlite:///{(base / rel).resolve()}"
+    notifications = raw.get("notifications")
+    sinks = notifications.get("sinks") if isinstance(notifications, dict) else None
+    for sink in sinks.values() if isinstance(sinks, dict) else ():
+        for key in ("secret_file", "url_file", "routing_key_file"):
+            if isinstance(sink, dict) and isinstance(sink.get(key), str):
+                sink[key] = str(_resolve(base, Path(sink[key])))
     keys = raw.get("keys")
     if isinstance(keys, dict):
         if isinstance(keys.get("master_key_file"), str):
@@ -327,6 +501,8 @@ def load_config(path: Path | None, registry: Registry | None = None) -> Config:
     raw["database_url_from"] = url_from
     registry = registry or discovered()
     base = path.resolve().parent
+    if "notifications" in raw:
+        raw["notifications"] = _notifications(where, raw["notifications"])
     tables = raw.pop("credentials", {})
     if not isinstance(tables, dict):
         raise ConfigError(f"config file {where}: key credentials: expected a table of tables")
@@ -351,6 +527,49 @@ def load_config(path: Path | None, registry: Registry | None = None) -> Config:
             )
     _resolve_policies(where, config)
     return config
+
+
+_SINK_MODELS: dict[str, type[_SinkConfig]] = {
+    "http": WebhookSinkConfig,
+    "slack": SlackSinkConfig,
+    "alertmanager": AlertmanagerSinkConfig,
+    "pagerduty": PagerDutySinkConfig,
+}
+
+
+def _notifications(where: object, table: object) -> NotificationsConfig:
+    """``[notifications]``: each sink validated by its type's model, so an error names the
+    sink's own key (not the union's branch) and the fix."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {where}: key notifications: expected a table")
+    table = dict(table)
+    sinks = table.pop("sinks", {})
+    if not isinstance(sinks, dict):
+        raise ConfigError(f"config file {where}: key notifications.sinks: expected a table")
+    types = ", ".join(_SINK_MODELS)
+    built: dict[str, _SinkConfig] = {}
+    for name, sink in sinks.items():
+        key = f"notifications.sinks.{name}"
+        if not isinstance(sink, dict):
+            raise ConfigError(f"config file {where}: key {key}: expected a table")
+        kind = sink.get("type")
+        model = _SINK_MODELS.get(kind) if isinstance(kind, str) else None
+        if model is None:
+            what = "missing" if kind is None else f"{kind!r} is not a sink type"
+            raise ConfigError(f"config file {where}: key {key}.type: {what}; use one of {types}")
+        try:
+            built[name] = model.model_validate(sink)
+        except ValidationError as exc:
+            others = {f"{t} sinks": m for t, m in _SINK_MODELS.items() if t != kind}
+            line = _first_error(
+                where, exc, key, model=model, what=f'sink of type "{kind}"', others=others
+            )
+            raise ConfigError(line.replace("Value error, ", "")) from None
+    try:
+        return NotificationsConfig.model_validate({**table, "sinks": built})
+    except ValidationError as exc:
+        line = _first_error(where, exc, "notifications", model=NotificationsConfig)
+        raise ConfigError(line.replace("Value error, ", "")) from None
 
 
 def _windows(

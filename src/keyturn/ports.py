@@ -495,3 +495,151 @@ class SecretsProbe(Protocol):
     def name(self) -> str: ...
 
     async def loaded_version(self) -> str | None: ...
+
+
+# ------------------------------------------------------------------------------ notifications
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One notification to one sink (a row of the outbox's deliveries). ``payload`` is the
+    notification's document (keyturn.domain.notify.Notice.payload) with its ``id``."""
+
+    id: int
+    notification_id: int
+    sink: str
+    rotation_id: str
+    kind: str
+    status: str
+    attempts: int
+    payload: dict[str, Any]
+    created_at: datetime
+    next_attempt_at: datetime | None = None
+    claimed_by: str | None = None
+    first_attempt_at: datetime | None = None
+    last_attempt_at: datetime | None = None
+    sent_at: datetime | None = None
+    last_status_code: int | None = None
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryAttempt:
+    """One attempt to send a delivery: its outcome (sent, resent, retry, failed), the HTTP
+    status if any, and the error with every sink secret redacted."""
+
+    delivery_id: int
+    at: datetime
+    owner: str
+    outcome: str
+    status_code: int | None
+    error: str | None
+    duration_ms: int
+    sink: str = ""
+
+
+#: Which sinks a notification goes to: (its payload, the sinks that already have an opening
+#: delivery of its rotation) -> sink names.
+Route = Callable[[dict[str, Any], frozenset[str]], Sequence[str]]
+
+
+class OutboxStore(Protocol):
+    """The notification outbox, for the processes that deliver it. The notifications are
+    written by the Store's commits (with their events); this port fans them out to sinks,
+    leases due deliveries to one process at a time, and records each attempt."""
+
+    def fan_out(self, route: Route, now: datetime, limit: int) -> int:
+        """Make the deliveries of up to `limit` notifications not fanned out yet (oldest first,
+        one process at a time); how many notifications were fanned out."""
+
+    def claim_deliveries(
+        self, owner: str, now: datetime, until: datetime, limit: int
+    ) -> list[Delivery]:
+        """Lease up to `limit` due deliveries (pending, or firing and due for a re-send) to
+        `owner` until `until`. A delivery is not claimed while another delivery of the same
+        rotation to the same sink is leased, or an earlier one is still pending (so a resolve
+        never overtakes its trigger)."""
+
+    def finish_delivery(
+        self,
+        delivery: Delivery,
+        owner: str,
+        attempt: DeliveryAttempt,
+        *,
+        status: str,
+        next_attempt_at: datetime | None,
+        close_firing: bool = False,
+    ) -> bool:
+        """Record `attempt` and set the delivery's status and next attempt, releasing the
+        lease; with `close_firing`, the rotation's other firing deliveries to the sink end
+        (``resolved`` when this one resolves, ``superseded`` when it fires anew). False (and
+        nothing written) when `owner` no longer holds the lease."""
+
+    def lost_holders(self, expired_before: datetime, limit: int) -> list[Rotation]:
+        """Unfinished rotations whose lease expired before `expired_before` and that no
+        worker claimed since."""
+
+    def record_lost_holder(self, rotation: Rotation, event: Event) -> bool:
+        """Append `event` (a ``holder_lost`` run event) and its notification, once per lost
+        lease, if the rotation still holds that expired lease; False otherwise."""
+
+    def deliveries(
+        self, *, rotation_id: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[Delivery]:
+        """The newest deliveries first."""
+
+    def attempts(self, delivery_ids: Sequence[int]) -> dict[int, list[DeliveryAttempt]]:
+        """Each delivery's attempts, oldest first."""
+
+    def pending_notifications(self) -> int:
+        """Notifications not fanned out plus deliveries due or leased (what is left to send)."""
+
+    def prune(self, before: datetime) -> int:
+        """Delete attempts older than `before`, and deliveries and notifications done with and
+        older than it; how many rows."""
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What one attempt to send a notification to a sink came to. `error` is already free of
+    the sink's secrets; `retryable`: a 429, a 5xx or a network error (worth another try)."""
+
+    ok: bool
+    status_code: int | None = None
+    error: str | None = None
+    retryable: bool = False
+    #: Seconds the sink asked to wait (a 429's Retry-After), if it said.
+    retry_after: float | None = None
+
+
+class Sink(Protocol):
+    """Somewhere notifications go (a webhook, Slack, Alertmanager, PagerDuty). Sends one
+    notification document (keyturn.domain.notify.Notice.payload with its ``id``) per call,
+    within its own timeout; never raises for what the far end does."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def events(self) -> frozenset[str]:
+        """The notification kinds it takes."""
+
+    @property
+    def pages(self) -> bool:
+        """It opens something (an alert, an incident) that the rotation's end resolves: the
+        end is sent to it whenever it took an opening notification of the rotation."""
+
+    @property
+    def resend_seconds(self) -> float | None:
+        """Re-send an opening notification this often until the rotation resolves it (an
+        Alertmanager alert expires otherwise); None: send once."""
+
+    async def send(self, notification: dict[str, Any], *, resend: bool = False) -> SendResult: ...
+
+    def redact(self, text: str) -> str:
+        """`text` with every secret of the sink replaced by ``[redacted]``."""
+
+    async def aclose(self) -> None: ...

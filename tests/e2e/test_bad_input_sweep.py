@@ -179,6 +179,13 @@ CASES: list[tuple[str, list[str], dict[str, str], tuple[str, ...]]] = [
     ("serve-port", ["serve", "--port", "99999"], {}, ("--port 99999",)),
     ("serve-host", ["serve", "--host", "203.0.113.7", "--port", "0"], {},
      ("cannot listen on 203.0.113.7:0",)),
+    # --- notifications (issue 14)
+    ("notifications-status", ["notifications", "list", "--status", "sending"], {},
+     ("--status 'sending'", "failed")),
+    ("notifications-rotation", ["notifications", "list", "--rotation", "rot_nope"], {},
+     ("rot_nope",)),
+    ("notifications-no-sinks", ["notifications", "deliver"], {},
+     ("no notification sinks", "[notifications.sinks.NAME]")),
 ]  # fmt: skip
 
 

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 TABLES = {
     "secrets", "credentials", "rotations", "events", "actions", "rate_budgets", "workers",
     "schedule_slots", "schedule_clock", "api_tokens", "idempotency_keys",
+    "notifications", "notification_deliveries", "notification_attempts",
 }  # fmt: skip
 
 

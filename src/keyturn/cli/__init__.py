@@ -1071,7 +1071,10 @@ def worker(
     n = concurrency if concurrency is not None else w.config.worker.concurrency
     if n < 1:
         raise KeyturnError("--concurrency must be at least 1")
-    runner = Worker(w.engine_deps(n), concurrency=n)
+    from keyturn.engine.worker import default_owner
+
+    owner = default_owner()
+    runner = Worker(w.engine_deps(n), concurrency=n, owner=owner, notifier=w.deliverer(owner))
 
     async def go() -> None:
         loop = asyncio.get_running_loop()
@@ -1137,6 +1140,10 @@ def _mount_serve() -> None:
     _LazyGroup.lazy["tokens"] = (
         "keyturn.cli.serve:tokens_app",
         "Bearer tokens of the HTTP API (`keyturn serve`).",
+    )
+    _LazyGroup.lazy["notifications"] = (
+        "keyturn.cli.notifications:app",
+        "Notifications to on-call: the outbox's deliveries and their attempts.",
     )
 
 

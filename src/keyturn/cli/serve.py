@@ -129,9 +129,21 @@ def serve(
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
     server = uvicorn.Server(config)
 
+    from keyturn.engine.worker import default_owner
+
+    owner = default_owner()
+    # the outbox is delivered by the worker when there is one, else by a loop of its own
+    notifier = w.deliverer(owner if worker else f"serve:{owner}")
+    stopping = asyncio.Event()
+
     async def go() -> None:
-        runner = Worker(deps, concurrency=n) if worker else None
+        runner = Worker(deps, concurrency=n, owner=owner, notifier=notifier) if worker else None
         task = asyncio.create_task(runner.run()) if runner is not None else None
+        notifying = (
+            asyncio.create_task(notifier.run(stopping))
+            if notifier is not None and runner is None
+            else None
+        )
         if task is not None:
             # a worker that dies takes the service down with it (so a supervisor restarts both)
             task.add_done_callback(lambda _: setattr(server, "should_exit", True))
@@ -148,6 +160,9 @@ def serve(
             if runner is not None and task is not None:
                 runner.stop()
                 await task
+            if notifying is not None:
+                stopping.set()
+                await notifying
 
     # uvicorn handles SIGTERM while it serves and raises it again once it has stopped: then
     # (and before it serves) SIGTERM asks for the same clean stop, so the exit status is 0.

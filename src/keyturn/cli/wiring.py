@@ -22,15 +22,17 @@ from keyturn.engine.registry import discovered
 
 if TYPE_CHECKING:
     from keyturn.adapters.keys import CryptoKeys
+    from keyturn.adapters.store.outbox import SqlOutbox
     from keyturn.adapters.store.slots import SqlSlots
     from keyturn.adapters.store.sql import SqlStore
     from keyturn.adapters.vault import AesGcmVault
     from keyturn.config import Config
     from keyturn.domain.model import Rotation
+    from keyturn.engine.notify import Deliverer
     from keyturn.engine.run import BlockingPool, CrashHook, EngineDeps
     from keyturn.engine.schedtime import ScheduleBook, ScheduleTime
     from keyturn.engine.spi import CredentialConfig, ProviderAccess
-    from keyturn.ports import Fence, RequestBudget
+    from keyturn.ports import Fence, RequestBudget, Sink
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -350,3 +352,83 @@ class Wiring:
             tick_seconds=cfg.schedule.tick_seconds,
             batch=cfg.schedule.batch,
         )
+
+    # ----------------------------------------------------------------- notifications
+
+    @cached_property
+    def outbox(self) -> SqlOutbox:
+        from keyturn.adapters.store.outbox import SqlOutbox
+
+        return SqlOutbox(self.store)
+
+    def sinks(self) -> list[Sink]:
+        """The configured notification sinks, their secrets read now (a missing variable or a
+        file readable by others is one line naming the key and the fix)."""
+        from keyturn.adapters import sinks as s
+        from keyturn.config import (
+            AlertmanagerSinkConfig,
+            PagerDutySinkConfig,
+            SlackSinkConfig,
+            WebhookSinkConfig,
+        )
+
+        cfg = self.config.notifications
+        where = f"config file {self.config.source}: key " if self.config.source else "key "
+        built: list[Sink] = []
+        for name, sink in cfg.sinks.items():
+            key = f"{where}notifications.sinks.{name}"
+
+            def secret(field: str, sink: object = sink, key: str = key) -> str:
+                env, file = sink.secret_source(field)  # type: ignore[attr-defined]
+                setting = f"{key}.{field}_env" if env else f"{key}.{field}_file"
+                return s.read_secret(env, file, setting)
+
+            common: dict[str, Any] = {"timeout": cfg.timeout_seconds}
+            if isinstance(sink, WebhookSinkConfig):
+                built.append(
+                    s.WebhookSink(name, sink.kinds(), url=sink.url, key=secret("secret"), **common)
+                )
+            elif isinstance(sink, SlackSinkConfig):
+                built.append(s.SlackSink(name, sink.kinds(), url=secret("url"), **common))
+            elif isinstance(sink, AlertmanagerSinkConfig):
+                built.append(
+                    s.AlertmanagerSink(
+                        name,
+                        sink.kinds(),
+                        url=sink.url,
+                        resend_seconds=sink.resend_seconds,
+                        labels=sink.labels,
+                        **common,
+                    )
+                )
+            elif isinstance(sink, PagerDutySinkConfig):
+                built.append(
+                    s.PagerDutySink(
+                        name,
+                        sink.kinds(),
+                        routing_key=secret("routing_key"),
+                        events_url=sink.events_url,
+                        **common,
+                    )
+                )
+        return built
+
+    def deliverer(self, owner: str) -> Deliverer | None:
+        """The outbox's delivery loop for this process (None when no sink is configured)."""
+        sinks = self.sinks()
+        if not sinks:
+            return None
+        from keyturn.engine.notify import Deliverer, DeliverySettings
+
+        cfg = self.config.notifications
+        settings = DeliverySettings(
+            poll_seconds=cfg.poll_seconds,
+            batch=cfg.batch,
+            timeout_seconds=cfg.timeout_seconds,
+            retry_for_seconds=cfg.retry_for_seconds,
+            backoff_base_seconds=cfg.backoff_base_seconds,
+            backoff_max_seconds=cfg.backoff_max_seconds,
+            holder_lost_after_seconds=cfg.holder_lost_after_seconds,
+            keep_days=cfg.keep_days,
+        )
+        return Deliverer(self.outbox, sinks, self.clock, settings, owner)

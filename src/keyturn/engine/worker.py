@@ -17,6 +17,7 @@ from keyturn.domain.lifecycle import FORWARD
 from keyturn.domain.model import Event, Rotation, WorkerRecord
 from keyturn.engine.batch import CommitBatcher, Loaders
 from keyturn.engine.gates import before_step
+from keyturn.engine.notify import Deliverer
 from keyturn.engine.operator import APPROVAL_KEY, apply_request, halt_advice
 from keyturn.engine.run import (
     EngineDeps,
@@ -41,7 +42,14 @@ def default_owner() -> str:
 
 
 class Worker:
-    def __init__(self, deps: EngineDeps, *, concurrency: int = 8, owner: str | None = None) -> None:
+    def __init__(
+        self,
+        deps: EngineDeps,
+        *,
+        concurrency: int = 8,
+        owner: str | None = None,
+        notifier: Deliverer | None = None,
+    ) -> None:
         if concurrency < 1:
             raise KeyturnError("--concurrency must be at least 1")
         self.deps = deps
@@ -64,6 +72,8 @@ class Worker:
             if deps.schedule is not None and deps.slots is not None and deps.schedule.policies
             else None
         )
+        #: Delivers the notification outbox in a task of its own (None: no sinks configured).
+        self.notifier = notifier
 
     def stop(self) -> None:
         """Stop claiming; in-flight rotations stop at their next action boundary."""
@@ -84,6 +94,11 @@ class Worker:
             if self.scheduler is not None and not until_idle
             else None
         )
+        notifying = (
+            asyncio.create_task(self.notifier.run(self._stopping), name=f"notify {self.owner}")
+            if self.notifier is not None
+            else None
+        )
         clean = False
         try:
             await self._run(until_idle=until_idle)
@@ -92,6 +107,10 @@ class Worker:
             heartbeat.cancel()
             if ticking is not None:
                 ticking.cancel()
+            if notifying is not None and self.notifier is not None:
+                notifying.cancel()
+                if until_idle:  # what this run caused is sent before it exits (bounded)
+                    await self.notifier.drain(self.notifier.settings.timeout_seconds)
             await self.batcher.aclose()
             await self.loaders.aclose()
             log.info(
@@ -437,9 +456,21 @@ class Worker:
         await run.unit.add(updates=updates, events=[event])
 
     async def _halt_quietly(self, run: RotationRun, reason: str) -> None:
+        rotation = run.rotation
+        event = Event(
+            rotation_id=rotation.id,
+            at=self.deps.clock.now(),
+            kind="run",
+            actor=self.owner,
+            trigger="internal",
+            from_state=rotation.state.value,
+            reason=reason,
+            detail={"status": "halted", "attempt": rotation.attempts, "retryable": False},
+        )
         try:
             await run.unit.write(
-                updates={"halted_reason": reason, "lease_owner": None, "lease_expires_at": None}
+                updates={"halted_reason": reason, "lease_owner": None, "lease_expires_at": None},
+                events=[event],
             )
         except KeyturnError:
             run.log.warning("could not record the halt")

@@ -14,6 +14,7 @@ offset; they never contain the secret or any variant of it.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -189,6 +190,19 @@ def _scan(data: bytes, compiled: list[tuple[str, str, bytes]], path: Path | None
 def scan_bytes(data: bytes | str, secrets: Mapping[str, bytes | str]) -> list[Finding]:
     """Findings of any named secret (in any variant) inside `data`."""
     return _scan(_to_bytes(data), _compile(secrets), None)
+
+
+def scan_json(documents: Iterable[object], secrets: Mapping[str, bytes | str]) -> list[Finding]:
+    """Findings of any named secret inside JSON documents (API responses, notification
+    payloads, outbox rows as dicts), serialized compactly and with ASCII escapes both, since a
+    leak may sit in either form; values JSON cannot hold (datetimes, bytes) as their text."""
+    compiled = _compile(secrets)
+    findings: list[Finding] = []
+    for doc in documents:
+        for ascii_only in (False, True):
+            text = json.dumps(doc, default=str, ensure_ascii=ascii_only, separators=(",", ":"))
+            findings.extend(_scan(text.encode(), compiled, None))
+    return findings
 
 
 def _files(paths: Iterable[Path]) -> Iterator[Path]:

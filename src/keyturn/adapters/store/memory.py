@@ -38,6 +38,7 @@ from keyturn.domain.model import (
     SealedSecret,
     WorkerRecord,
 )
+from keyturn.domain.notify import Notice, notice_for
 from keyturn.ports import Change
 
 #: Rotation fields that hold a datetime (stored aware UTC; a naive one is refused).
@@ -95,6 +96,8 @@ class MemoryStore:
         self._actions: dict[str, dict[tuple[str, str], ActionRecord]] = {}
         self._secrets: dict[str, SealedSecret] = {}
         self._workers: dict[str, WorkerRecord] = {}
+        #: The outbox: the notifications of the events committed (keyturn.domain.notify).
+        self._notices: list[Notice] = []
 
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._rotations)} rotations)"
@@ -113,6 +116,7 @@ class MemoryStore:
                 self._next_event_id,
                 {k: dict(v) for k, v in self._actions.items()},
                 dict(self._secrets),
+                list(self._notices),
             )
             try:
                 yield
@@ -124,6 +128,7 @@ class MemoryStore:
                     self._next_event_id,
                     self._actions,
                     self._secrets,
+                    self._notices,
                 ) = saved
                 raise
 
@@ -481,6 +486,14 @@ class MemoryStore:
             replace(event, id=self._next_event_id, at=_utc1(event.at), detail=_json(event.detail))
         )
         self._next_event_id += 1
+        notice = notice_for(event, self._rotations[event.rotation_id])
+        if notice is not None:  # in the outbox with its event, as the SQL store writes it
+            self._notices.append(notice)
+
+    def notices(self) -> list[Notice]:
+        """The outbox's notifications, oldest first (what the SQL store's outbox holds)."""
+        with self._lock:
+            return list(self._notices)
 
     def _insert_secrets(self, secrets: Sequence[SealedSecret], now: datetime) -> None:
         ids = [s.id for s in secrets]

@@ -25,6 +25,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.types import TypeDecorator
@@ -287,4 +288,91 @@ idempotency_keys_t = Table(
     Column("status_code", Integer(), nullable=True),
     Column("response", JSON(), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
+)
+
+#: The notification outbox (revision 0008): one row per notification, written in the same
+#: transaction as the event that causes it (see keyturn.domain.notify). `fanned_out` turns
+#: true once a delivering process has made its deliveries (one per configured sink whose
+#: filter takes it). `key` makes a notification that must exist once (a lost holder) unique.
+notifications_t = Table(
+    "notifications",
+    metadata,
+    Column("id", Integer(), primary_key=True, autoincrement=True),
+    Column("rotation_id", String(), ForeignKey("rotations.id"), nullable=False),
+    Column("kind", String(), nullable=False),
+    Column("key", String(), unique=True, nullable=True),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("payload", JSON(), nullable=False),
+    Column("fanned_out", Boolean(), nullable=False),
+    # the fan-out: notifications not fanned out yet, oldest first
+    Index(
+        "ix_notifications_unfanned",
+        "id",
+        sqlite_where=text("fanned_out = 0"),
+        postgresql_where=text("fanned_out = false"),
+    ),
+    Index("ix_notifications_rotation_id_id", "rotation_id", "id"),
+)
+
+#: One notification to one sink (revision 0008). status: pending (to send, or retrying),
+#: firing (an Alertmanager alert re-sent every resend interval until its rotation resolves),
+#: sent, resolved (a firing alert its rotation's end resolved), superseded (a firing alert a
+#: newer one of the same rotation replaced), failed (a permanent refusal, or retries past the
+#: bound). A process claims a row with `claimed_by` / `claimed_until` (a lease).
+notification_deliveries_t = Table(
+    "notification_deliveries",
+    metadata,
+    Column("id", Integer(), primary_key=True, autoincrement=True),
+    Column("notification_id", Integer(), ForeignKey("notifications.id"), nullable=False),
+    Column("sink", String(), nullable=False),
+    Column("rotation_id", String(), nullable=False),
+    Column("kind", String(), nullable=False),
+    Column("status", String(), nullable=False),
+    Column("attempts", Integer(), nullable=False),
+    Column("next_attempt_at", UTCDateTime(), nullable=True),
+    Column("claimed_by", String(), nullable=True),
+    Column("claimed_until", UTCDateTime(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("first_attempt_at", UTCDateTime(), nullable=True),
+    Column("last_attempt_at", UTCDateTime(), nullable=True),
+    Column("sent_at", UTCDateTime(), nullable=True),
+    Column("last_status_code", Integer(), nullable=True),
+    Column("last_error", String(), nullable=True),
+    UniqueConstraint("notification_id", "sink"),
+    # the claim: due rows, oldest first
+    Index(
+        "ix_notification_deliveries_due",
+        "next_attempt_at",
+        sqlite_where=text("status IN ('pending', 'firing')"),
+        postgresql_where=text("status IN ('pending', 'firing')"),
+    ),
+    # the claim's ordering guard: the other deliveries of one rotation to one sink
+    Index(
+        "ix_notification_deliveries_rotation_id_sink",
+        "rotation_id",
+        "sink",
+        "notification_id",
+    ),
+)
+
+#: Every attempt to send a delivery (revision 0008): when, its outcome and HTTP status, the
+#: error with every sink secret redacted.
+notification_attempts_t = Table(
+    "notification_attempts",
+    metadata,
+    Column("id", Integer(), primary_key=True, autoincrement=True),
+    Column(
+        "delivery_id",
+        Integer(),
+        ForeignKey("notification_deliveries.id"),
+        index=True,
+        nullable=False,
+    ),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("owner", String(), nullable=False),
+    Column("outcome", String(), nullable=False),
+    Column("status_code", Integer(), nullable=True),
+    Column("error", String(), nullable=True),
+    Column("duration_ms", Integer(), nullable=False),
 )

@@ -46,6 +46,7 @@ from keyturn.adapters.store.models import (
     credentials_t,
     events_t,
     idempotency_keys_t,
+    notifications_t,
     rotations_t,
     secrets_t,
     workers_t,
@@ -74,6 +75,7 @@ from keyturn.domain.model import (
     SealedSecret,
     WorkerRecord,
 )
+from keyturn.domain.notify import Notice, notices
 from keyturn.ports import Change
 
 #: SQLite waits this long for the write lock before giving up (milliseconds).
@@ -391,6 +393,28 @@ def _event_from_row(row: Row[Any]) -> Event:
         reason=m["reason"],
         detail=dict(m["detail"] or {}),
     )
+
+
+def notice_values(notice: Notice, now: datetime) -> dict[str, Any]:
+    """The outbox row of a notification (keyturn.domain.notify)."""
+    return {
+        "rotation_id": notice.rotation_id,
+        "kind": notice.kind.value,
+        "key": notice.key,
+        "at": notice.at,
+        "created_at": now,
+        "payload": notice.payload(),
+        "fanned_out": False,
+    }
+
+
+def insert_notices(
+    conn: Connection, events: Sequence[Event], rotation: Rotation, now: datetime
+) -> None:
+    """The outbox rows of `events` (committed with `rotation`), in the caller's transaction."""
+    found = notices(events, rotation)
+    if found:
+        conn.execute(insert(notifications_t), [notice_values(n, now) for n in found])
 
 
 def _action_from_row(row: Row[Any]) -> ActionRecord:
@@ -835,6 +859,9 @@ class SqlStore:
                     results[i] = result
                 done = [c for c, r in zip(batch, written, strict=True) if isinstance(r, Rotation)]
                 self._write_rows_set_based(conn, done, now)
+                for change, result in zip(batch, written, strict=True):
+                    if isinstance(result, Rotation) and change.events:
+                        insert_notices(conn, change.events, result, now)
         return [r for r in results if r is not None]
 
     def _write_rows_set_based(self, conn: Connection, done: list[Change], now: datetime) -> None:
@@ -883,13 +910,15 @@ class SqlStore:
             self._replace_credential(conn, change.credential, now)
         for secret_id, when in change.purge_after.items():
             self._set_purge_after(conn, secret_id, when)
+        rotation = _rotation_from_row(row)
         if change.events:
             conn.execute(insert(events_t), [_event_values(ev) for ev in change.events])
+            insert_notices(conn, change.events, rotation, now)
         for earlier in change.earlier_actions:
             self._upsert_action(conn, earlier)
         if change.action is not None:
             self._upsert_action(conn, change.action)
-        return _rotation_from_row(row)
+        return rotation
 
     def request(self, rotation_id: str, request: OperatorRequest, event: Event) -> Rotation:
         now = self._now()
@@ -903,7 +932,9 @@ class SqlStore:
             if row is None:
                 raise rotation_not_found(rotation_id)
             conn.execute(insert(events_t).values(**_event_values(event)))
-        return _rotation_from_row(row)
+            rotation = _rotation_from_row(row)
+            insert_notices(conn, [event], rotation, now)
+        return rotation
 
     def append_event(self, event: Event) -> None:
         with self._tx() as conn:
