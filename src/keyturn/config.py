@@ -160,6 +160,12 @@ class ScheduleConfig(_Model):
     test_clock: bool = False
 
 
+class ServeConfig(_Model):
+    #: Who may read `keyturn serve`'s /metrics: "token" (a viewer token or above), "open"
+    #: (anyone who reaches the port: for a Prometheus on a trusted network) or "off".
+    metrics: Literal["token", "open", "off"] = "token"
+
+
 class Config(_Model):
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     keys: KeysConfig = Field(default_factory=KeysConfig)
@@ -171,6 +177,7 @@ class Config(_Model):
     policies: dict[str, PolicyConfig] = Field(default_factory=dict)
     freeze: list[FreezeConfig] = Field(default_factory=list)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     #: Where the file was read from (paths in it are relative to its directory).
     source: Path | None = None
     #: Where database.url came from, for errors: "database.url in FILE" or

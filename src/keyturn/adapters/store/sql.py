@@ -74,7 +74,7 @@ from keyturn.domain.model import (
     SealedSecret,
     WorkerRecord,
 )
-from keyturn.ports import Change
+from keyturn.ports import Change, FleetFacts
 
 #: SQLite waits this long for the write lock before giving up (milliseconds).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -1049,6 +1049,12 @@ class SqlStore:
         stmt = delete(workers_t).where(workers_t.c.heartbeat_at < before)
         with self._tx() as conn:
             return int(conn.execute(stmt).rowcount or 0)
+
+    def fleet_facts(self, now: datetime) -> FleetFacts:
+        """:class:`keyturn.ports.FleetReader` (what /metrics reports), in metrics_read."""
+        from keyturn.adapters.store.metrics_read import fleet_facts
+
+        return fleet_facts(self, now)
 
     def leases_held(self, now: datetime) -> dict[str, int]:
         r = rotations_t.c
