@@ -338,14 +338,15 @@ class FleetFacts:
     transitions: dict[tuple[str, str, str], int]
     #: (verb, outcome: applied, requested, refused or other) -> operator events
     operator_actions: dict[tuple[str, str], int]
-    #: credential -> when its current key was recorded (its updated_at)
-    keys_created: dict[str, datetime]
+    #: credential -> when its current key was recorded (its updated_at), in Unix seconds
+    keys_created: dict[str, float]
     #: credential -> when its scheduled slot fires (credentials without one are absent)
-    next_rotations: dict[str, datetime]
+    next_rotations: dict[str, float]
     #: credential -> finished_at of its latest rotation that ended in old_deactivated
-    last_successes: dict[str, datetime]
+    last_successes: dict[str, float]
     #: Unfinished rotations that may need attention: halted, waiting, requested, retried, or
-    #: leased with an expired lease (a superset: keyturn.engine.attention decides).
+    #: leased with an expired lease (a superset: keyturn.engine.attention decides). They carry
+    #: what attention() reads; their reason, data, errors and wait text are not loaded.
     attention_candidates: list[Rotation]
     #: Every registered worker (stopped ones too, until they are pruned).
     workers: list[WorkerRecord]

@@ -185,9 +185,15 @@ def test_fleet_facts_agree_with_every_row_read_and_the_engine_definitions(
         ("retry-now", "applied"): 1,
         ("cancel", "other"): 1,
     }
-    assert facts.keys_created == {c.name: c.updated_at for c in sql.list_credentials()}
-    assert facts.next_rotations == {"c-due": NOW + timedelta(hours=2)}
-    assert facts.last_successes == {"c-done": NOW - timedelta(minutes=5)}
+    ms = 1e-3  # Unix seconds computed by the database: to the millisecond at least
+    keys = {c.name: c.updated_at.timestamp() for c in sql.list_credentials() if c.updated_at}
+    assert facts.keys_created == pytest.approx(keys, abs=ms)
+    assert facts.next_rotations == pytest.approx(
+        {"c-due": (NOW + timedelta(hours=2)).timestamp()}, abs=ms
+    )
+    assert facts.last_successes == pytest.approx(
+        {"c-done": (NOW - timedelta(minutes=5)).timestamp()}, abs=ms
+    )
 
     # the candidates hold every rotation that needs attention (attention() decides)
     needing = {r.id for r in rotations if attention(r, NOW) is not None}

@@ -161,10 +161,10 @@ def _possible(state: State, status: str) -> bool:
     return (status == "done") == (state in FINAL_STATES)
 
 
-def _per_credential(name: str, doc: str, values: dict[str, Any]) -> Iterator[Metric]:
+def _per_credential(name: str, doc: str, values: dict[str, float]) -> Iterator[Metric]:
     family = GaugeMetricFamily(name, doc, labels=["credential"])
     for credential, at in sorted(values.items()):
-        family.add_metric([credential], at.timestamp())
+        family.add_metric([credential], round(at, 3))
     yield family
 
 
