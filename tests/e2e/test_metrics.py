@@ -414,7 +414,7 @@ def test_a_bad_or_taken_metrics_port_is_one_line(run: Run) -> None:
         taken = kt.run("worker", "--metrics-port", str(port), check=False)
     assert taken.returncode == 2
     assert taken.stderr.startswith(f"keyturn: error: cannot serve metrics on 127.0.0.1:{port} (")
-    assert taken.stderr.endswith("pick another --metrics-port\n")
+    assert taken.stderr.endswith("pick another --metrics-host or --metrics-port\n")
     assert len(taken.stderr.splitlines()) == 1
     assert taken.stdout == ""
     # nothing started: no worker registered

@@ -126,7 +126,14 @@ class ProcessMetrics:
 
     # ------------------------------------------------------------------ serving
 
-    def serve(self, host: str, port: int, *, option: str = "--metrics-port") -> tuple[Any, int]:
+    def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        option: str = "--metrics-port",
+        host_option: str = "--metrics-host",
+    ) -> tuple[Any, int]:
         """Serve the registry at http://host:port/metrics from a daemon thread: (the server,
         the bound port). KeyturnError, in one line, when it cannot listen."""
         if not 0 <= port <= 65535:
@@ -138,6 +145,6 @@ class ProcessMetrics:
         except OSError as exc:
             raise KeyturnError(
                 f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); pick another "
-                f"{option}"
+                f"{host_option} or {option}"
             ) from None
         return server, int(server.server_port)
