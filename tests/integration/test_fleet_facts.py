@@ -247,3 +247,27 @@ def test_the_collector_text_parses_and_reports_an_absent_store(sql: SqlStore) ->
     away = scraper([FleetCollector(Away(), _Clock())])().decode()
     assert [(s.name, s.value) for f in text_string_to_metric_families(away) for s in f.samples] \
         == [("keyturn_store_up", 0.0)]  # fmt: skip
+
+
+def test_a_scrape_reads_one_snapshot_and_blocks_no_writer(sql: SqlStore) -> None:
+    """While the reads of a scrape run, a worker's write commits at once (no write lock held on
+    SQLite) and the scrape does not see it half-way (one snapshot on both databases)."""
+    import time
+
+    from sqlalchemy import func, select
+
+    from keyturn.adapters.store.metrics_read import _snapshot
+    from keyturn.adapters.store.models import workers_t
+
+    other = SqlStore(sql.engine.url.render_as_string(hide_password=False))
+    try:
+        with _snapshot(sql) as conn:
+            count = select(func.count()).select_from(workers_t)
+            before = conn.execute(count).scalar_one()
+            started = time.monotonic()
+            other.register_worker(WorkerRecord("w-new", "h", 1, NOW, NOW, 8, 10.0, 30.0))
+            assert time.monotonic() - started < 2, "the write waited for the scrape's lock"
+            assert conn.execute(count).scalar_one() == before
+        assert [w.owner for w in sql.list_workers()] == ["w-new"]
+    finally:
+        other.close()
