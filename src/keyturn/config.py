@@ -327,6 +327,12 @@ class NotificationsConfig(_Model):
     keep_days: float = Field(default=30.0, gt=0)
 
 
+class ServeConfig(_Model):
+    #: Who may read `keyturn serve`'s /metrics: "token" (a viewer token or above), "open"
+    #: (anyone who reaches the port: for a Prometheus on a trusted network) or "off".
+    metrics: Literal["token", "open", "off"] = "token"
+
+
 class Config(_Model):
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     keys: KeysConfig = Field(default_factory=KeysConfig)
@@ -339,6 +345,7 @@ class Config(_Model):
     freeze: list[FreezeConfig] = Field(default_factory=list)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     #: Where the file was read from (paths in it are relative to its directory).
     source: Path | None = None
     #: Where database.url came from, for errors: "database.url in FILE" or

@@ -136,6 +136,7 @@ def dfns_key_session(access: ProviderAccess) -> KeyProvider:
         timeout=access.timeout_seconds,
         fence=access.fence,
         budget=access.budget,
+        observe=access.observe,
     )
 
 
@@ -157,4 +158,5 @@ def dfns_webhook_session(access: ProviderAccess) -> WebhookProvider:
         timeout=access.timeout_seconds,
         fence=access.fence,
         budget=access.budget,
+        observe=access.observe,
     )

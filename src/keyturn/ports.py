@@ -308,6 +308,68 @@ class AccessStore(Protocol):
         """Forget a reserved key whose request failed before it had a response."""
 
 
+# ------------------------------------------------------------------------------------ metrics
+
+
+@dataclass(frozen=True)
+class RotationGroup:
+    """How many rotations share everything their state and status depend on (one row of a
+    GROUP BY: /metrics never loads every rotation). ``wait_key`` is kept whole (the engine's
+    keys are few: one per declared wait and gate); the rest are only whether a field is set."""
+
+    state: State
+    requested: bool
+    paused: bool
+    halted: bool
+    wait_key: str | None
+    waiting: bool
+    leased: bool
+    retried: bool
+    count: int
+
+
+@dataclass(frozen=True)
+class FleetFacts:
+    """What the store says about the whole installation, for ``/metrics``: counts taken with
+    GROUP BY, the few timestamps per credential, and the rows that may need attention."""
+
+    rotations: list[RotationGroup]
+    #: (from state, to state, the rotation's kind) -> transition events in the event log
+    transitions: dict[tuple[str, str, str], int]
+    #: (verb, outcome: applied, requested, refused or other) -> operator events
+    operator_actions: dict[tuple[str, str], int]
+    #: credential -> when its current key was recorded (its updated_at), in Unix seconds
+    keys_created: dict[str, float]
+    #: credential -> when its scheduled slot fires (credentials without one are absent)
+    next_rotations: dict[str, float]
+    #: credential -> finished_at of its latest rotation that ended in old_deactivated
+    last_successes: dict[str, float]
+    #: Unfinished rotations that may need attention: halted, waiting, requested, retried, or
+    #: leased with an expired lease (a superset: keyturn.engine.attention decides). They carry
+    #: what attention() reads; their reason, data, errors and wait text are not loaded.
+    attention_candidates: list[Rotation]
+    #: Every registered worker (stopped ones too, until they are pruned).
+    workers: list[WorkerRecord]
+
+
+class FleetReader(Protocol):
+    def fleet_facts(self, now: datetime) -> FleetFacts:
+        """The installation's :class:`FleetFacts`, read in a few aggregate queries (one
+        snapshot where the database gives one)."""
+
+
+class StepMetrics(Protocol):
+    """Told of every step attempt a worker makes (process-local metrics; cheap, never
+    raises)."""
+
+    def step(self, step: str, result: str, seconds: float) -> None: ...
+
+
+#: Told of every request an adapter sends to a provider: the HTTP method, and the response's
+#: status code, or "timeout" / "connection" when no response came. Cheap; never raises.
+RequestObserver = Callable[[str, int | str], None]
+
+
 # ------------------------------------------------------------------------------------ secrets
 
 

@@ -43,6 +43,7 @@ NEVER = (
     "hvac",
     "starlette",
     "uvicorn",
+    "prometheus_client",
 )
 
 

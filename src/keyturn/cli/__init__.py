@@ -1063,6 +1063,17 @@ def worker(
     concurrency: Annotated[
         int | None, typer.Option("--concurrency", help="Rotations in flight.")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            help="Serve this worker's Prometheus metrics at http://HOST:PORT/metrics (0: any "
+            "free port; the URL is printed).",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="Address the metrics listen on.")
+    ] = "127.0.0.1",
 ) -> None:
     """Claim due rotations and advance them; SIGTERM/SIGINT stop cleanly."""
     from keyturn.engine.worker import Worker
@@ -1073,6 +1084,7 @@ def worker(
         raise KeyturnError("--concurrency must be at least 1")
     from keyturn.engine.worker import default_owner
 
+    metrics_server = _worker_metrics(w, metrics_host, metrics_port)
     owner = default_owner()
     runner = Worker(w.engine_deps(n), concurrency=n, owner=owner, notifier=w.deliverer(owner))
 
@@ -1083,6 +1095,8 @@ def worker(
         await runner.run(until_idle=until_idle)
 
     asyncio.run(go())
+    if metrics_server is not None:
+        metrics_server.shutdown()
     halted = sorted(runner.halted)
     if until_idle and halted:
         left = [r for r in halted if w.store.get_rotation(r).halted_reason]
@@ -1092,6 +1106,26 @@ def worker(
                 "`keyturn rotations list --status halted`\n"
             )
             raise typer.Exit(EXIT_HALTED)
+
+
+def _worker_metrics(w: Any, host: str, port: int | None) -> Any:
+    """With --metrics-port: count this process's steps and provider requests and serve them
+    (the server, to shut down); a port that cannot be used is one line, exit 2."""
+    if port is None:
+        return None
+    from keyturn.adapters.metrics import ProcessMetrics
+
+    metrics = ProcessMetrics()
+    try:
+        server, bound = metrics.serve(host, port)
+    except KeyturnError as exc:
+        sys.stderr.write(f"keyturn: error: {exc}\n")
+        raise typer.Exit(2) from None
+    w.metrics = metrics
+    shown = f"[{host}]" if ":" in host else host
+    sys.stdout.write(f"keyturn worker: metrics on http://{shown}:{bound}/metrics\n")
+    sys.stdout.flush()
+    return server
 
 
 # ---------------------------------------------------------------------------------- plugins

@@ -27,7 +27,8 @@ tokens_app = typer.Typer(
 
 
 def backend(w: Wiring, deps: EngineDeps | None = None) -> Backend:
-    """The app's ports and callables, from the configuration's wiring."""
+    """The app's ports and callables, from the configuration's wiring (with ``[serve]
+    metrics`` not off, set ``w.metrics`` before making `deps`, so its worker is counted)."""
     from keyturn.adapters.store.migrate import current_revision, head_revision
     from keyturn.engine.registry import discovered
     from keyturn.web.app import Backend
@@ -60,6 +61,15 @@ def backend(w: Wiring, deps: EngineDeps | None = None) -> Backend:
             )
         return None
 
+    mode = w.config.serve.metrics
+    scrape = None
+    if mode != "off":
+        from keyturn.web.metrics import FleetCollector, scraper
+
+        collectors: list[Any] = [FleetCollector(store, w.clock)]
+        if w.metrics is not None:
+            collectors.append(w.metrics.registry)
+        scrape = scraper(collectors)
     return Backend(
         store=store,
         access=store,
@@ -71,6 +81,8 @@ def backend(w: Wiring, deps: EngineDeps | None = None) -> Backend:
         rollback_plan=rollback_plan,
         readiness=readiness,
         head_revision=head,
+        metrics=mode,
+        scrape=scrape,
     )
 
 
@@ -117,6 +129,10 @@ def serve(
     n = concurrency if concurrency is not None else w.config.worker.concurrency
     if n < 1:
         raise KeyturnError("--concurrency must be at least 1")
+    if w.config.serve.metrics != "off":
+        from keyturn.adapters.metrics import ProcessMetrics
+
+        w.metrics = ProcessMetrics()  # this process's steps and provider requests, on /metrics
     # made now: a verb carried out at once needs the engine (and the master key), so a missing
     # key is one line at start-up, not a failed request later
     deps = w.engine_deps(n) if worker else w.engine_deps()

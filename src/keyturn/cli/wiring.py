@@ -22,6 +22,7 @@ from keyturn.engine.registry import discovered
 
 if TYPE_CHECKING:
     from keyturn.adapters.keys import CryptoKeys
+    from keyturn.adapters.metrics import ProcessMetrics
     from keyturn.adapters.store.outbox import SqlOutbox
     from keyturn.adapters.store.slots import SqlSlots
     from keyturn.adapters.store.sql import SqlStore
@@ -82,6 +83,8 @@ class Wiring:
     config: Config
     clock: SystemClock = field(default_factory=SystemClock)
     _budgets: dict[str, RequestBudget] = field(default_factory=dict)
+    #: This process's metrics (`worker --metrics-port`, `serve`); None: nothing is counted.
+    metrics: ProcessMetrics | None = None
 
     @cached_property
     def store(self) -> SqlStore:
@@ -211,6 +214,7 @@ class Wiring:
             budget=self.budget(credential.provider),
             fence=fence,
             key=key,
+            observe=self.metrics.observer(credential.provider) if self.metrics else None,
         )
 
     async def provider_session(
@@ -318,6 +322,7 @@ class Wiring:
             schedule=self.schedule_book,
             slots=self.slots,
             schedule_time=self.schedule_time,
+            metrics=self.metrics,
         )
 
     @cached_property

@@ -26,7 +26,7 @@ from keyturn.engine.registry import Registry, discovered
 from keyturn.engine.schedtime import ScheduleBook, ScheduleTime
 from keyturn.engine.spi import CredentialConfig, KindPlugin, Services
 from keyturn.engine.unit import UnitOfWork
-from keyturn.ports import Clock, Keys, SlotStore, Store, Vault
+from keyturn.ports import Clock, Keys, SlotStore, StepMetrics, Store, Vault
 
 __all__ = [
     "CrashHook",
@@ -94,6 +94,8 @@ class EngineDeps:
     slots: SlotStore | None = None
     #: The schedule's clock (set in __post_init__ from `clock` when not given).
     schedule_time: ScheduleTime | None = None
+    #: Told of every step attempt (a process's metrics); None: nobody counts.
+    metrics: StepMetrics | None = None
     _targets: dict[str, list[Any]] = field(default_factory=dict)
     _probes: dict[str, list[Any]] = field(default_factory=dict)
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from keyturn.domain.lifecycle import Trigger
 from keyturn.domain.model import ActionRecord, ManagedCredential, Phase, Rotation, SealedSecret
-from keyturn.ports import Fence, RequestBudget, SigningKey
+from keyturn.ports import Fence, RequestBudget, RequestObserver, SigningKey
 
 Detail = dict[str, Any]
 T = TypeVar("T")
@@ -358,6 +358,8 @@ class ProviderAccess:
     budget: RequestBudget | None = None
     fence: Fence | None = None
     key: SigningKey | None = field(default=None, repr=False)
+    #: Told of every request the session sends (this process's provider metrics), if any.
+    observe: RequestObserver | None = None
 
 
 class Services(Protocol):

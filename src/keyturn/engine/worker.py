@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 
 from keyturn.domain.errors import KeyturnError, StaleVersion, StoreUnavailable
-from keyturn.domain.lifecycle import FORWARD
+from keyturn.domain.lifecycle import FORWARD, Trigger
 from keyturn.domain.model import Event, Rotation, WorkerRecord
 from keyturn.engine.batch import CommitBatcher, Loaders
 from keyturn.engine.gates import before_step
@@ -347,23 +347,50 @@ class Worker:
                 return
             if self.stopping:
                 raise WorkerStopping()
-            trigger = FORWARD[rotation.state]
+            if not await self._attempt(run, FORWARD[rotation.state]):
+                return
+
+    async def _attempt(self, run: RotationRun, trigger: Trigger) -> bool:
+        """One attempt at the step of `trigger`: True when the rotation goes on at once (the
+        step's transition was made, or an operator request came first). Counted by result
+        and timed when the process has metrics."""
+        result = "error"  # an exception that is not keyturn's: a bug, halted by _drive
+        started = time.perf_counter()
+        elapsed = 0.0
+        try:
             try:
                 await before_step(run, trigger)
                 await run_step(run, trigger)
-            except OperatorInterrupt:
-                continue
-            except Waiting as wait:
-                await self._wait(run, trigger.value, wait)
-                return
-            except (StaleVersion, LeaseLost, WorkerStopping, StoreUnavailable):
-                raise
-            except WaitExpired as exc:
-                await self._halt(run, trigger.value, str(exc), retryable=False)
-                return
-            except KeyturnError as exc:
-                await self._failed(run, trigger.value, exc)
-                return
+            finally:
+                elapsed = time.perf_counter() - started
+            result = "ok"
+            return True
+        except OperatorInterrupt:
+            result = "interrupted"
+            return True
+        except Waiting as wait:
+            result = "waiting"
+            await self._wait(run, trigger.value, wait)
+            return False
+        except (StaleVersion, LeaseLost):
+            result = "lease_lost"
+            raise
+        except WorkerStopping:
+            result = "stopped"
+            raise
+        except StoreUnavailable:
+            result = "store_unavailable"
+            raise
+        except WaitExpired as exc:
+            result = "halted"
+            await self._halt(run, trigger.value, str(exc), retryable=False)
+            return False
+        except KeyturnError as exc:
+            result = await self._failed(run, trigger.value, exc)
+            return False
+        finally:
+            if self.deps.metrics is not None:
+                self.deps.metrics.step(trigger.value, result, elapsed)
 
     async def _finished(self, rotation: Rotation) -> None:
         self.completed += 1
@@ -420,7 +447,8 @@ class Worker:
         except KeyturnError:  # the store is away: the plain advice
             return f"Fix the cause, then run `keyturn rotations resume {rotation.id} --reason ...`"
 
-    async def _failed(self, run: RotationRun, step: str, exc: KeyturnError) -> None:
+    async def _failed(self, run: RotationRun, step: str, exc: KeyturnError) -> str:
+        """Record a failed attempt: "retry" (backing off) or "halted" (for a human)."""
         rotation = run.rotation
         policy = self.deps.settings.retry
         attempts = rotation.attempts + 1
@@ -454,6 +482,7 @@ class Worker:
         run.log.warning("step failed", step=step, status=status, error=message)
         # held: the release that follows writes it with the lease's end, in one commit
         await run.unit.add(updates=updates, events=[event])
+        return "halted" if status == "halted" else "retry"
 
     async def _halt_quietly(self, run: RotationRun, reason: str) -> None:
         rotation = run.rotation

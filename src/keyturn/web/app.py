@@ -32,6 +32,7 @@ from keyturn.engine.attention import attention, revision, status_key
 from keyturn.engine.registry import Registry
 from keyturn.engine.run import EngineDeps, db
 from keyturn.ports import AccessStore, Clock, Store
+from keyturn.web import metrics as web_metrics
 from keyturn.web import schemas as s
 
 #: The verbs of POST /v1/rotations/{id}/{verb}: an OperatorAction, or None for retry-now.
@@ -70,6 +71,10 @@ class Backend:
     #: None when the database is reachable and at the head revision, else why not.
     readiness: Callable[[], str | None]
     head_revision: str
+    #: Who may read /metrics: "token" (a viewer token), "open" or "off" (``[serve] metrics``).
+    metrics: str = "token"
+    #: The /metrics body (keyturn.web.metrics.scraper); None: no /metrics route.
+    scrape: Callable[[], bytes] | None = None
 
 
 def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> HTTPException:
@@ -385,6 +390,8 @@ def create_app(backend: Backend) -> FastAPI:  # noqa: C901 (one nested function 
 
     for verb in VERBS:
         _mount_verb(app, b, verb, Operator, RotationId, rotation_or_404)
+    if b.scrape is not None:
+        web_metrics.mount(app, b.metrics, b.scrape, Depends(role(Role.VIEWER)))
     return app
 
 

@@ -57,7 +57,7 @@ from keyturn.adapters.dfns.models import (
 )
 from keyturn.adapters.dfns.signing import KeySigner, compact_json
 from keyturn.domain.errors import ConfigError, ProviderError
-from keyturn.ports import RequestBudget
+from keyturn.ports import RequestBudget, RequestObserver
 
 log = logging.getLogger("keyturn.dfns")
 
@@ -156,6 +156,7 @@ class DfnsClient:
         safe_retries: int = 3,
         fence: Callable[[], None] | None = None,
         budget: RequestBudget | None = None,
+        observe: RequestObserver | None = None,
     ) -> None:
         self._base_url = _check_base_url(base_url)
         #: Side-effect-free calls (reads, challenges, user-action signing) are retried this many
@@ -168,6 +169,8 @@ class DfnsClient:
         #: The provider's request budget, shared with the other clients of this process or of
         #: every process on the database (see keyturn.ports.RequestBudget), if any.
         self._budget = budget
+        #: Told of every request sent (method, status or failure): the process's metrics.
+        self._observe = observe
         _check_token(token)
         if not timeout or timeout <= 0:
             raise ConfigError(f"the Dfns client timeout must be positive seconds, got {timeout}")
@@ -210,6 +213,7 @@ class DfnsClient:
         derived._safe_retries = self._safe_retries
         derived._fence = self._fence
         derived._budget = self._budget
+        derived._observe = self._observe
         derived._http = self._http
         derived._owns_http = False
         return derived
@@ -284,12 +288,16 @@ class DfnsClient:
             )
         except httpx.TimeoutException as exc:
             phase = next((p for cls, p in _TIMEOUT_PHASES if isinstance(exc, cls)), "read")
+            if self._observe is not None:
+                self._observe(method, "timeout")
             log.debug("dfns %s %s timed out (%s)", method, path, phase)
             raise DfnsTimeout(
                 method=method, path=path, phase=phase, seconds=self._timeout, mutating=mutating
             ) from None
         except httpx.TransportError as exc:
             sent = not isinstance(exc, httpx.ConnectError | httpx.UnsupportedProtocol)
+            if self._observe is not None:
+                self._observe(method, "connection")
             reason = clean_server_text(str(exc) or type(exc).__name__, [self._token])
             log.debug("dfns %s %s connection failed (%s)", method, path, type(exc).__name__)
             raise DfnsConnectionError(
@@ -300,6 +308,8 @@ class DfnsClient:
                 mutating=mutating,
                 base_url=self._base_url,
             ) from None
+        if self._observe is not None:
+            self._observe(method, response.status_code)
         if self._budget is not None:
             if response.status_code == 429:
                 self._budget.rate_limited_now()

@@ -14,7 +14,7 @@ from keyturn.adapters.dfns.client import DfnsClient
 from keyturn.adapters.dfns.errors import InvalidRequest
 from keyturn.adapters.dfns.models import Credential
 from keyturn.adapters.dfns.signing import KeySigner
-from keyturn.ports import ProviderCredential, RequestBudget, SigningKey
+from keyturn.ports import ProviderCredential, RequestBudget, RequestObserver, SigningKey
 
 #: The ways a new key can be registered (see KeyProvider.register_key).
 REGISTER_VIA: tuple[str, ...] = ("credentials", "service_account_endpoint")
@@ -111,11 +111,18 @@ def provider_for(
     transport: httpx.AsyncBaseTransport | None = None,
     fence: Callable[[], None] | None = None,
     budget: RequestBudget | None = None,
+    observe: RequestObserver | None = None,
 ) -> DfnsKeyProvider:
     """A DfnsKeyProvider owning its own client; close it with `aclose()`. `fence` is called
     before every request (see DfnsClient)."""
     return DfnsKeyProvider(
         DfnsClient(
-            base_url, token, timeout=timeout, transport=transport, fence=fence, budget=budget
+            base_url,
+            token,
+            timeout=timeout,
+            transport=transport,
+            fence=fence,
+            budget=budget,
+            observe=observe,
         )
     )

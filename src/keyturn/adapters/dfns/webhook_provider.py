@@ -9,7 +9,7 @@ from keyturn.adapters.dfns.client import DfnsClient
 from keyturn.adapters.dfns.errors import DfnsApiError
 from keyturn.adapters.dfns.models import Webhook
 from keyturn.adapters.dfns.signing import KeySigner
-from keyturn.ports import RequestBudget, WebhookInfo, WebhookProvider
+from keyturn.ports import RequestBudget, RequestObserver, WebhookInfo, WebhookProvider
 
 PAGE_SIZE = 500
 MAX_PAGES_PER_CALL = 20
@@ -103,8 +103,17 @@ def webhook_provider_for(
     timeout: float = 10.0,
     fence: Callable[[], None] | None = None,
     budget: RequestBudget | None = None,
+    observe: RequestObserver | None = None,
 ) -> DfnsWebhookProvider:
     signer = KeySigner.from_pem(signer_credential_id, signer_private_key_pem)
     return DfnsWebhookProvider(
-        DfnsClient(base_url, token, signer=signer, timeout=timeout, fence=fence, budget=budget)
+        DfnsClient(
+            base_url,
+            token,
+            signer=signer,
+            timeout=timeout,
+            fence=fence,
+            budget=budget,
+            observe=observe,
+        )
     )

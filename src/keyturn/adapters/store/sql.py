@@ -76,10 +76,13 @@ from keyturn.domain.model import (
     WorkerRecord,
 )
 from keyturn.domain.notify import Notice, notices
-from keyturn.ports import Change
+from keyturn.ports import Change, FleetFacts
 
 #: SQLite waits this long for the write lock before giving up (milliseconds).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: Execution option: on SQLite, begin with a plain (deferred) BEGIN: a snapshot of the WAL that
+#: takes no write lock, for a long read-only transaction (what /metrics reads).
+DEFERRED_READ = "keyturn_deferred_read"
 
 #: Rotation attributes a :class:`Change` may set (``request`` maps to the request_* columns).
 UPDATABLE_FIELDS = frozenset(
@@ -175,7 +178,9 @@ def make_engine(url: str, *, pooled: bool = True) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # a long read that needs one snapshot and no write lock (WAL) asks for a deferred one
+        deferred = conn.get_execution_options().get(DEFERRED_READ, False)
+        conn.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -1080,6 +1085,12 @@ class SqlStore:
         stmt = delete(workers_t).where(workers_t.c.heartbeat_at < before)
         with self._tx() as conn:
             return int(conn.execute(stmt).rowcount or 0)
+
+    def fleet_facts(self, now: datetime) -> FleetFacts:
+        """:class:`keyturn.ports.FleetReader` (what /metrics reports), in metrics_read."""
+        from keyturn.adapters.store.metrics_read import fleet_facts
+
+        return fleet_facts(self, now)
 
     def leases_held(self, now: datetime) -> dict[str, int]:
         r = rotations_t.c
