@@ -15,7 +15,7 @@ from typing import Any
 from keyturn.domain.lifecycle import State
 from keyturn.domain.model import OperatorAction, OperatorRequest
 from keyturn.engine.attention import REQUEST_STALE, STATUSES, attention, status_key
-from keyturn.engine.operator import list_rotations
+from keyturn.engine.listing import list_rotations
 from keyturn.ports import RotationQuery, Store
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)

@@ -1,10 +1,14 @@
 """`keyturn serve` over HTTP: a real process on a real installation (sandbox, SQLite), its store
-seeded with rotations in several states and statuses.
+seeded with rotations in every state and every status.
 
-- the authorization matrix: every endpoint and verb x viewer, operator, admin, no token and a
-  revoked token;
+- the authorization matrix: every endpoint and verb (approve, deny, release-lease, /v1/plan and
+  /v1/credentials/{name} included) x viewer, operator, admin, no token and a revoked token;
 - If-Match: a stale revision gets 412, a missing one 428; a running rotation whose lease renews
-  and whose actions commit keeps its revision;
+  and whose actions commit keeps its revision, and so does one held by a real worker whose
+  lease renews between the read and the verb;
+- release-lease with real worker processes: a live holder honours it at its next action
+  boundary; a frozen (SIGSTOP) holder's rotation is claimed only after its original expiry;
+- the list's filters and cursor, credentials and the plan against the CLI's --json;
 - Idempotency-Key: the same key and body replay the first response (one timeline event); a
   different body under the same key is 422;
 - retry-now skips a backoff, and says why when refused (API and CLI);
@@ -468,6 +472,33 @@ def test_credentials_and_plan_say_what_the_cli_says(api: Api) -> None:
     assert api.call("GET", "/v1/plan", params={"credential": "nope"}).status_code == 404
     bad = api.call("GET", "/v1/plan", params={"until": "soon"})
     assert bad.status_code == 400 and bad.json()["detail"].startswith("until 'soon' is not a date")
+
+
+def test_approve_deny_and_release_lease_refusals(api: Api) -> None:
+    rid = api.ids["awaiting-approval"]
+    ok = api.verb(rid, "approve", reason="change ticket 42", **{"If-Match": api.revision(rid)})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["outcome"] == "applied" and ok.json()["status"] != "awaiting_approval"
+    last = api.call("GET", f"/v1/rotations/{rid}").json()["timeline"][-1]
+    assert (last["trigger"], last["actor"], last["detail"]["status"]) == (
+        "approve", "t-operator", "applied"
+    )  # fmt: skip
+    due = api.ids["due"]
+    no = api.verb(due, "deny", **{"If-Match": api.revision(due)})
+    assert no.status_code == 409 and "not awaiting approval" in no.json()["detail"]
+    # release-lease: admin only, and refused when no lease is held (API and CLI)
+    as_operator = api.verb(due, "release-lease", **{"If-Match": api.revision(due)})
+    assert as_operator.status_code == 403, as_operator.text
+    refused = api.call(
+        "POST", f"/v1/rotations/{due}/release-lease", who="admin", json={"reason": "x"},
+        headers={"If-Match": api.revision(due)},
+    )  # fmt: skip
+    assert refused.status_code == 409 and "no worker holds its lease" in refused.json()["detail"]
+    lost = api.ids["holder-lost"]
+    cli = api.kt.run("rotations", "release-lease", lost, "--reason", "x", check=False)
+    assert cli.returncode == 1 and len(cli.stderr.splitlines()) == 1
+    assert cli.stderr.startswith("keyturn: error: cannot release-lease a rotation in state ")
+    assert "expired at" in cli.stderr and "the next worker to poll claims it" in cli.stderr
 
 
 # -------------------------------------------------------------------------- Schemathesis

@@ -479,7 +479,7 @@ def rotations_list(
 ) -> None:
     """Rotations, newest first."""
     from keyturn.engine.attention import attention
-    from keyturn.engine.operator import list_rotations
+    from keyturn.engine.listing import list_rotations
 
     wanted = _choice("--state", state_filter, (s.value for s in State))
     _choice("--status", status, render.STATUSES)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -18,11 +18,14 @@ from keyturn.domain.model import (
     Phase,
     Rotation,
 )
-from keyturn.engine.attention import REQUEST_STALE, attention, revision, status_key
+from keyturn.engine.attention import revision, status_key
+
+# the list, for the web layer (it lives in a module a read command loads cheaply)
+from keyturn.engine.listing import list_rotations as list_rotations
 from keyturn.engine.registry import Registry
 from keyturn.engine.run import EngineDeps, RotationRun, db, new_rotation_id
 from keyturn.engine.steps import CLEAR_WAIT
-from keyturn.ports import Change, Clock, RotationQuery, Store
+from keyturn.ports import Change, Clock, Store
 
 #: The trigger name of the retry-now verb in the timeline (it is no OperatorAction: nothing
 #: waits for a lease holder, it only moves a backing-off rotation's next attempt to now).
@@ -511,51 +514,3 @@ def audit_refusal(
             detail={"status": f"refused: {refusal}", "via": via},
         )
     )
-
-
-def list_rotations(
-    store: Store,
-    now: datetime,
-    *,
-    state: State | None = None,
-    status: str | None = None,
-    credential: str | None = None,
-    kind: str | None = None,
-    attention_only: bool = False,
-    since: datetime | None = None,
-    before: tuple[datetime, str] | None = None,
-    limit: int | None = None,
-) -> tuple[list[Rotation], bool]:
-    """What `rotations list` and ``GET /v1/rotations`` show: up to `limit` rotations, newest
-    first, older than `before` (a cursor), and whether more follow. The store narrows in its
-    query (every filter, the cursor and the limit); its condition for a status or attention
-    may be wider than their definitions (keyturn.engine.attention), which decide here, on
-    the rows it returns (reading on, a batch at a time, while they fall short)."""
-    query = RotationQuery(
-        state=state,
-        credential=credential,
-        kind=kind,
-        status=status,
-        attention_at=now if attention_only else None,
-        request_stale_before=now - REQUEST_STALE if attention_only else None,
-        updated_since=since,
-    )
-
-    def wanted(r: Rotation) -> bool:
-        return (status is None or status_key(r) == status) and (
-            not attention_only or attention(r, now) is not None
-        )
-
-    out: list[Rotation] = []
-    batch = None if limit is None else limit + 1
-    while True:
-        rows = store.find_rotations(replace(query, before=before, limit=batch))
-        for r in rows:
-            if wanted(r):
-                out.append(r)
-                if limit is not None and len(out) > limit:
-                    return out[:limit], True
-        if batch is None or len(rows) < batch:
-            return out, False
-        before = (rows[-1].created_at, rows[-1].id)
-        batch = min(batch * 4, 10_000)
