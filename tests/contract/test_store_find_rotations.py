@@ -1,4 +1,5 @@
-"""Store contract: find_rotations, the list's query (filters, keyset cursor, limit in the store).
+"""Store contract: find_rotations, the list's query (filters, keyset cursor, limit in the store),
+and request's compare-and-set (what a verb's If-Match rests on).
 
 The store's conditions for a status and for attention may be wider than their definitions
 (keyturn.engine.attention), never narrower; on SQL stores the status condition is exact. The
@@ -12,11 +13,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
+from keyturn.domain.errors import NotFound, StaleVersion
 from keyturn.domain.lifecycle import State
 from keyturn.domain.model import OperatorAction, OperatorRequest
 from keyturn.engine.attention import REQUEST_STALE, STATUSES, attention, status_key
 from keyturn.engine.listing import list_rotations
-from keyturn.ports import RotationQuery, Store
+from keyturn.ports import Change, RotationQuery, Store
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 NOW = T0 + timedelta(hours=2)
@@ -117,3 +121,22 @@ def test_list_rotations_is_the_definitions_answer_page_by_page(store: Store, see
             assert len(page) == 3
             before = (page[-1].created_at, page[-1].id)
         assert paged == expected, f
+
+
+def test_request_with_expected_version_is_a_compare_and_set(store: Store, seed: Any) -> None:
+    """What a verb's If-Match rests on: the request lands only on the row as read (its
+    version, no request pending), and never bumps the version (the holder is not fenced)."""
+    r = seed.rotation()
+    req = OperatorRequest(OperatorAction.PAUSE, "op", "why", T0)
+    renewed = store.commit(Change(r.id, r.version, updates={"lease_owner": "w"}))
+    with pytest.raises(StaleVersion):
+        store.request(r.id, req, seed.event(r.id), expected_version=r.version)
+    assert store.get_rotation(r.id) == renewed and len(store.events(r.id)) == 1
+    done = store.request(r.id, req, seed.event(r.id), expected_version=renewed.version)
+    assert done.request == req and done.version == renewed.version
+    other = OperatorRequest(OperatorAction.RESUME, "op2", "why", T0)
+    with pytest.raises(StaleVersion):  # a request is pending: the second one does not land
+        store.request(r.id, other, seed.event(r.id), expected_version=done.version)
+    assert store.get_rotation(r.id).request == req
+    with pytest.raises(NotFound):
+        store.request("rot-none", req, seed.event("rot-none"), expected_version=1)
