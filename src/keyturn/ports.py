@@ -60,6 +60,30 @@ class Change:
     purge_after: dict[str, datetime | None] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RotationQuery:
+    """What `rotations list` and ``GET /v1/rotations`` ask the store for, newest first
+    (created_at, then id, both descending). The store narrows in its query; where its
+    condition for `status` or `attention` is wider than the engine's definition
+    (keyturn.engine.attention), the engine decides on the rows it returns, so the store's
+    condition must never be narrower."""
+
+    state: State | None = None
+    credential: str | None = None
+    kind: str | None = None
+    #: One of keyturn.engine.attention.STATUSES: rows that may have it.
+    status: str | None = None
+    #: Rows that may need attention at this time (see keyturn.engine.attention.attention).
+    attention_at: datetime | None = None
+    #: With attention_at: a request older than this needs attention (now - REQUEST_STALE).
+    request_stale_before: datetime | None = None
+    #: Updated at or after this.
+    updated_since: datetime | None = None
+    #: Keyset paging: only rows strictly older than (created_at, id).
+    before: tuple[datetime, str] | None = None
+    limit: int | None = None
+
+
 class Store(Protocol):
     # managed credentials
     def add_credential(
@@ -89,6 +113,10 @@ class Store(Protocol):
         self, *, state: State | None = None, credential: str | None = None
     ) -> list[Rotation]:
         """Newest first."""
+
+    def find_rotations(self, query: RotationQuery) -> list[Rotation]:
+        """Newest first, at most `query.limit`, narrowed by the query in the store (indexes:
+        the first page of 100,000 rotations reads a page, not the table)."""
 
     def latest_rotation(self, credential: str) -> Rotation | None: ...
 
@@ -127,9 +155,20 @@ class Store(Protocol):
         as possible, each exactly as :meth:`commit` would; per change, the new rotation or the
         error `commit` would have raised (StaleVersion, ...). StoreUnavailable is raised."""
 
-    def request(self, rotation_id: str, request: OperatorRequest, event: Event) -> Rotation:
+    def request(
+        self,
+        rotation_id: str,
+        request: OperatorRequest,
+        event: Event,
+        *,
+        expected_version: int | None = None,
+    ) -> Rotation:
         """Record an operator request and its event WITHOUT bumping the version (the lease
-        holder must not be fenced out by it); make the rotation due now."""
+        holder must not be fenced out by it); make the rotation due now.
+
+        With `expected_version` it is a compare-and-set on the rotation as read: written only
+        while the row still has that version and no pending request (StaleVersion otherwise),
+        so what the caller checked on its read still holds when the request lands."""
 
     def append_event(self, event: Event) -> None:
         """Add an event to a rotation's timeline WITHOUT touching the rotation (an audit

@@ -1,10 +1,14 @@
 """`keyturn serve` over HTTP: a real process on a real installation (sandbox, SQLite), its store
-seeded with rotations in several states and statuses.
+seeded with rotations in every state and every status.
 
-- the authorization matrix: every endpoint and verb x viewer, operator, admin, no token and a
-  revoked token;
+- the authorization matrix: every endpoint and verb (approve, deny, release-lease, /v1/plan and
+  /v1/credentials/{name} included) x viewer, operator, admin, no token and a revoked token;
 - If-Match: a stale revision gets 412, a missing one 428; a running rotation whose lease renews
-  and whose actions commit keeps its revision;
+  and whose actions commit keeps its revision, and so does one held by a real worker whose
+  lease renews between the read and the verb;
+- release-lease with real worker processes: a live holder honours it at its next action
+  boundary; a frozen (SIGSTOP) holder's rotation is claimed only after its original expiry;
+- the list's filters and cursor, credentials and the plan against the CLI's --json;
 - Idempotency-Key: the same key and body replay the first response (one timeline event); a
   different body under the same key is 422;
 - retry-now skips a backoff, and says why when refused (API and CLI);
@@ -18,7 +22,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +30,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import KEYTURN, PAT, SA, Kt, KtFactory
+from harness import KEYTURN, PAT, SA, Kt, KtFactory, transitions_once
 
 from keyturn.adapters.store.migrate import downgrade, head_revision, open_store, upgrade
 from keyturn.adapters.store.sql import SqlStore
@@ -48,7 +52,9 @@ from keyturn.ports import Change
 from keyturn.testing.secret_scan import scan_bytes
 
 ROLES = ("viewer", "operator", "admin")
-VERBS = ("resume", "pause", "cancel", "rollback", "retry-now")
+VERBS = ("resume", "pause", "cancel", "rollback", "retry-now", "approve", "deny", "release-lease")
+#: The least role of each verb (the others: operator).
+VERB_ROLE = {"release-lease": "admin"}
 
 
 @dataclass
@@ -145,6 +151,23 @@ def _seed(kt: Kt) -> dict[str, str]:
         _event(rid, now),
     )
     rotation("rolled-back", state=State.ROLLED_BACK, finished_at=now)
+    # every state and status: awaiting approval, verified, rolling back, cancelled, holder lost
+    approval = {"wait_key": "gate.approval.before_start", "wait_for": "an approval (policy p)",
+                "wait_since": now, "wait_deadline": now + timedelta(hours=4),
+                "next_attempt_at": now + timedelta(minutes=5)}  # fmt: skip
+    rotation("awaiting-approval", **approval)
+    rotation("verified", state=State.VERIFIED, attempts=1, last_error="probe timed out",
+             next_attempt_at=now + timedelta(hours=1))  # fmt: skip
+    rotation("rolling-back", state=State.ROLLING_BACK, rollback_from=State.NEW_ADDED,
+             halted_reason="retry budget spent: 500")  # fmt: skip
+    rotation("cancelled", state=State.CANCELLED, finished_at=now)
+    rotation("holder-lost", state=State.NEW_ADDED, lease_owner="worker-gone",
+             lease_expires_at=now - timedelta(minutes=10))  # fmt: skip
+    for n in (1, 2, 3):
+        rotation(f"for-approve-{n}", **approval)
+        rotation(f"for-deny-{n}", **approval)
+        rotation(f"for-release-lease-{n}", state=State.NEW_ADDED, lease_owner="worker-busy",
+                 lease_expires_at=now + timedelta(hours=1))  # fmt: skip
     store.close()
     return ids
 
@@ -199,6 +222,12 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         store.close()
         kt.run("tokens", "revoke", "t-gone")
         tokens["bogus"] = "kt_" + "x" * 43
+        # a policy for the plan (no worker runs here, so nothing fires)
+        text = kt.config.read_text()
+        for name in (SA, PAT):
+            head = f"[credentials.{name}]\n"
+            text = text.replace(head, f'{head}policy = "quarterly"\n')
+        kt.config.write_text(text + '\n[policies.quarterly]\nevery = "90d"\n')
         proc, base = _start_serve(kt, base_dir / "serve.log")
         try:
             yield Api(kt, base, proc, tokens, ids)
@@ -220,10 +249,14 @@ def _endpoints(api: Api) -> list[tuple[str, str, str]]:
         ("GET", f"/v1/rotations/{rid}", "viewer"),
         ("GET", f"/v1/rotations/{api.ids['halted']}/rollback-plan", "viewer"),
         ("GET", "/v1/credentials", "viewer"),
+        ("GET", f"/v1/credentials/{SA}", "viewer"),
+        ("GET", "/v1/plan", "viewer"),
         ("GET", "/v1/workers", "viewer"),
         ("GET", "/v1/tokens", "admin"),
     ]
-    return reads + [("POST", f"/v1/rotations/{rid}/{v}", "operator") for v in VERBS]
+    return reads + [
+        ("POST", f"/v1/rotations/{rid}/{v}", VERB_ROLE.get(v, "operator")) for v in VERBS
+    ]
 
 
 def test_authorization_matrix(api: Api) -> None:
@@ -232,9 +265,10 @@ def test_authorization_matrix(api: Api) -> None:
     documented = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
     endpoints = _endpoints(api)
     templated = {
-        (m, p.replace(api.ids["due"], "{rotation_id}").replace(api.ids["halted"], "{rotation_id}"))
+        (m, p.replace(api.ids["due"], "{rotation_id}").replace(api.ids["halted"], "{rotation_id}")
+         .replace(f"/credentials/{SA}", "/credentials/{name}"))
         for m, p, _ in endpoints
-    }
+    }  # fmt: skip
     assert documented - {("GET", "/healthz"), ("GET", "/readyz")} == templated
     for who in (None, "revoked", "bogus", *ROLES):
         for path in ("/healthz", "/readyz"):
@@ -371,6 +405,100 @@ def test_list_filters_and_cursor_paging(api: Api) -> None:
     assert all(r["attention"] for r in attention)
     bad = api.call("GET", "/v1/rotations", params={"cursor": "nope"})
     assert bad.status_code == 400 and bad.json()["detail"].startswith("cursor is not one")
+    # the seeded store has rotations in every state and every status
+    from keyturn.engine.attention import STATUSES
+
+    assert {r["status"] for r in everything} == set(STATUSES)
+    assert {r["state"] for r in everything} == {s.value for s in State}
+    for status in STATUSES:  # each filter gives exactly that status, in the list's order
+        only = api.call("GET", "/v1/rotations", params={"status": status, "limit": 200})
+        assert [r["id"] for r in only.json()["items"]] == [
+            r["id"] for r in everything if r["status"] == status
+        ]
+
+
+def _times(doc: Any) -> Any:
+    """`doc` with every ISO 8601 time parsed (the API writes Z, the CLI +00:00)."""
+    if isinstance(doc, dict):
+        return {k: _times(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_times(v) for v in doc]
+    if isinstance(doc, str) and len(doc) >= 20 and doc[4] == "-" and doc[10] == "T":
+        try:
+            return datetime.fromisoformat(doc)
+        except ValueError:
+            return doc
+    return doc
+
+
+def test_credentials_and_plan_say_what_the_cli_says(api: Api) -> None:
+    listed = _times(api.call("GET", "/v1/credentials").json())
+    cli = {
+        c["name"]: c for c in _times(json.loads(api.kt.run("credentials", "list", "--json").stdout))
+    }
+    assert [c["name"] for c in listed] == sorted(cli)
+    moving = {"key_age_seconds"}
+    for c in listed:
+        same = {k: v for k, v in cli[c["name"]].items() if k not in moving}
+        assert {k: c[k] for k in same} == same, c["name"]
+        assert c["key_age_seconds"] is not None and c["key_age_seconds"] >= 0
+    sa = next(c for c in listed if c["name"] == SA)
+    assert sa["targets"] == [{"type": "file", "name": "local-files"}], sa["targets"]
+    assert sa["latest_rotation"]["state"] == "old_deactivated"
+    assert sa["last_completed_at"] is not None and sa["policy"] == "quarterly"
+    assert sa["next_rotation_at"] is not None
+    one = api.call("GET", f"/v1/credentials/{SA}")
+    assert one.status_code == 200 and {**_times(one.json()), "key_age_seconds": 0} == {
+        **sa,
+        "key_age_seconds": 0,
+    }
+    assert api.call("GET", "/v1/credentials/nope").status_code == 404
+
+    plan = api.call("GET", "/v1/plan", params={"until": "100d"})
+    assert plan.status_code == 200, plan.text
+    cli_plan = json.loads(api.kt.run("plan", "--until", "100d", "--json").stdout)
+
+    def steady(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # the key's age is counted from "now" (on the schedule's clock): it moves a little
+        return [{k: v for k, v in i.items() if k != "key_age_seconds"} for i in _times(items)]
+
+    assert steady(plan.json()["rotations"]) == steady(cli_plan["rotations"])
+    assert {r["credential"] for r in plan.json()["rotations"]} == {SA, PAT}
+    assert plan.json()["rotations"][0]["actions"]  # the external calls, in order
+    notes = plan.json()["notes"]
+    assert notes == cli_plan["notes"] and any(n.startswith(f"{PAT}: rotation ") for n in notes)
+    only = api.call("GET", "/v1/plan", params={"credential": SA, "until": "1d"}).json()
+    assert only["rotations"] == []
+    assert api.call("GET", "/v1/plan", params={"credential": "nope"}).status_code == 404
+    bad = api.call("GET", "/v1/plan", params={"until": "soon"})
+    assert bad.status_code == 400 and bad.json()["detail"].startswith("until 'soon' is not a date")
+
+
+def test_approve_deny_and_release_lease_refusals(api: Api) -> None:
+    rid = api.ids["awaiting-approval"]
+    ok = api.verb(rid, "approve", reason="change ticket 42", **{"If-Match": api.revision(rid)})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["outcome"] == "applied" and ok.json()["status"] != "awaiting_approval"
+    last = api.call("GET", f"/v1/rotations/{rid}").json()["timeline"][-1]
+    assert (last["trigger"], last["actor"], last["detail"]["status"]) == (
+        "approve", "t-operator", "applied"
+    )  # fmt: skip
+    due = api.ids["due"]
+    no = api.verb(due, "deny", **{"If-Match": api.revision(due)})
+    assert no.status_code == 409 and "not awaiting approval" in no.json()["detail"]
+    # release-lease: admin only, and refused when no lease is held (API and CLI)
+    as_operator = api.verb(due, "release-lease", **{"If-Match": api.revision(due)})
+    assert as_operator.status_code == 403, as_operator.text
+    refused = api.call(
+        "POST", f"/v1/rotations/{due}/release-lease", who="admin", json={"reason": "x"},
+        headers={"If-Match": api.revision(due)},
+    )  # fmt: skip
+    assert refused.status_code == 409 and "no worker holds its lease" in refused.json()["detail"]
+    lost = api.ids["holder-lost"]
+    cli = api.kt.run("rotations", "release-lease", lost, "--reason", "x", check=False)
+    assert cli.returncode == 1 and len(cli.stderr.splitlines()) == 1
+    assert cli.stderr.startswith("keyturn: error: cannot release-lease a rotation in state ")
+    assert "expired at" in cli.stderr and "the next worker to poll claims it" in cli.stderr
 
 
 # -------------------------------------------------------------------------- Schemathesis
@@ -386,6 +514,8 @@ def test_schemathesis_every_operation_gets_a_2xx_and_matches_its_schema(api: Api
     auth = {"Authorization": f"Bearer {api.tokens['operator']}"}
     admin = {"Authorization": f"Bearer {api.tokens['admin']}"}
     suited = {verb: [api.ids[f"for-{verb}-{n}"] for n in (1, 2, 3)] for verb in VERBS}
+    admin_only = {"GET /v1/tokens", "POST /v1/rotations/{rotation_id}/release-lease"}
+    names = [SA, PAT, "seed-due", "seed-halted-2"]
     # a rollback plan needs a configured credential's rotation that can roll back
     suited["rollback-plan"] = [api.ids["halted"], api.ids["done"]]
     # the rotations kept for one verb are not offered to the others (a cancel or a pause would
@@ -407,10 +537,14 @@ def test_schemathesis_every_operation_gets_a_2xx_and_matches_its_schema(api: Api
             if verb in suited:  # and often one it applies to
                 ids = ids | st.sampled_from(suited[verb])
             path = {"rotation_id": data.draw(ids)} if has_id else None
+            if "{name}" in operation.path:  # a credential: often a managed one
+                path = {"name": data.draw(st.sampled_from(names) | st.text(min_size=1))}
             case = data.draw(operation.as_strategy(path_parameters=path))
+            if label == "GET /v1/plan" and data.draw(st.booleans()):
+                case.query = data.draw(st.sampled_from([{}, {"credential": SA}, {"until": "90d"}]))
             # the admin-only operation (token management) with the admin token, the rest as
             # an operator
-            headers = dict(admin if label == "GET /v1/tokens" else auth)
+            headers = dict(admin if label in admin_only else auth)
             if operation.method.upper() == "POST" and data.draw(st.sampled_from([0, 1, 1, 1])):
                 headers["If-Match"] = api.revision(case.path_parameters["rotation_id"])
             response = case.call(base_url=api.base, headers=headers)
@@ -447,7 +581,9 @@ def test_schemathesis_every_operation_gets_a_2xx_and_matches_its_schema(api: Api
 
 def test_no_response_contains_key_material_or_a_token(api: Api) -> None:
     # last in the module: scans every body the tests above received, and a fresh read of all
-    for path in ("/v1/rotations?limit=200", "/v1/credentials", "/v1/workers", "/v1/tokens"):
+    reads = ("/v1/rotations?limit=200", "/v1/credentials", f"/v1/credentials/{SA}",
+             f"/v1/credentials/{PAT}", "/v1/plan", "/v1/workers", "/v1/tokens")  # fmt: skip
+    for path in reads:
         api.call("GET", path, who="admin")
     for rid in api.ids.values():
         api.call("GET", f"/v1/rotations/{rid}", who="admin")
@@ -555,3 +691,129 @@ def test_serve_on_postgres(make_kt: Any, fresh_pg_url: str, tmp_path: Path) -> N
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0
+
+
+# ------------------------------------------- real workers: If-Match, release-lease, fencing
+
+
+def _poll(what: Any, until: Any, timeout: float = 30, every: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    got = what()
+    while not until(got):
+        assert time.monotonic() < deadline, f"timed out; last: {str(got)[:1500]}"
+        time.sleep(every)
+        got = what()
+    return got
+
+
+def test_real_workers_if_match_and_release_lease(make_kt: Any, tmp_path: Path) -> None:
+    """With `keyturn worker` processes, the sandbox slowed so a worker holds a rotation
+    mid-call (renewing its lease): a verb with the revision read before a renewal is not 412;
+    release-lease to a live holder is a request it honours at its next action boundary; to a
+    frozen (SIGSTOP) holder it never cuts the lease short: another worker claims the rotation
+    only after the original expiry, and the frozen one, continued, writes nothing."""
+    import os
+    import signal
+
+    kt = make_kt()
+    kt.patch_config("lease_seconds = 2", "lease_seconds = 9")  # heartbeat 3 s, stale after 6
+    admin = kt.run("tokens", "create", "--role", "admin", "--name", "on-call").stdout.strip()
+    proc, base = _start_serve(kt, tmp_path / "serve.log")
+    auth = {"Authorization": f"Bearer {admin}"}
+    workers: list[subprocess.Popen[str]] = []
+
+    def get(rid: str) -> dict[str, Any]:
+        r = httpx.get(f"{base}/v1/rotations/{rid}", headers=auth, timeout=10)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    def verb(rid: str, name: str, rev: str) -> httpx.Response:
+        return httpx.post(f"{base}/v1/rotations/{rid}/{name}", json={"reason": "on-call test"},
+                          headers={**auth, "If-Match": f'"{rev}"'}, timeout=30)  # fmt: skip
+
+    def start_worker(n: int) -> subprocess.Popen[str]:
+        w = subprocess.Popen([*KEYTURN, "worker"], env=kt.env(), text=True,
+                             stdout=subprocess.DEVNULL,
+                             stderr=(tmp_path / f"worker-{n}.log").open("w"))  # fmt: skip
+        workers.append(w)
+        return w
+
+    def holder_is(status: str) -> Callable[[dict[str, Any]], bool]:
+        return lambda d: bool(d["lease"]) and d["lease"]["holder"]["status"] == status
+
+    def held(rid: str) -> dict[str, Any]:
+        return dict(_poll(lambda: get(rid), holder_is("live")))
+
+    try:
+        # --- a live holder: its lease renews between the read and the verb
+        kt.sandbox.set_faults(latency_ms=6000)  # every provider call takes 6 s
+        live = kt.rotate(SA)
+        w1 = start_worker(1)
+        first = held(live)
+        renewed = _poll(lambda: get(live),
+                        lambda d: d["lease"] and d["lease"]["expires_at"]
+                        != first["lease"]["expires_at"], timeout=20)  # fmt: skip
+        assert renewed["version"] > first["version"] and renewed["revision"] == first["revision"]
+        owner = first["lease"]["owner"]
+        asked = verb(live, "release-lease", first["revision"])
+        assert asked.status_code == 202, asked.text
+        assert asked.json()["outcome"] == "requested"
+        assert "gives the lease back at its next action boundary" in asked.json()["message"]
+        # the pending request is what the revision now says: the old one is stale
+        stale = verb(live, "pause", first["revision"])
+        assert stale.status_code == 412, stale.text
+        kt.sandbox.set_faults(latency_ms=0)
+        done = _poll(lambda: get(live), lambda d: d["state"] == "old_deactivated", timeout=60)
+        said = [(e["actor"], e["detail"]["status"], e["detail"].get("lease"),
+                 e["detail"].get("holder")) for e in done["timeline"]
+                if e["trigger"] == "release-lease"]  # fmt: skip
+        assert said == [("on-call", "requested", None, owner),
+                        ("on-call", "applied", "released", owner)], said  # fmt: skip
+        assert transitions_once({"events": done["timeline"]})
+
+        # --- a silent holder (SIGSTOP): claimable only after the lease it holds expires
+        kt.sandbox.set_faults(latency_ms=6000)
+        silent = kt.rotate(PAT)
+        first = held(silent)
+        frozen = next(w for w in workers if w.poll() is None)
+        assert first["lease"]["holder"]["pid"] == frozen.pid == w1.pid
+        os.kill(frozen.pid, signal.SIGSTOP)
+        stopped = _poll(lambda: get(silent), holder_is("stale"), timeout=20)
+        expiry = datetime.fromisoformat(stopped["lease"]["expires_at"])
+        assert datetime.now(UTC) < expiry, "the lease expired before the holder went stale"
+        asked = verb(silent, "release-lease", stopped["revision"])
+        assert asked.status_code == 202, asked.text
+        assert "is not seen" in asked.json()["message"]
+        assert "never cut short" in asked.json()["message"]
+        kt.sandbox.set_faults(latency_ms=0)
+        start_worker(2)
+        while datetime.now(UTC) < expiry - timedelta(seconds=0.5):
+            lease = get(silent)["lease"]
+            assert lease["owner"] == first["lease"]["owner"], "claimed before the lease expired"
+            time.sleep(0.2)
+        done = _poll(lambda: get(silent), lambda d: d["state"] == "old_deactivated", timeout=60)
+        taken = datetime.fromisoformat(done["lease"]["taken_at"]) if done["lease"] else None
+        applied = [e for e in done["timeline"] if e["trigger"] == "release-lease"][-1]
+        assert applied["detail"]["status"] == "applied" and applied["detail"]["lease"] == "expired"
+        assert applied["detail"]["holder"] == first["lease"]["owner"]
+        claims = [e for e in done["timeline"] if e["detail"].get("status") == "taken_over"]
+        assert claims and datetime.fromisoformat(claims[0]["at"]) >= expiry, (claims, expiry)
+        assert taken is None or taken >= expiry
+        # the frozen holder, continued, finds its lease gone: it writes nothing more
+        os.kill(frozen.pid, signal.SIGCONT)
+        time.sleep(1.5)
+        after = get(silent)
+        assert after["version"] == done["version"] and after["state"] == "old_deactivated"
+        assert transitions_once({"events": after["timeline"]})
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                os.kill(w.pid, signal.SIGCONT)
+                w.terminate()
+        for w in workers:
+            try:
+                w.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                w.kill()
+        proc.terminate()
+        proc.wait(timeout=20)

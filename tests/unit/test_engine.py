@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fakes import FakeServices, builtin_registry
@@ -38,7 +39,13 @@ from keyturn.domain.model import (
     evolve,
 )
 from keyturn.domain.retry import RetryPolicy
-from keyturn.engine.operator import record_request, request_action, start_rotation
+from keyturn.engine.attention import revision
+from keyturn.engine.operator import (
+    RevisionChanged,
+    record_request,
+    request_action,
+    start_rotation,
+)
 from keyturn.engine.run import EngineDeps, EngineSettings, RotationRun
 from keyturn.engine.spi import Services, TargetConfig
 from keyturn.engine.unit import merge
@@ -470,3 +477,121 @@ def test_evolve_is_replace_for_the_records_it_serves() -> None:
     assert record.status is ActionStatus.INTENT  # the original is untouched
     with pytest.raises(TypeError, match="no field"):
         evolve(record, {"stauts": ActionStatus.DONE})
+
+
+# ----------------------------------------------------------------- release-lease, If-Match
+
+
+def _events(store: Store, rid: str, trigger: str) -> list[Any]:
+    return [e for e in store.events(rid) if e.trigger == trigger]
+
+
+def test_release_lease_is_honoured_by_its_holder_at_the_next_boundary(env: Env) -> None:
+    rid = env.rotate()
+    owners: list[str] = []
+
+    def at(boundary: str) -> None:
+        if boundary == "transition.add_new.after_commit" and not owners:
+            held = env.store.get_rotation(rid)
+            assert held.lease_owner is not None
+            owners.append(held.lease_owner)
+            env.request(rid, OperatorAction.RELEASE_LEASE)  # while the worker holds it
+
+    env.hook = at
+    worker = Worker(env.deps, concurrency=1)
+    asyncio.run(worker.run(until_idle=True))
+    r = env.store.get_rotation(rid)
+    assert r.state is State.OLD_DEACTIVATED and r.request is None
+    said = [(e.detail["status"], e.detail.get("lease"), e.detail.get("holder"))
+            for e in _events(env.store, rid, "release-lease")]  # fmt: skip
+    assert said == [("requested", None, owners[0]), ("applied", "released", owners[0])]
+    # given back (the next claim took a free lease, not one it took over), then finished once
+    claims = [e for e in env.store.events(rid) if e.detail.get("status") == "taken_over"]
+    assert claims == []
+    assert len(transitions(env.store, rid)) == len(set(transitions(env.store, rid))) == 3
+
+
+def test_release_lease_is_refused_without_a_lease_and_changes_nothing(env: Env) -> None:
+    rid = env.rotate()
+    before = env.store.get_rotation(rid)
+    with pytest.raises(TransitionRefused, match="no worker holds its lease"):
+        env.request(rid, OperatorAction.RELEASE_LEASE)
+    expired = env.store.commit(
+        Change(
+            rid,
+            before.version,
+            updates={
+                "lease_owner": "gone",
+                "lease_expires_at": datetime.now(UTC) - timedelta(seconds=1),
+            },
+        )
+    )
+    with pytest.raises(TransitionRefused, match=r"expired at .*the next worker to poll claims"):
+        env.request(rid, OperatorAction.RELEASE_LEASE)
+    assert env.store.get_rotation(rid) == expired
+    assert _events(env.store, rid, "release-lease") == []
+
+
+def test_release_lease_of_a_silent_holder_waits_for_the_original_expiry(env: Env) -> None:
+    rid = env.rotate()
+    r = env.store.get_rotation(rid)
+    expiry = datetime.now(UTC) + timedelta(seconds=1.5)
+    env.store.commit(
+        Change(rid, r.version, updates={"lease_owner": "silent", "lease_expires_at": expiry})
+    )
+    env.request(rid, OperatorAction.RELEASE_LEASE)
+    assert env.store.get_rotation(rid).lease_expires_at == expiry  # never cut short
+    worker = Worker(env.deps, concurrency=1)
+    asyncio.run(worker.run(until_idle=True))
+    r = env.store.get_rotation(rid)
+    assert r.state is State.OLD_DEACTIVATED
+    assert r.lease_taken_at is not None and r.lease_taken_at >= expiry  # claimed after it
+    applied = _events(env.store, rid, "release-lease")[-1]
+    assert applied.detail["status"] == "applied" and applied.detail["lease"] == "expired"
+    assert applied.detail["holder"] == "silent" and applied.detail["claimed_by"] == worker.owner
+
+
+class _RenewsOnRead:
+    """The store, where a lease holder commits (renews) right after each of the first
+    `writes` reads of the rotation: between a verb's read and its write."""
+
+    def __init__(self, store: Store, updates: dict[str, Any], writes: int = 2) -> None:
+        self._store, self._updates, self.left = store, updates, writes
+
+    def get_rotation(self, rotation_id: str) -> Rotation:
+        r = self._store.get_rotation(rotation_id)
+        if self.left:
+            self.left -= 1
+            self._store.commit(Change(rotation_id, r.version, updates=self._updates))
+        return r
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_a_verb_is_a_compare_and_set_on_the_revision_it_was_given(env: Env) -> None:
+    rid = env.rotate()
+    r = env.store.get_rotation(rid)
+    until = datetime.now(UTC) + timedelta(minutes=5)
+    r = env.store.commit(
+        Change(rid, r.version, updates={"lease_owner": "w1", "lease_expires_at": until})
+    )
+    seen = revision(r)
+    renewing = _RenewsOnRead(env.store, {"lease_expires_at": until + timedelta(minutes=1)})
+    after = record_request(
+        renewing, env.registry, Clock(), rid, OperatorAction.PAUSE, "op", "x",  # type: ignore[arg-type]
+        revisions=[seen],
+    )  # fmt: skip
+    assert renewing.left == 0 and after.request is not None  # read again twice, then written
+    assert after.version == r.version + 2  # the renewals' versions; the request bumps none
+
+    # the holder carries the request out; then it halts the rotation between a verb's read
+    # and its write
+    env.store.commit(Change(rid, env.store.get_rotation(rid).version, updates={"request": None}))
+    halting = _RenewsOnRead(env.store, {"halted_reason": "spent"}, writes=1)
+    with pytest.raises(RevisionChanged, match="changed since you read it"):
+        record_request(
+            halting, env.registry, Clock(), rid, OperatorAction.PAUSE, "op", "x",  # type: ignore[arg-type]
+            revisions=[revision(env.store.get_rotation(rid))],
+        )  # fmt: skip
+    assert env.store.get_rotation(rid).request is None  # nothing written

@@ -160,6 +160,8 @@ def check_sequence(store: Store, sequence: list[tuple[str, Any]]) -> None:
                     ok = expected in REQUEST_OK[arg]
                 elif arg in ("approve", "deny"):
                     ok = False  # no policy gate here: nothing ever awaits approval
+                elif arg == "release-lease":
+                    ok = False  # no worker holds a lease here: there is none to release
                 elif arg == "pause":
                     ok = not paused
                 else:  # resume

@@ -58,16 +58,22 @@ def test_revision_changes_with_state_status_halt_and_request_only() -> None:
         evolve(r, {"lease_expires_at": T0 + timedelta(minutes=1), "version": 7}),
         evolve(r, {"data": {"n": 99}, "updated_at": T0 + timedelta(hours=1)}),
         evolve(r, {"attempts": 3}),  # still running: attempts are not in the revision
+        # a worker's release (running -> due) and a failed attempt (-> retrying): the worker's
+        # own comings and goings, one "in progress" to an operator
+        evolve(r, {"lease_owner": None, "lease_expires_at": None}),
+        evolve(r, {"lease_owner": None, "attempts": 2, "last_error": "503"}),
     ]
     assert {revision(x) for x in same} == {revision(r)}
     request = OperatorRequest(OperatorAction.PAUSE, "a", "why", T0)
     changed = [
         evolve(r, {"state": State.NEW_ADDED}),
-        evolve(r, {"lease_owner": None}),  # running -> due: another status
         evolve(r, {"halted_reason": "budget spent"}),
         evolve(r, {"request": request}),
+        evolve(r, {"paused": True}),
+        evolve(r, {"wait_for": "holder probes", "wait_key": "forward.probe"}),
+        evolve(r, {"wait_for": "an approval", "wait_key": "gate.approval.before_start"}),
     ]
-    assert len({revision(x) for x in [r, *changed]}) == 5
+    assert len({revision(x) for x in [r, *changed]}) == 7
 
 
 def test_retry_now_moves_the_next_attempt_and_refuses_what_is_not_backing_off() -> None:

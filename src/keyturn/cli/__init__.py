@@ -479,6 +479,7 @@ def rotations_list(
 ) -> None:
     """Rotations, newest first."""
     from keyturn.engine.attention import attention
+    from keyturn.engine.listing import list_rotations
 
     wanted = _choice("--state", state_filter, (s.value for s in State))
     _choice("--status", status, render.STATUSES)
@@ -489,16 +490,18 @@ def rotations_list(
     store = state.wiring().store
     if credential is not None:
         store.get_credential(credential)
-    rotations = [
-        r
-        for r in store.list_rotations(
-            state=State(wanted) if wanted else None, credential=credential
-        )
-        if (status is None or render.status_key(r) == status)
-        and (kind is None or r.kind == kind)
-        and (not needs_attention or attention(r, now) is not None)
-        and (after is None or r.updated_at >= after)
-    ][:limit]
+    # filtered in the store's query; the status and attention definitions decide on its rows
+    rotations, _ = list_rotations(
+        store,
+        now,
+        state=State(wanted) if wanted else None,
+        status=status,
+        credential=credential,
+        kind=kind,
+        attention_only=needs_attention,
+        since=after,
+        limit=limit,
+    )
     if as_json:
         _print_json(
             [
@@ -557,7 +560,20 @@ def _requested(w: Wiring, action: OperatorAction, rotation: Any) -> str:
     owner = rotation.lease_owner
     until = render.when(rotation.lease_expires_at)
     holder = w.store.get_workers([owner]).get(owner) if owner else None
-    if holder is not None and holder.status(now) == "live":
+    live = holder is not None and holder.status(now) == "live"
+    if action is OperatorAction.RELEASE_LEASE:
+        if live:
+            return (
+                f"release-lease requested; the worker holding rotation {rotation.id} ({owner}) "
+                "gives its lease back at its next action boundary"
+            )
+        return (
+            f"release-lease requested; the holder of rotation {rotation.id} ({owner}) is not "
+            f"seen, and a lease is never cut short: the rotation can be claimed when its "
+            f"lease expires ({until}), and the next worker to claim it records the release; "
+            f"{liveness.next_step_hint(w.store, now)}"
+        )
+    if live:
         return (
             f"{action.value} requested; the worker holding rotation {rotation.id} ({owner}, "
             f"lease until {until}) carries it out at its next action boundary"
@@ -754,6 +770,20 @@ def rotations_deny(
     """Refuse the approval a rotation awaits: it rolls back (cancelled if nothing was done)."""
     _operator(
         OperatorAction.DENY, _target_rotation(state.wiring().store, rotation_id, latest), reason
+    )
+
+
+@rotations_app.command("release-lease")
+def rotations_release_lease(
+    rotation_id: IdArg = None, *, reason: ReasonOpt, latest: LatestOpt = None
+) -> None:
+    """Ask the worker holding a rotation's lease to give it back at its next action boundary.
+    A lease is never cut short: when its holder is silent, the rotation can be claimed when
+    the lease expires (the API allows this verb to admin tokens only)."""
+    _operator(
+        OperatorAction.RELEASE_LEASE,
+        _target_rotation(state.wiring().store, rotation_id, latest),
+        reason,
     )
 
 

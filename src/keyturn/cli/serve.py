@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from keyturn.cli.wiring import Wiring
+    from keyturn.domain.model import ManagedCredential
     from keyturn.engine.run import EngineDeps
     from keyturn.web.app import Backend
 
@@ -26,7 +28,7 @@ tokens_app = typer.Typer(
 )
 
 
-def backend(w: Wiring, deps: EngineDeps | None = None) -> Backend:
+def backend(w: Wiring, deps: EngineDeps | None = None) -> Backend:  # noqa: C901 (closures)
     """The app's ports and callables, from the configuration's wiring (with ``[serve]
     metrics`` not off, set ``w.metrics`` before making `deps`, so its worker is counted)."""
     from keyturn.adapters.store.migrate import current_revision, head_revision
@@ -45,6 +47,47 @@ def backend(w: Wiring, deps: EngineDeps | None = None) -> Backend:
         from keyturn.cli import _plan_json, _rollback_plan
 
         return _plan_json(*_rollback_plan(w, rotation_id))
+
+    def plan(until: str | None, credential: str | None) -> dict[str, Any]:
+        from keyturn.cli import _until
+        from keyturn.cli.schedule import plan_fleet
+
+        now = w.schedule_time.now()
+        try:
+            horizon = _until(until, now)
+        except KeyturnError as exc:
+            raise KeyturnError(str(exc).replace("--until", "until", 1)) from None
+        except (OverflowError, ValueError):
+            raise KeyturnError(
+                f"until {until!r} is out of range; give a date or e.g. 30d"
+            ) from None
+        planned, notes = plan_fleet(w, until=horizon, credential=credential)
+        return {"now": now.isoformat(), "rotations": [p.as_dict() for p in planned],
+                "notes": notes}  # fmt: skip
+
+    def inventory(creds: Sequence[ManagedCredential]) -> list[dict[str, Any]]:
+        from keyturn.cli.schedule import inventory as rows
+
+        return rows(w, creds)
+
+    def configured(name: str) -> dict[str, list[dict[str, str]]]:
+        cfg = w.config.credentials.get(name)
+        if cfg is None:
+            return {"targets": [], "probes": []}
+        deps = engine_deps()
+        # built as a worker builds them, for their names (building one calls nothing)
+        targets = deps.targets(name)
+        probes = deps.probes(name)
+        return {
+            "targets": [
+                {"type": t.type, "name": str(getattr(built, "name", t.name or t.type))}
+                for t, built in zip(cfg.targets, targets, strict=True)
+            ],
+            "probes": [
+                {"type": p.type, "name": str(getattr(built, "name", p.name or p.type))}
+                for p, built in zip(cfg.probes, probes, strict=True)
+            ],
+        }
 
     url, source = w.config.database.url, w.config.database_url_from
     head = head_revision()
@@ -81,6 +124,9 @@ def backend(w: Wiring, deps: EngineDeps | None = None) -> Backend:
         rollback_plan=rollback_plan,
         readiness=readiness,
         head_revision=head,
+        plan=plan,
+        inventory=inventory,
+        configured=configured,
         metrics=mode,
         scrape=scrape,
     )
@@ -95,6 +141,10 @@ def _listen(host: str, port: int) -> socket.socket:
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family in (socket.AF_INET, socket.AF_INET6):
+        # inherited by accepted sockets: a response's head and body (two writes) never wait
+        # for a delayed ACK on a keep-alive connection
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind(address)
     except OSError as exc:

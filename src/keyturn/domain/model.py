@@ -31,6 +31,10 @@ class OperatorAction(StrEnum):
     #: Refuse it: before the old side is switched off the rotation rolls back (or is
     #: cancelled while nothing was done).
     DENY = "deny"
+    #: Ask the lease holder to give its lease back at its next action boundary (admin only).
+    #: It never shortens a lease: a silent holder's rotation is claimable when the lease it
+    #: holds expires, and the next claimer records the request as carried out.
+    RELEASE_LEASE = "release-lease"
 
 
 class ActionStatus(StrEnum):

@@ -72,14 +72,29 @@ def status_key(r: Rotation) -> str:
     return "due"
 
 
+#: Statuses a worker moves a rotation between as it claims, works on and releases it (its
+#: claim, a failed attempt, its next try): one "in progress" to an operator deciding a verb.
+WORKER_STATUSES = frozenset({"running", "retrying", "due"})
+
+
+def decision_status(r: Rotation) -> str:
+    """The status as far as an operator's decision goes: what `revision` hashes. The worker's
+    own comings and goings (running, retrying, due: a claim, a release, a failed attempt) are
+    one "in_progress"; halted, paused, requested, awaiting approval, waiting and done each
+    stand for themselves."""
+    status = status_key(r)
+    return "in_progress" if status in WORKER_STATUSES else status
+
+
 def revision(r: Rotation) -> str:
-    """What an HTTP ``If-Match`` names: a hash of what an operator decides on (state, status,
-    halted reason and pending request). Lease renewals, action commits, attempts and wait
-    checks do not change it; the version (the fencing token) changes with every write."""
+    """What an HTTP ``If-Match`` names: a hash of what an operator decides on: the state, the
+    status (:func:`decision_status`), the halted reason and the pending request. A worker's
+    claims and releases, lease renewals, action commits, attempts and wait checks do not
+    change it; the version (the fencing token) changes with every write."""
     request = r.request
     facts = [
         r.state.value,
-        status_key(r),
+        decision_status(r),
         r.halted_reason,
         [request.action.value, request.actor, request.reason, request.at.isoformat()]
         if request is not None

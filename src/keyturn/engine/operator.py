@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -18,7 +18,10 @@ from keyturn.domain.model import (
     Phase,
     Rotation,
 )
-from keyturn.engine.attention import status_key
+from keyturn.engine.attention import revision, status_key
+
+# the list, for the web layer (it lives in a module a read command loads cheaply)
+from keyturn.engine.listing import list_rotations as list_rotations
 from keyturn.engine.registry import Registry
 from keyturn.engine.run import EngineDeps, RotationRun, db, new_rotation_id
 from keyturn.engine.steps import CLEAR_WAIT
@@ -30,6 +33,28 @@ RETRY_NOW = "retry-now"
 
 #: wait_key prefix of a policy's approval gate (see keyturn.engine.gates).
 APPROVAL_KEY = "gate.approval"
+
+#: How often a verb re-reads and retries its compare-and-set when a worker wrote the row in
+#: between (a lease renewal, an action commit): each try checks the revision anew.
+CAS_TRIES = 8
+
+
+class RevisionChanged(KeyturnError):
+    """An ``If-Match`` names a revision the rotation no longer has (HTTP 412)."""
+
+    def __init__(self, rotation: Rotation) -> None:
+        self.rotation = rotation
+        self.current = revision(rotation)
+        super().__init__(
+            f"rotation {rotation.id} changed since you read it (revision now {self.current}, "
+            f"now {rotation.state.value}, {status_key(rotation)}); read it again and decide anew"
+        )
+
+
+def check_revision(rotation: Rotation, revisions: Collection[str] | None) -> None:
+    """RevisionChanged unless `revisions` is None or names the rotation's revision."""
+    if revisions is not None and revision(rotation) not in revisions:
+        raise RevisionChanged(rotation)
 
 
 def guard_facts(store: Store, registry: Registry, rotation: Rotation) -> GuardFacts:
@@ -56,6 +81,8 @@ def validate(store: Store, registry: Registry, rotation: Rotation, action: Opera
         check_guards(rotation.state, Trigger.CANCEL, guard_facts(store, registry, rotation))
     elif rotation.finished:
         raise TransitionRefused(rotation.state.value, action.value, "the rotation is finished")
+    elif action is OperatorAction.RELEASE_LEASE:
+        return  # whether there is a lease to release is asked when it is requested
     elif action is OperatorAction.RESUME and not (rotation.paused or rotation.halted_reason):
         raise TransitionRefused(
             rotation.state.value,
@@ -102,6 +129,21 @@ def halt_advice(store: Store, registry: Registry, rotation: Rotation) -> str:
     return advice
 
 
+def release_refusal(rotation: Rotation, now: datetime) -> str | None:
+    """Why `release-lease` cannot be requested now; None when a lease is held."""
+    if rotation.finished:
+        return f"the rotation is finished ({rotation.state.value}); it holds no lease"
+    if rotation.lease_owner is None or rotation.lease_expires_at is None:
+        return "no worker holds its lease; any worker may claim it now"
+    if rotation.lease_expires_at <= now:
+        return (
+            f"the lease of {rotation.lease_owner} expired at "
+            f"{rotation.lease_expires_at.isoformat(timespec='seconds')}; the next worker to "
+            "poll claims it"
+        )
+    return None
+
+
 def record_request(
     store: Store,
     registry: Registry,
@@ -110,28 +152,52 @@ def record_request(
     action: OperatorAction,
     actor: str,
     reason: str,
+    *,
+    revisions: Collection[str] | None = None,
 ) -> Rotation:
+    """Validate and record an operator request, as one compare-and-set on the rotation as
+    read (its version, and no request pending): what was checked on the read (the verb
+    applies, `revisions` names its revision) still holds when the request lands. A write in
+    between (a lease renewal) makes it read and check again."""
     if not reason.strip():
         raise KeyturnError("a reason is required for every operator action; pass --reason TEXT")
-    rotation = store.get_rotation(rotation_id)
-    validate(store, registry, rotation, action)
-    if rotation.request is not None:
-        raise KeyturnError(
-            f"rotation {rotation_id} already has a pending {rotation.request.action.value} request "
-            f"by {rotation.request.actor}; wait for a worker to carry it out"
+    for _ in range(CAS_TRIES):
+        rotation = store.get_rotation(rotation_id)
+        check_revision(rotation, revisions)
+        validate(store, registry, rotation, action)
+        if rotation.request is not None:
+            raise KeyturnError(
+                f"rotation {rotation_id} already has a pending {rotation.request.action.value} "
+                f"request by {rotation.request.actor}; wait for a worker to carry it out"
+            )
+        now = clock.now()
+        if action is OperatorAction.RELEASE_LEASE:
+            refused = release_refusal(rotation, now)
+            if refused is not None:
+                raise TransitionRefused(rotation.state.value, action.value, refused)
+        event = Event(
+            rotation_id=rotation_id,
+            at=now,
+            kind="operator",
+            actor=actor,
+            trigger=action.value,
+            reason=reason,
+            from_state=rotation.state.value,
+            detail={"status": "requested"}
+            | ({"holder": rotation.lease_owner} if rotation.lease_owner else {}),
         )
-    now = clock.now()
-    event = Event(
-        rotation_id=rotation_id,
-        at=now,
-        kind="operator",
-        actor=actor,
-        trigger=action.value,
-        reason=reason,
-        from_state=rotation.state.value,
-        detail={"status": "requested"},
+        try:
+            return store.request(
+                rotation_id,
+                OperatorRequest(action, actor, reason, now),
+                event,
+                expected_version=rotation.version,
+            )
+        except StaleVersion:
+            continue
+    raise KeyturnError(
+        f"rotation {rotation_id} kept changing while the {action.value} was recorded; try again"
     )
-    return store.request(rotation_id, OperatorRequest(action, actor, reason, now), event)
 
 
 async def request_action(
@@ -140,11 +206,22 @@ async def request_action(
     action: OperatorAction,
     actor: str,
     reason: str,
+    *,
+    revisions: Collection[str] | None = None,
 ) -> tuple[Rotation, Applied | None]:
     """Record an operator request; if no worker holds the rotation, carry it out now (as the
-    next claimer would). Returns the rotation after the request and what was applied, if any."""
+    next claimer would). Returns the rotation after the request and what was applied, if any.
+    `revisions`: what an If-Match names (RevisionChanged when the rotation has another)."""
     rotation = await db(
-        record_request, deps.store, deps.registry, deps.clock, rotation_id, action, actor, reason
+        record_request,
+        deps.store,
+        deps.registry,
+        deps.clock,
+        rotation_id,
+        action,
+        actor,
+        reason,
+        revisions=revisions,
     )
     now = deps.clock.now()
     if rotation.lease_owner and rotation.lease_expires_at and rotation.lease_expires_at > now:
@@ -164,6 +241,8 @@ async def request_action(
 class Applied:
     action: OperatorAction
     outcome: str  # "applied" or "refused: <reason>"
+    #: The run must give its lease back now and stop (a release-lease its holder honoured).
+    release: bool = False
 
 
 async def apply_request(run: RotationRun) -> Applied:
@@ -173,7 +252,7 @@ async def apply_request(run: RotationRun) -> Applied:
     assert request is not None
     now = run.now()
 
-    def note(status: str) -> Event:
+    def note(status: str, **detail: Any) -> Event:
         return Event(
             rotation_id=rotation.id,
             at=now,
@@ -182,7 +261,7 @@ async def apply_request(run: RotationRun) -> Applied:
             trigger=request.action.value,
             reason=request.reason,
             from_state=rotation.state.value,
-            detail={"status": status},
+            detail={"status": status, **detail},
         )
 
     try:
@@ -193,6 +272,24 @@ async def apply_request(run: RotationRun) -> Applied:
         return Applied(request.action, f"refused: {exc}")
     # Every verb but pause ends a wait: a resumed rotation waits anew, with a new deadline.
     clear_halt = {"request": None, "paused": False, "halted_reason": None, **CLEAR_WAIT}
+    if request.action is OperatorAction.RELEASE_LEASE:
+        taken = rotation.lease_taken_at
+        if taken is not None and taken > request.at:
+            # claimed after the request: the lease it named ended (it ran out, never cut
+            # short, or its holder released it) before its holder answered; this claimer
+            # carries on
+            ended = "expired" if rotation.lease_taken_from is not None else "released"
+            await run.unit.write(
+                updates={"request": None},
+                events=[note("applied", lease=ended, holder=rotation.lease_taken_from,
+                             claimed_by=run.owner)],
+            )  # fmt: skip
+            return Applied(request.action, "applied")
+        # the holder honours it: the release that follows gives the lease back, in one commit
+        await run.unit.add(
+            updates={"request": None}, events=[note("applied", lease="released", holder=run.owner)]
+        )
+        return Applied(request.action, "applied", release=True)
     if request.action is OperatorAction.PAUSE:
         await run.unit.write(updates={"request": None, "paused": True}, events=[note("applied")])
     elif request.action is OperatorAction.APPROVE:
@@ -335,14 +432,40 @@ def retry_refusal(rotation: Rotation, now: datetime) -> str | None:
 
 
 def retry_now(
-    store: Store, clock: Clock, rotation_id: str, actor: str, reason: str, *, via: str = "cli"
+    store: Store,
+    clock: Clock,
+    rotation_id: str,
+    actor: str,
+    reason: str,
+    *,
+    via: str = "cli",
+    revisions: Collection[str] | None = None,
 ) -> Rotation:
     """Skip the backoff of a retrying rotation: its next attempt becomes now (one
-    compare-and-set on its version, with the operator event). TransitionRefused, with the
-    reason, when it is not backing off."""
+    compare-and-set on its version, with the operator event; a write in between makes it read
+    and check again). TransitionRefused, with the reason, when it is not backing off;
+    RevisionChanged when `revisions` does not name the rotation's revision."""
     if not reason.strip():
         raise KeyturnError("a reason is required for every operator action; pass --reason TEXT")
+    for _ in range(CAS_TRIES):
+        try:
+            return _retry_now(store, clock, rotation_id, actor, reason, via, revisions)
+        except StaleVersion:
+            continue  # a worker wrote in between: read and check again
+    raise KeyturnError(f"rotation {rotation_id} kept changing while retry-now was recorded")
+
+
+def _retry_now(
+    store: Store,
+    clock: Clock,
+    rotation_id: str,
+    actor: str,
+    reason: str,
+    via: str,
+    revisions: Collection[str] | None,
+) -> Rotation:
     rotation = store.get_rotation(rotation_id)
+    check_revision(rotation, revisions)
     now = clock.now()
     refused = retry_refusal(rotation, now)
     if refused is not None:
@@ -364,14 +487,7 @@ def retry_now(
         },
     )
     change = Change(rotation_id, rotation.version, updates={"next_attempt_at": now}, events=[event])
-    try:
-        return store.commit(change)
-    except StaleVersion:
-        raise TransitionRefused(
-            rotation.state.value,
-            RETRY_NOW,
-            "a worker claimed it meanwhile (its attempt is under way)",
-        ) from None
+    return store.commit(change)
 
 
 def audit_refusal(

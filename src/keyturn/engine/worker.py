@@ -37,6 +37,10 @@ log = structlog.get_logger("keyturn.worker")
 WORKER_RETENTION = timedelta(days=1)
 
 
+class LeaseGivenBack(WorkerStopping):
+    """The holder honoured a release-lease: leave the rotation at this action boundary."""
+
+
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -332,10 +336,7 @@ class Worker:
         while True:
             rotation = run.rotation
             if rotation.request is not None:
-                applied = await apply_request(run)
-                run.log.info(
-                    "operator request", action=applied.action.value, outcome=applied.outcome
-                )
+                await self._carry_out_request(run)
                 continue
             if rotation.finished:
                 await self._finished(rotation)
@@ -391,6 +392,14 @@ class Worker:
         finally:
             if self.deps.metrics is not None:
                 self.deps.metrics.step(trigger.value, result, elapsed)
+
+    async def _carry_out_request(self, run: RotationRun) -> None:
+        """Apply the pending operator request; LeaseGivenBack for a release-lease its holder
+        honours (the release that follows gives the lease back)."""
+        applied = await apply_request(run)
+        run.log.info("operator request", action=applied.action.value, outcome=applied.outcome)
+        if applied.release:
+            raise LeaseGivenBack()
 
     async def _finished(self, rotation: Rotation) -> None:
         self.completed += 1

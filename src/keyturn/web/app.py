@@ -25,7 +25,14 @@ from keyturn.cli import liveness, render
 from keyturn.cli.workers import workers_report
 from keyturn.domain.errors import KeyturnError, NotFound
 from keyturn.domain.lifecycle import State
-from keyturn.domain.model import ApiToken, IdempotencyRecord, OperatorAction, Role, Rotation
+from keyturn.domain.model import (
+    ApiToken,
+    IdempotencyRecord,
+    ManagedCredential,
+    OperatorAction,
+    Role,
+    Rotation,
+)
 from keyturn.engine import operator
 from keyturn.engine.access import authenticate, fingerprint
 from keyturn.engine.attention import attention, revision, status_key
@@ -42,7 +49,12 @@ VERBS: dict[str, OperatorAction | None] = {
     "cancel": OperatorAction.CANCEL,
     "rollback": OperatorAction.ROLLBACK,
     operator.RETRY_NOW: None,
+    "approve": OperatorAction.APPROVE,
+    "deny": OperatorAction.DENY,
+    "release-lease": OperatorAction.RELEASE_LEASE,
 }
+#: The least role of each verb (the rest need an operator).
+VERB_ROLES = {"release-lease": Role.ADMIN}
 VERB_HELP = {
     "resume": "Resume a halted or paused rotation with a fresh retry budget.",
     "pause": "Stop working on the rotation at its next action boundary until resumed.",
@@ -50,8 +62,16 @@ VERB_HELP = {
     "rollback": "Undo the rotation (see its rollback-plan first).",
     operator.RETRY_NOW: "Skip the backoff of a retrying rotation: its next attempt is now. "
     "Refused (409, with the reason) when it is not backing off.",
+    "approve": "Give the approval a rotation awaits (its policy's approval): it carries on.",
+    "deny": "Refuse the approval a rotation awaits: it rolls back (or is cancelled if it has "
+    "done nothing yet).",
+    "release-lease": "Admin only. Ask the worker holding the rotation's lease to give it back "
+    "at its next action boundary (202). A lease is never cut short: when the holder is "
+    "silent, the rotation becomes claimable when the lease it holds expires, and the next "
+    "worker to claim it records the release. Refused (409) when no lease is held.",
 }
 MAX_PAGE = 200
+UNTIL_HELP = "Up to this date (ISO 8601, or a duration such as 30d; default 30 days on)."
 
 
 @dataclass
@@ -71,6 +91,14 @@ class Backend:
     #: None when the database is reachable and at the head revision, else why not.
     readiness: Callable[[], str | None]
     head_revision: str
+    #: `keyturn plan --json` (until, credential): KeyturnError for a bad `until`.
+    plan: Callable[[str | None, str | None], dict[str, Any]]
+    #: What `credentials list --json` adds per credential (key age, last and next rotation,
+    #: policy), in the order given.
+    inventory: Callable[[Sequence[ManagedCredential]], list[dict[str, Any]]]
+    #: The configured deploy targets and probes of a credential, by type and name only
+    #: ({"targets": [...], "probes": [...]}; both empty when it is not in the config).
+    configured: Callable[[str], dict[str, list[dict[str, str]]]]
     #: Who may read /metrics: "token" (a viewer token), "open" or "off" (``[serve] metrics``).
     metrics: str = "token"
     #: The /metrics body (keyturn.web.metrics.scraper); None: no /metrics route.
@@ -86,7 +114,7 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         400: "Bad query (a cursor this API did not give)",
         401: "No token, or a token that is unknown or revoked",
         403: "The token's role is too low",
-        404: "No such rotation",
+        404: "No such rotation (or credential)",
         409: "Refused: the verb does not apply to the rotation now (the reason says why)",
         412: "If-Match names a revision the rotation no longer has",
         422: "Invalid input, or an Idempotency-Key reused with another request",
@@ -177,23 +205,6 @@ def _cursor_key(cursor: str) -> tuple[datetime, str]:
             "cursor is not one this API gave (pass next_cursor from the previous page, or "
             "start again without it)",
         ) from None
-
-
-def _page(
-    rotations: Sequence[Rotation], cursor: str | None, limit: int
-) -> tuple[list[Rotation], str | None]:
-    """Newest first (created_at, then id, both descending); after the cursor's row."""
-    start = 0
-    if cursor is not None:
-        at, rid = _cursor_key(cursor)
-        start = len(rotations)
-        for i, r in enumerate(rotations):
-            if (r.created_at, r.id) < (at, rid):
-                start = i
-                break
-    page = list(rotations[start : start + limit])
-    more = start + limit < len(rotations)
-    return page, _cursor_of(page[-1]) if more and page else None
 
 
 # ------------------------------------------------------------------------------------- app
@@ -294,18 +305,24 @@ def create_app(backend: Backend) -> FastAPI:  # noqa: C901 (one nested function 
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
         cursor: Annotated[str | None, Query(description="next_cursor of the last page.")] = None,
     ) -> dict[str, Any]:
-        """Rotations, newest first, a page at a time."""
+        """Rotations, newest first, a page at a time (filtered and paged in the store's
+        query; the cursor is the last row's position, so rows that come or go between pages
+        never shift one)."""
         now = b.clock.now()
-        rotations = [
-            r
-            for r in b.store.list_rotations(state=state, credential=credential)
-            if (status is None or status_key(r) == status)
-            and (kind is None or r.kind == kind)
-            and (not attention_only or attention(r, now) is not None)
-        ]
-        page, next_cursor = _page(rotations, cursor, limit)
+        before = _cursor_key(cursor) if cursor is not None else None
+        page, more = operator.list_rotations(
+            b.store,
+            now,
+            state=state,
+            status=status,
+            credential=credential,
+            kind=kind,
+            attention_only=attention_only,
+            before=before,
+            limit=limit,
+        )
         items = [{**_core(r, now), "lease": render.rotation_dict(r)["lease"]} for r in page]
-        return {"items": items, "next_cursor": next_cursor}
+        return {"items": items, "next_cursor": _cursor_of(page[-1]) if more and page else None}
 
     @app.get(
         "/v1/rotations/{rotation_id}",
@@ -337,22 +354,20 @@ def create_app(backend: Backend) -> FastAPI:  # noqa: C901 (one nested function 
         except KeyturnError as exc:
             raise _problem(409, str(exc)) from None
 
-    @app.get("/v1/credentials", response_model=list[s.CredentialOut], tags=["credentials"],
-             responses=READ)  # fmt: skip
-    def list_credentials(_: Viewer) -> list[dict[str, Any]]:
-        """Managed credentials, their key's age and their latest rotation."""
+    def credential_docs(creds: Sequence[ManagedCredential]) -> list[dict[str, Any]]:
         now = b.clock.now()
+        views = b.inventory(creds)
         out = []
-        for c in b.store.list_credentials():
-            rotations = b.store.list_rotations(credential=c.name)
+        for c, view in zip(creds, views, strict=True):
+            rotations, _ = operator.list_rotations(b.store, now, credential=c.name, limit=1)
             latest = rotations[0] if rotations else None
-            done = next((r for r in rotations if r.state is State.OLD_DEACTIVATED), None)
+            done, _ = operator.list_rotations(
+                b.store, now, credential=c.name, state=State.OLD_DEACTIVATED, limit=1
+            )
             out.append(
                 {
                     **render.credential_dict(c),
-                    "key_age_seconds": round((now - c.updated_at).total_seconds(), 3)
-                    if c.updated_at
-                    else None,
+                    **view,
                     "latest_rotation": {
                         "id": latest.id,
                         "state": latest.state.value,
@@ -362,10 +377,49 @@ def create_app(backend: Backend) -> FastAPI:  # noqa: C901 (one nested function 
                     }
                     if latest
                     else None,
-                    "last_completed_at": done.finished_at if done else None,
+                    "last_completed_at": done[0].finished_at if done else None,
+                    **b.configured(c.name),
                 }
             )
         return out
+
+    @app.get("/v1/credentials", response_model=list[s.CredentialOut], tags=["credentials"],
+             responses=READ)  # fmt: skip
+    def list_credentials(_: Viewer) -> list[dict[str, Any]]:
+        """Managed credentials (as `credentials list --json`): their key's age, their last
+        and next rotation, their policy, their deploy targets and probes."""
+        return credential_docs(b.store.list_credentials())
+
+    @app.get("/v1/credentials/{name}", response_model=s.CredentialOut, tags=["credentials"],
+             responses=ONE)  # fmt: skip
+    def get_credential(
+        _: Viewer, name: Annotated[str, Path(description="A managed credential's name.")]
+    ) -> dict[str, Any]:
+        """One managed credential, as in the list."""
+        try:
+            found = b.store.get_credential(name)
+        except NotFound:
+            raise _problem(404, f"no managed credential named {name!r}") from None
+        return credential_docs([found])[0]
+
+    @app.get("/v1/plan", response_model=s.Plan, tags=["plan"], responses={
+        **ONE, **_responses(400)})  # fmt: skip
+    def get_plan(
+        _: Viewer,
+        until: Annotated[str | None, Query(description=UNTIL_HELP)] = None,
+        credential: Annotated[str | None, Query(description="Only this credential.")] = None,
+    ) -> dict[str, Any]:
+        """Every rotation the policies would start before `until` (as `keyturn plan --json`):
+        when, why, the gates, and the exact external calls of each, in order. Reads only."""
+        if credential is not None:
+            try:
+                b.store.get_credential(credential)
+            except NotFound:
+                raise _problem(404, f"no managed credential named {credential!r}") from None
+        try:
+            return b.plan(until, credential)
+        except KeyturnError as exc:
+            raise _problem(400, str(exc)) from None
 
     @app.get("/v1/workers", response_model=list[s.WorkerOut], tags=["workers"], responses=READ)
     def list_workers(_: Viewer) -> list[dict[str, Any]]:
@@ -389,13 +443,16 @@ def create_app(backend: Backend) -> FastAPI:  # noqa: C901 (one nested function 
     # ------------------------------------------------------------------------- verbs
 
     for verb in VERBS:
-        _mount_verb(app, b, verb, Operator, RotationId, rotation_or_404)
+        least = Admin if VERB_ROLES.get(verb) is Role.ADMIN else Operator
+        _mount_verb(app, b, verb, least, RotationId, rotation_or_404)
     if b.scrape is not None:
         web_metrics.mount(app, b.metrics, b.scrape, Depends(role(Role.VIEWER)))
     return app
 
 
-def _if_match(header: str | None, rotation: Rotation) -> None:
+def _if_match(header: str | None, rotation: Rotation) -> list[str]:
+    """The revisions If-Match names (428 when it names none; 412 when `rotation`, as just
+    read, has none of them)."""
     if header is None or not header.strip():
         raise _problem(
             428,
@@ -405,13 +462,11 @@ def _if_match(header: str | None, rotation: Rotation) -> None:
     given = [t.strip().removeprefix("W/").strip('"') for t in header.split(",")]
     if "*" in given:
         raise _problem(428, "If-Match must name the rotation's revision, not *")
-    current = revision(rotation)
-    if current not in given:
-        raise _problem(
-            412,
-            f"rotation {rotation.id} changed since you read it (revision now {current}, now "
-            f"{rotation.state.value}, {status_key(rotation)}); read it again and decide anew",
-        )
+    try:
+        operator.check_revision(rotation, given)
+    except operator.RevisionChanged as exc:
+        raise _problem(412, str(exc)) from None
+    return given
 
 
 def _mount_verb(
@@ -454,11 +509,13 @@ def _mount_verb(
             if replay is not None:
                 return replay
         try:
-            # read again right before acting (the check and the write are two statements: the
-            # operator service re-validates the verb on its own read, as the CLI's does)
+            # the operator service checks the revision on the read its write is a
+            # compare-and-set on (re-read and checked again when a worker wrote in between)
             rotation = await db(rotation_or_404, rotation_id)
-            _if_match(if_match, rotation)
-            status, result = await _carry_out(b, token, rotation, verb, action, body.reason)
+            revisions = _if_match(if_match, rotation)
+            status, result = await _carry_out(
+                b, token, rotation, verb, action, body.reason, revisions
+            )
         except BaseException:
             if key:
                 await db(b.access.release_idempotency, token.name, key)
@@ -512,8 +569,10 @@ async def _carry_out(
     verb: str,
     action: OperatorAction | None,
     reason: str,
+    revisions: list[str],
 ) -> tuple[int, dict[str, Any]]:
-    """Do the verb; (status, body). A refusal is recorded in the timeline and is 409."""
+    """Do the verb; (status, body). A refusal is recorded in the timeline and is 409; a
+    revision that changed before the write landed is 412 (nothing written)."""
 
     def result(r: Rotation, outcome: str, message: str) -> dict[str, Any]:
         return {
@@ -543,16 +602,21 @@ async def _carry_out(
     if action is None:
         try:
             after = await db(
-                operator.retry_now, b.store, b.clock, rotation.id, token.name, reason, via="api"
-            )
+                operator.retry_now, b.store, b.clock, rotation.id, token.name, reason,
+                via="api", revisions=revisions,
+            )  # fmt: skip
+        except operator.RevisionChanged as exc:
+            raise _problem(412, str(exc)) from None
         except KeyturnError as exc:
             return await refused(getattr(exc, "reason", str(exc)))
         message = f"retry-now applied; next attempt {render.when(after.next_attempt_at)}"
         return 200, result(after, "applied", message)
     try:
         after, applied = await operator.request_action(
-            b.engine_deps(), rotation.id, action, token.name, reason
+            b.engine_deps(), rotation.id, action, token.name, reason, revisions=revisions
         )
+    except operator.RevisionChanged as exc:
+        raise _problem(412, str(exc)) from None
     except KeyturnError as exc:
         return await refused(getattr(exc, "reason", str(exc)))
     if applied is None:
@@ -561,15 +625,26 @@ async def _carry_out(
             await db(b.store.get_workers, [after.lease_owner] if after.lease_owner else []),
             b.clock.now(),
         )
-        when = (
-            "at its next action boundary"
-            if holder == "live"
-            else ("(it is not seen: the next worker to claim it after its lease ends does)")
-        )
-        return 202, result(
-            after, "requested",
-            f"{verb} requested; the holder ({after.lease_owner}) carries it out {when}",
-        )  # fmt: skip
+        until = render.when(after.lease_expires_at)
+        if action is OperatorAction.RELEASE_LEASE:
+            message = (
+                f"release-lease requested; the holder ({after.lease_owner}) gives the lease "
+                "back at its next action boundary"
+                if holder == "live"
+                else f"release-lease requested; the holder ({after.lease_owner}) is not seen "
+                f"({holder}), and its lease is never cut short: the rotation can be claimed "
+                f"when the lease expires ({until}), and the next worker to claim it records "
+                "the release"
+            )
+        else:
+            when = (
+                "at its next action boundary"
+                if holder == "live"
+                else f"(it is not seen: the next worker to claim it after its lease ends, "
+                f"{until}, does)"
+            )
+            message = f"{verb} requested; the holder ({after.lease_owner}) carries it out {when}"
+        return 202, result(after, "requested", message)
     if applied.outcome != "applied":
         # refused by the state it had moved on to (apply_request recorded it in the timeline)
         return 409, {"detail": f"{verb} of rotation {rotation.id} {applied.outcome}"}

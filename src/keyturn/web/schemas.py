@@ -199,6 +199,14 @@ class RotationBrief(BaseModel):
     finished_at: datetime | None
 
 
+class Configured(BaseModel):
+    """A deploy target or probe of the credential's configuration (its settings, which may
+    name paths and URLs, stay in the config)."""
+
+    type: str
+    name: str
+
+
 class CredentialOut(BaseModel):
     name: str
     kind: str
@@ -207,13 +215,58 @@ class CredentialOut(BaseModel):
     credential_uuid: str
     algorithm: str
     updated_at: datetime | None
+    key_created_at: datetime | None = Field(description="when its current key was recorded")
     key_age_seconds: float | None = Field(
-        description="seconds since the credential's current key was recorded"
+        description="the current key's age (on the schedule's clock, as policies count it)"
     )
+    last_rotation: str | None = Field(description="its latest rotation's id")
+    last_rotation_state: str | None
+    last_rotation_at: datetime | None = Field(description="when its latest rotation started")
     latest_rotation: RotationBrief | None
     last_completed_at: datetime | None = Field(
         description="when its latest rotation that reached old_deactivated finished"
     )
+    next_rotation_at: datetime | None = Field(
+        description="when its policy starts the next rotation (None: no policy schedules it)"
+    )
+    policy: str | None = Field(description="the policy it follows (None: rotated by hand)")
+    targets: list[Configured]
+    probes: list[Configured]
+
+
+class PlanCall(BaseModel):
+    what: str
+    text: str
+    provider_requests: list[str]
+    repeat: bool
+
+
+class PlanAction(BaseModel):
+    step: str
+    name: str
+    irreversible: bool
+    calls: list[PlanCall]
+
+
+class PlannedRotation(BaseModel):
+    credential: str
+    policy: str | None
+    at: datetime = Field(description="when it would start")
+    slot: datetime | None = Field(description="the nominal slot, before jitter and windows")
+    why: str
+    notes: list[str]
+    key_age_seconds: float | None = Field(description="the key's age when it starts")
+    deactivate_not_before: datetime | None
+    gates: list[str]
+    actions: list[PlanAction] = Field(description="the external calls, in order")
+
+
+class Plan(BaseModel):
+    """As `keyturn plan --json`."""
+
+    now: datetime = Field(description="the schedule's clock now")
+    rotations: list[PlannedRotation]
+    notes: list[str] = Field(description="why a credential is not scheduled, one line each")
 
 
 class WorkerOut(BaseModel):

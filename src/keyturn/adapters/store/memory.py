@@ -39,7 +39,7 @@ from keyturn.domain.model import (
     WorkerRecord,
 )
 from keyturn.domain.notify import Notice, notice_for
-from keyturn.ports import Change
+from keyturn.ports import Change, RotationQuery
 
 #: Rotation fields that hold a datetime (stored aware UTC; a naive one is refused).
 _DATETIME_FIELDS = frozenset(
@@ -218,6 +218,25 @@ class MemoryStore:
             found.sort(key=lambda r: (r.created_at, r.id), reverse=True)
             return copy.deepcopy(found)
 
+    def find_rotations(self, query: RotationQuery) -> list[Rotation]:
+        """Narrowed by state, credential, kind, updated_since and the keyset; `status` and
+        `attention` are left to the engine's definition (the widest condition the port
+        allows: this store reads every row anyway)."""
+        with self._lock:
+            found = [
+                r
+                for r in self._rotations.values()
+                if (query.state is None or r.state == State(query.state))
+                and (query.credential is None or r.credential == query.credential)
+                and (query.kind is None or r.kind == query.kind)
+                and (query.updated_since is None or r.updated_at >= query.updated_since)
+                and (query.before is None or (r.created_at, r.id) < query.before)
+            ]
+            found.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+            if query.limit is not None:
+                found = found[: query.limit]
+            return copy.deepcopy(found)
+
     def has_pending_work(self, horizon: datetime) -> bool:
         with self._lock:
             return any(
@@ -337,10 +356,21 @@ class MemoryStore:
                 self._upsert_action(change.action)
             return copy.deepcopy(updated)
 
-    def request(self, rotation_id: str, request: OperatorRequest, event: Event) -> Rotation:
+    def request(
+        self,
+        rotation_id: str,
+        request: OperatorRequest,
+        event: Event,
+        *,
+        expected_version: int | None = None,
+    ) -> Rotation:
         now = self._now()
         with self._tx():
             current = self._rotation(rotation_id)
+            if expected_version is not None and (
+                current.version != expected_version or current.request is not None
+            ):
+                raise StaleVersion(rotation_id, expected_version)
             req = _request(request)
             assert req is not None
             updated = replace(current, request=req, next_attempt_at=req.at, updated_at=_utc1(now))

@@ -153,6 +153,17 @@ rotations_t = Table(
     ),
     # Serves list_rotations(credential=...) and latest_rotation, newest first.
     Index("ix_rotations_credential_created_at", "credential", "created_at"),
+    # Serve the API's and the CLI's list (revision 0009): every rotation newest first, paged
+    # by (created_at, id); and the unfinished ones alone (attention, most statuses), which
+    # are few next to the finished history.
+    Index("ix_rotations_created_at_id", "created_at", "id"),
+    Index(
+        "ix_rotations_unfinished_created_at_id",
+        "created_at",
+        "id",
+        sqlite_where=text("finished_at IS NULL"),
+        postgresql_where=text("finished_at IS NULL"),
+    ),
 )
 
 #: The append-only history of a rotation. The store never updates or deletes events.

@@ -15,18 +15,24 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
     Row,
     Table,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
     func,
     insert,
+    not_,
     or_,
     select,
+    text,
+    true,
+    tuple_,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -59,7 +65,7 @@ from keyturn.domain.errors import (
     StaleVersion,
     StoreUnavailable,
 )
-from keyturn.domain.lifecycle import State
+from keyturn.domain.lifecycle import FINAL_STATES, State
 from keyturn.domain.model import (
     ActionRecord,
     ActionStatus,
@@ -76,7 +82,7 @@ from keyturn.domain.model import (
     WorkerRecord,
 )
 from keyturn.domain.notify import Notice, notices
-from keyturn.ports import Change, FleetFacts
+from keyturn.ports import Change, FleetFacts, RotationQuery
 
 #: SQLite waits this long for the write lock before giving up (milliseconds).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -498,6 +504,156 @@ def claim_sort_key(rotation: Rotation) -> tuple[int, datetime, datetime, str]:
     return (1 if nxt is None else 0, nxt or epoch, rotation.created_at, rotation.id)
 
 
+# ------------------------------------------------------------------------ the list's query
+
+#: wait_key prefix of a policy's approval gate (keyturn.engine.operator.APPROVAL_KEY).
+APPROVAL_PREFIX = "gate.approval"
+#: How much wider than "past half its deadline" the store's wait condition is (float
+#: arithmetic on SQLite's julianday); the engine's definition decides on what it returns.
+WAIT_MARGIN_SECONDS = 1.0
+
+
+def _status_chain() -> list[tuple[str, ColumnElement[bool]]]:
+    """keyturn.engine.attention.status_key as SQL, in its order: a row has the first status
+    whose condition holds (finished_at IS NULL is the store's own mark of an unfinished
+    rotation, set with the final state; it lets the unfinished rows' index serve)."""
+    r = rotations_t.c
+    final = [s.value for s in FINAL_STATES]
+    return [
+        ("requested", r.request_action.is_not(None)),
+        ("paused", r.paused.is_(True)),
+        ("halted", r.halted_reason.is_not(None)),
+        ("done", r.state.in_(final)),
+        (
+            "awaiting_approval",
+            and_(r.wait_key.is_not(None), r.wait_key.like(f"{APPROVAL_PREFIX}%")),
+        ),
+        ("waiting", r.wait_for.is_not(None)),
+        ("running", r.lease_owner.is_not(None)),
+        ("retrying", r.attempts > 0),
+        ("due", true()),
+    ]
+
+
+def status_condition(status: str) -> ColumnElement[bool]:
+    """Rows whose status_key is `status` (exactly; ValueError for an unknown status)."""
+    chain = _status_chain()
+    names = [name for name, _ in chain]
+    if status not in names:
+        raise ValueError(f"unknown status {status!r}; use one of {', '.join(names)}")
+    r = rotations_t.c
+    conds: list[ColumnElement[bool]] = []
+    for name, cond in chain:
+        if name == status:
+            conds.append(cond)
+            break
+        conds.append(not_(cond))
+    if status != "done":
+        conds.append(r.finished_at.is_(None))
+    return and_(*conds)
+
+
+def _wait_half_passed(postgres: bool, now: datetime) -> ColumnElement[bool]:
+    """A wait past half its deadline at `now`, or within WAIT_MARGIN_SECONDS of it."""
+    r = rotations_t.c
+    if postgres:
+        return text(
+            "rotations.wait_since + (rotations.wait_deadline - rotations.wait_since) / 2 "
+            "<= CAST(:wait_now AS TIMESTAMP WITH TIME ZONE) + make_interval(secs => :wait_margin)"
+        ).bindparams(
+            bindparam("wait_now", now, type_=r.wait_since.type),
+            bindparam("wait_margin", WAIT_MARGIN_SECONDS),
+        )  # type: ignore[return-value]
+    naive = now.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ")
+    return text(
+        "julianday(rotations.wait_since) + (julianday(rotations.wait_deadline) - "
+        "julianday(rotations.wait_since)) / 2 <= julianday(:wait_now) + :wait_margin / 86400.0"
+    ).bindparams(bindparam("wait_now", naive), bindparam("wait_margin", WAIT_MARGIN_SECONDS))  # type: ignore[return-value]
+
+
+def attention_condition(
+    postgres: bool, now: datetime, request_stale_before: datetime | None
+) -> ColumnElement[bool]:
+    """Rows that may need attention at `now`: never narrower than
+    keyturn.engine.attention.attention (a contract test checks it on rows of every kind)."""
+    r = rotations_t.c
+    stale = request_stale_before if request_stale_before is not None else now
+    return and_(
+        r.finished_at.is_(None),
+        r.state.not_in([s.value for s in FINAL_STATES]),
+        or_(
+            r.halted_reason.is_not(None),
+            and_(r.wait_key.is_not(None), r.wait_key.like(f"{APPROVAL_PREFIX}%")),
+            and_(r.lease_owner.is_not(None), r.lease_expires_at < now),
+            and_(r.request_action.is_not(None), r.request_at < stale),
+            and_(
+                r.wait_since.is_not(None),
+                r.wait_deadline.is_not(None),
+                _wait_half_passed(postgres, now),
+            ),
+            r.attempts > 0,
+        ),
+    )
+
+
+def rotation_select(query: RotationQuery, *, postgres: bool) -> Any:
+    """The SELECT of find_rotations (also what the API bench EXPLAINs)."""
+    r = rotations_t.c
+    stmt = select(rotations_t)
+    if query.state is not None:
+        state = State(query.state)
+        stmt = stmt.where(r.state == state.value)
+        if state not in FINAL_STATES:
+            stmt = stmt.where(r.finished_at.is_(None))
+    if query.credential is not None:
+        stmt = stmt.where(r.credential == query.credential)
+    if query.kind is not None:
+        stmt = stmt.where(r.kind == query.kind)
+    if query.status is not None:
+        stmt = stmt.where(status_condition(query.status))
+    if query.attention_at is not None:
+        stmt = stmt.where(
+            attention_condition(postgres, query.attention_at, query.request_stale_before)
+        )
+    if query.updated_since is not None:
+        stmt = stmt.where(r.updated_at >= query.updated_since)
+    if query.before is not None:
+        at, rid = query.before
+        stmt = stmt.where(tuple_(r.created_at, r.id) < tuple_(
+            bindparam("before_at", at, type_=r.created_at.type), bindparam("before_id", rid)
+        ))  # fmt: skip
+    stmt = stmt.order_by(r.created_at.desc(), r.id.desc())
+    if query.limit is not None:
+        stmt = stmt.limit(query.limit)
+    return stmt
+
+
+def rotation_query_sql(now: datetime | None = None) -> dict[str, str]:
+    """The list queries the API sends for a first page, as PostgreSQL SQL with literal values
+    (for EXPLAIN in the bench)."""
+    from sqlalchemy.dialects import postgresql
+
+    at = now or datetime.now(UTC)
+    from datetime import timedelta
+
+    queries = {
+        "list first page": RotationQuery(limit=51),
+        "attention first page": RotationQuery(
+            attention_at=at, request_stale_before=at - timedelta(minutes=5), limit=51
+        ),
+        "status=halted": RotationQuery(status="halted", limit=51),
+        "list second page": RotationQuery(before=(at, "rot_~"), limit=51),
+    }
+    out = {}
+    for label, q in queries.items():
+        compiled = rotation_select(q, postgres=True).compile(
+            dialect=postgresql.dialect(),  # type: ignore[no-untyped-call]
+            compile_kwargs={"literal_binds": True},
+        )
+        out[label] = str(compiled)
+    return out
+
+
 # ------------------------------------------------------------------------------------- store
 
 
@@ -674,6 +830,12 @@ class SqlStore:
         if credential is not None:
             stmt = stmt.where(rotations_t.c.credential == credential)
         stmt = stmt.order_by(rotations_t.c.created_at.desc(), rotations_t.c.id.desc())
+        with self._read() as conn:
+            rows = conn.execute(stmt).all()
+        return [_rotation_from_row(r) for r in rows]
+
+    def find_rotations(self, query: RotationQuery) -> list[Rotation]:
+        stmt = rotation_select(query, postgres=self._postgres)
         with self._read() as conn:
             rows = conn.execute(stmt).all()
         return [_rotation_from_row(r) for r in rows]
@@ -925,17 +1087,29 @@ class SqlStore:
             self._upsert_action(conn, change.action)
         return rotation
 
-    def request(self, rotation_id: str, request: OperatorRequest, event: Event) -> Rotation:
+    def request(
+        self,
+        rotation_id: str,
+        request: OperatorRequest,
+        event: Event,
+        *,
+        expected_version: int | None = None,
+    ) -> Rotation:
         now = self._now()
+        r = rotations_t.c
+        guard = [r.id == rotation_id]
+        if expected_version is not None:
+            guard += [r.version == expected_version, r.request_action.is_(None)]
         with self._tx() as conn:
             row = conn.execute(
                 update(rotations_t)
-                .where(rotations_t.c.id == rotation_id)
+                .where(*guard)
                 .values(**_request_values(request), next_attempt_at=request.at, updated_at=now)
                 .returning(rotations_t)
             ).first()
             if row is None:
-                raise rotation_not_found(rotation_id)
+                self._require_rotation(conn, rotation_id)
+                raise StaleVersion(rotation_id, expected_version or 0)
             conn.execute(insert(events_t).values(**_event_values(event)))
             rotation = _rotation_from_row(row)
             insert_notices(conn, [event], rotation, now)
