@@ -107,7 +107,11 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dash]:
         store = open_store(kt.database_url)
         tokens = {
             who: create_token(store, SystemClock(), name=f"t-{who}", role=role, actor="t")[1]
-            for who, role in (("viewer", Role.VIEWER), ("operator", Role.OPERATOR))
+            for who, role in (
+                ("viewer", Role.VIEWER),
+                ("operator", Role.OPERATOR),
+                ("revoked", Role.OPERATOR),
+            )
         }
         store.close()
         key, _ = kt.deployed(SA)
@@ -198,6 +202,7 @@ def test_rollback_shows_its_plan_and_refuses_a_confirmation_after_a_move(dash: D
         rotation = RotationPage(page, dash.base).loaded(rid)
         expect(rotation.flash).to_contain_text("rollback")
         expect(rotation.timeline).to_contain_text("roll back the PAT, as planned now")
+        expect(rotation.state).to_have_text("rolled_back", timeout=MOVE_MS)
     finally:
         ctx.close()
 
@@ -259,6 +264,62 @@ def test_a_bad_token_is_refused_and_pages_need_a_session(dash: Dash) -> None:
         page.get_by_label("API token").fill("kt_" + "x" * 43)
         page.get_by_role("button", name="Sign in").click()
         expect(page.get_by_test_id("login-error")).to_contain_text("unknown or revoked")
+    finally:
+        ctx.close()
+
+
+def test_a_revoked_token_ends_its_sessions(dash: Dash) -> None:
+    ctx, page, _ = dash.signed_in("revoked")
+    try:
+        dash.kt.run("tokens", "revoke", "t-revoked")
+        page.reload()
+        expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    finally:
+        ctx.close()
+
+
+def test_rotations_list_filters_and_pages(dash: Dash) -> None:
+    ctx, page, _ = dash.signed_in("viewer")
+    try:
+        page.goto(f"{dash.base}/ui/rotations?limit=1")
+        rows = page.get_by_test_id("rotation-row")
+        expect(rows).to_have_count(1)
+        seen = [rows.first.get_attribute("data-rotation")]
+        while page.get_by_test_id("next-page").count():
+            page.get_by_test_id("next-page").click()
+            expect(rows).to_have_count(1)
+            expect(rows.first).not_to_have_attribute("data-rotation", seen[-1])
+            seen.append(rows.first.get_attribute("data-rotation"))
+        assert sorted(seen) == sorted(dash.halted.values())  # every rotation, once
+        page.goto(f"{dash.base}/ui/rotations")
+        page.get_by_label("Credential").fill(PAT)
+        page.get_by_role("button", name="Filter").click()
+        expect(rows).to_have_count(1)
+        expect(rows.first).to_have_attribute("data-rotation", dash.halted["pat"])
+        page.get_by_label("State").select_option("cancelled")
+        page.get_by_role("button", name="Filter").click()
+        expect(page.get_by_test_id("no-rotations")).to_be_visible()
+        page.goto(f"{dash.base}/ui/rotations?state=nope")
+        expect(page.get_by_role("alert")).to_contain_text("'nope' is not a state")
+    finally:
+        ctx.close()
+
+
+def test_credentials_and_workers_pages(dash: Dash) -> None:
+    ctx, page, _ = dash.signed_in("viewer")
+    try:
+        page.goto(f"{dash.base}/ui/credentials")
+        sa = page.locator(f"#cred-{SA}")
+        expect(sa).to_contain_text("local-files (file)")
+        expect(sa).to_contain_text("none (rotated by hand)")
+        expect(sa).to_contain_text("UTC")
+        page.goto(f"{dash.base}/ui/workers")
+        rows = page.get_by_test_id("worker-row")
+        expect(rows).to_have_count(2)  # the --until-idle worker that halted them, and serve's
+        expect(rows.filter(has_text="stopped")).to_have_count(1)
+        live = rows.filter(has_text="live")
+        expect(live).to_have_count(1)  # the worker of keyturn serve --worker
+        expect(live).to_contain_text("ago")
     finally:
         ctx.close()
 

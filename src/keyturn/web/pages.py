@@ -266,8 +266,18 @@ def rotations_page(b: api.Backend, query: dict[str, str]) -> dict[str, Any]:
     status = query.get("status") or None
     credential = query.get("credential") or None
     kind = query.get("kind") or None
+    holder = query.get("holder") or None
     only = query.get("attention") == "1"
     problems = []
+    limit = PAGE_SIZE
+    if query.get("limit"):
+        try:
+            limit = int(query["limit"])
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= api.MAX_PAGE:
+            problems.append(f"limit {query['limit']!r}: give 1 to {api.MAX_PAGE} rotations a page")
+            limit = PAGE_SIZE
     state_enum = None
     if state is not None:
         try:
@@ -284,10 +294,11 @@ def rotations_page(b: api.Backend, query: dict[str, str]) -> dict[str, Any]:
             for r in b.store.list_rotations(state=state_enum, credential=credential)
             if (status is None or status_key(r) == status)
             and (kind is None or r.kind == kind)
+            and (holder is None or r.lease_owner == holder)
             and (not only or attention(r, now) is not None)
         ]
         try:
-            page, next_cursor = api._page(rotations, query.get("cursor") or None, PAGE_SIZE)
+            page, next_cursor = api._page(rotations, query.get("cursor") or None, limit)
         except HTTPException as exc:
             problems.append(str(exc.detail))
             page = []
@@ -299,7 +310,9 @@ def rotations_page(b: api.Backend, query: dict[str, str]) -> dict[str, Any]:
             "status": status,
             "credential": credential,
             "kind": kind,
+            "holder": holder,
             "attention": "1" if only else None,
+            "limit": str(limit) if query.get("limit") and limit != PAGE_SIZE else None,
         }.items()
         if v
     }
@@ -308,7 +321,7 @@ def rotations_page(b: api.Backend, query: dict[str, str]) -> dict[str, Any]:
         "filters": kept,
         "states": [s.value for s in State],
         "statuses": list(STATUSES),
-        "kinds": sorted(b.registry.kinds) if hasattr(b.registry, "kinds") else [],
+        "kinds": sorted(b.registry.kinds),
         "problems": problems,
         "next_url": f"{PREFIX}/rotations?{urlencode({**kept, 'cursor': next_cursor})}"
         if next_cursor
