@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from keyturn.domain.errors import KeyturnError
 from keyturn.domain.lifecycle import State
@@ -352,10 +352,36 @@ class FleetFacts:
     workers: list[WorkerRecord]
 
 
+@runtime_checkable
 class FleetReader(Protocol):
-    def fleet_facts(self, now: datetime) -> FleetFacts:
+    def fleet_facts(self, now: datetime, *, counters: bool = True) -> FleetFacts:
         """The installation's :class:`FleetFacts`, read in a few aggregate queries (one
-        snapshot where the database gives one)."""
+        snapshot where the database gives one); with ``counters=False`` the event log is not
+        counted (``transitions`` and ``operator_actions`` are empty: the dashboard's
+        overview needs neither)."""
+
+
+@runtime_checkable
+class RotationPager(Protocol):
+    """One page of rotations without loading them all (the dashboard's list)."""
+
+    def page_rotations(
+        self,
+        *,
+        limit: int,
+        state: State | None = None,
+        credential: str | None = None,
+        kind: str | None = None,
+        status: str | None = None,
+        unfinished: bool = False,
+        holder: str | None = None,
+        before: tuple[datetime, str] | None = None,
+        keep: Callable[[Rotation], bool] | None = None,
+    ) -> list[Rotation]:
+        """Newest first (created_at, then id, both descending), strictly after `before`, at
+        most `limit` rotations for which `keep` holds. `status` (a status_key() word) only
+        narrows the read to a superset of that status (the store cannot decide a status:
+        `keep` must); `unfinished`: finished_at is not set."""
 
 
 class StepMetrics(Protocol):

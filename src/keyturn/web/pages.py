@@ -19,6 +19,7 @@ from __future__ import annotations
 import hmac
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -41,6 +42,7 @@ from keyturn.engine.access import authenticate, token_hash
 from keyturn.engine.attention import STATUSES, attention, status_key
 from keyturn.engine.fleet import attention_since, by_state_and_status
 from keyturn.engine.run import db
+from keyturn.ports import FleetReader, RotationPager
 from keyturn.web import app as api
 from keyturn.web import graph
 
@@ -51,6 +53,8 @@ LOGIN_COOKIE = "keyturn_login"
 SESSION_SECONDS = 8 * 3600
 #: How often a page polls itself (milliseconds; 0: never).
 POLL_MS = 2000
+#: The slowest a page polls itself, however long it takes to make.
+POLL_MAX_MS = 60_000
 #: The attention queue shows at most this many rotations (the count says how many there are).
 QUEUE_MAX = 50
 #: "Soon" for the overview's upcoming rotations.
@@ -155,7 +159,10 @@ def _verbs(b: api.Backend, r: Rotation, now: datetime) -> list[str]:
         if action is None:
             ok = operator.retry_refusal(r, now) is None
         else:
-            ok = operator.applies(b.store, b.registry, r, action)
+            try:
+                ok = operator.applies(b.store, b.registry, r, action)
+            except ValueError:  # data its installed kind cannot read: offer nothing
+                ok = False
         if ok:
             out.append(verb)
     return out
@@ -188,7 +195,7 @@ def _policies(b: api.Backend) -> Any:
 def overview(b: api.Backend) -> dict[str, Any]:
     """Counts by state and status, the attention queue (oldest first), upcoming rotations."""
     now = b.clock.now()
-    facts = b.store.fleet_facts(now) if hasattr(b.store, "fleet_facts") else None
+    facts = b.store.fleet_facts(now, counters=False) if isinstance(b.store, FleetReader) else None
     if facts is not None:
         counts = by_state_and_status(facts.rotations)
         candidates = list(facts.attention_candidates)
@@ -289,19 +296,42 @@ def rotations_page(b: api.Backend, query: dict[str, str]) -> dict[str, Any]:
     items: list[dict[str, Any]] = []
     next_cursor = None
     if not problems:
-        rotations = [
-            r
-            for r in b.store.list_rotations(state=state_enum, credential=credential)
-            if (status is None or status_key(r) == status)
-            and (kind is None or r.kind == kind)
-            and (holder is None or r.lease_owner == holder)
-            and (not only or attention(r, now) is not None)
-        ]
+
+        def keep(r: Rotation) -> bool:
+            return (
+                (status is None or status_key(r) == status)
+                and (kind is None or r.kind == kind)
+                and (holder is None or r.lease_owner == holder)
+                and (not only or attention(r, now) is not None)
+            )
+
+        cursor = query.get("cursor") or None
+        page: list[Rotation] = []
         try:
-            page, next_cursor = api._page(rotations, query.get("cursor") or None, limit)
+            if isinstance(b.store, RotationPager):
+                # one page (and one more row, to know there is a next) without loading them all
+                found = b.store.page_rotations(
+                    limit=limit + 1,
+                    state=state_enum,
+                    credential=credential,
+                    kind=kind,
+                    status=status,
+                    unfinished=only,
+                    holder=holder,
+                    before=api._cursor_key(cursor) if cursor else None,
+                    keep=keep,
+                )
+                page = found[:limit]
+                next_cursor = api._cursor_of(page[-1]) if len(found) > limit else None
+            else:
+                rotations = [
+                    r
+                    for r in b.store.list_rotations(state=state_enum, credential=credential)
+                    if keep(r)
+                ]
+                page, next_cursor = api._page(rotations, cursor, limit)
         except HTTPException as exc:
             problems.append(str(exc.detail))
-            page = []
         items = [api._core(r, now) for r in page]
     kept = {
         k: v
@@ -354,27 +384,37 @@ def plan_page(b: api.Backend, r: Rotation) -> dict[str, Any]:
     }
 
 
-def credentials_page(b: api.Backend) -> dict[str, Any]:
+def credentials_page(b: api.Backend, after: str | None = None) -> dict[str, Any]:
+    """A page of credentials (by name, after `after`): each with its key's age, last success
+    and latest rotation, next slot, policy, targets and probes."""
     now = b.clock.now()
     book = _policies(b)
     nexts: dict[str, datetime] = {}
-    if hasattr(b.store, "fleet_facts"):
-        nexts = {c: _from_unix(t) for c, t in b.store.fleet_facts(now).next_rotations.items()}
+    successes: dict[str, datetime] | None = None
+    if isinstance(b.store, FleetReader):
+        facts = b.store.fleet_facts(now, counters=False)
+        nexts = {c: _from_unix(t) for c, t in facts.next_rotations.items()}
+        successes = {c: _from_unix(t) for c, t in facts.last_successes.items()}
     try:
         deps: Any = b.engine_deps()
     except KeyturnError:
         deps = None
+    every = sorted(b.store.list_credentials(), key=lambda c: c.name)
+    if after:
+        every = [c for c in every if c.name > after]
+    shown = every[:PAGE_SIZE]
     rows = []
-    for c in b.store.list_credentials():
+    for c in shown:
         latest = b.store.latest_rotation(c.name)
-        done = next(
-            (
-                x
-                for x in b.store.list_rotations(credential=c.name)
-                if x.state is State.OLD_DEACTIVATED
-            ),
-            None,
-        )
+        if successes is not None:
+            last = successes.get(c.name)
+        else:
+            done = next(
+                (x for x in b.store.list_rotations(credential=c.name)
+                 if x.state is State.OLD_DEACTIVATED),
+                None,
+            )  # fmt: skip
+            last = done.finished_at if done else None
         policy = book.policy_of(c.name) if book is not None else None
         targets: list[str] = []
         probes: list[str] = []
@@ -395,7 +435,7 @@ def credentials_page(b: api.Backend) -> dict[str, Any]:
                 if c.updated_at
                 else "-",
                 "key_created": c.updated_at,
-                "last": done.finished_at if done else None,
+                "last": last,
                 "latest": latest,
                 "latest_status": status_key(latest) if latest else None,
                 "next": nexts.get(c.name),
@@ -404,7 +444,14 @@ def credentials_page(b: api.Backend) -> dict[str, Any]:
                 "probes": probes,
             }
         )
-    return {"rows": rows}
+    more = len(every) > len(shown)
+    return {
+        "rows": rows,
+        "next_url": f"{PREFIX}/credentials?{urlencode({'after': shown[-1].name})}"
+        if more and shown
+        else None,
+        "first_url": f"{PREFIX}/credentials" if after else None,
+    }
 
 
 def _describe_policy(policy: Any) -> str:
@@ -455,15 +502,27 @@ def mount(app: FastAPI, b: api.Backend) -> None:  # noqa: C901 (one nested funct
         return Who(sid, session, token)
 
     def page(
-        name: str, who: Who | None, status: int = 200, *, live: bool = False, **ctx: Any
+        name: str,
+        who: Who | None,
+        status: int = 200,
+        *,
+        live: bool = False,
+        started: float | None = None,
+        **ctx: Any,
     ) -> HTMLResponse:
+        poll = 0
+        if live:
+            # a page that costs the server more is polled less often (at most a fifth of
+            # the server's time goes to one page polled by one browser)
+            spent = time.perf_counter() - started if started is not None else 0.0
+            poll = min(POLL_MAX_MS, max(POLL_MS, round(spent * 5000)))
         flash = None
         if who is not None and who.session.flash is not None:
             flash, who.session.flash = who.session.flash, None
         html = env.get_template(name).render(
             who=who,
             flash=flash,
-            poll_ms=POLL_MS if live else 0,
+            poll_ms=poll,
             csrf=who.session.csrf if who is not None else None,
             **ctx,
         )
@@ -548,22 +607,28 @@ def mount(app: FastAPI, b: api.Backend) -> None:  # noqa: C901 (one nested funct
 
     @app.get(f"{PREFIX}/", include_in_schema=False)
     def overview_get(request: Request) -> Response:
+        started = time.perf_counter()
         who = who_of(request)
         if who is None:
             return to_login(request)
-        return page("overview.html", who, live=True, o=overview(b), title="Overview")
+        ctx = overview(b)
+        return page("overview.html", who, live=True, o=ctx, title="Overview", started=started)
 
     @app.get(f"{PREFIX}/rotations", include_in_schema=False)
     def rotations_get(request: Request) -> Response:
+        started = time.perf_counter()
         who = who_of(request)
         if who is None:
             return to_login(request)
         ctx = rotations_page(b, dict(request.query_params))
         status = 400 if ctx["problems"] else 200
-        return page("rotations.html", who, status, live=True, p=ctx, title="Rotations")
+        return page(
+            "rotations.html", who, status, live=True, p=ctx, title="Rotations", started=started
+        )
 
     @app.get(f"{PREFIX}/rotations/{{rotation_id}}", include_in_schema=False)
     def rotation_get(request: Request, rotation_id: str) -> Response:
+        started = time.perf_counter()
         who = who_of(request)
         if who is None:
             return to_login(request)
@@ -571,8 +636,9 @@ def mount(app: FastAPI, b: api.Backend) -> None:  # noqa: C901 (one nested funct
             r = b.store.get_rotation(rotation_id)
         except NotFound:
             return not_found(who, f"no rotation with id {rotation_id!r}")
-        return page("rotation.html", who, live=True, title=f"Rotation {r.id}",
-                    **rotation_page(b, r))  # fmt: skip
+        ctx = rotation_page(b, r)
+        return page("rotation.html", who, live=True, title=f"Rotation {r.id}", started=started,
+                    **ctx)  # fmt: skip
 
     @app.get(f"{PREFIX}/rotations/{{rotation_id}}/rollback", include_in_schema=False)
     def rollback_get(request: Request, rotation_id: str) -> Response:
@@ -587,19 +653,22 @@ def mount(app: FastAPI, b: api.Backend) -> None:  # noqa: C901 (one nested funct
 
     @app.get(f"{PREFIX}/credentials", include_in_schema=False)
     def credentials_get(request: Request) -> Response:
+        started = time.perf_counter()
         who = who_of(request)
         if who is None:
             return to_login(request)
-        return page("credentials.html", who, live=True, title="Credentials",
-                    **credentials_page(b))  # fmt: skip
+        ctx = credentials_page(b, request.query_params.get("after") or None)
+        return page("credentials.html", who, live=True, title="Credentials", started=started,
+                    **ctx)  # fmt: skip
 
     @app.get(f"{PREFIX}/workers", include_in_schema=False)
     def workers_get(request: Request) -> Response:
+        started = time.perf_counter()
         who = who_of(request)
         if who is None:
             return to_login(request)
         rows = workers_report(b.store, b.clock.now())
-        return page("workers.html", who, live=True, title="Workers", rows=rows)
+        return page("workers.html", who, live=True, title="Workers", rows=rows, started=started)
 
     # -------------------------------------------------------------------- verbs
 

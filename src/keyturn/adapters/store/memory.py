@@ -218,6 +218,35 @@ class MemoryStore:
             found.sort(key=lambda r: (r.created_at, r.id), reverse=True)
             return copy.deepcopy(found)
 
+    def page_rotations(
+        self,
+        *,
+        limit: int,
+        state: State | None = None,
+        credential: str | None = None,
+        kind: str | None = None,
+        status: str | None = None,
+        unfinished: bool = False,
+        holder: str | None = None,
+        before: tuple[datetime, str] | None = None,
+        keep: Callable[[Rotation], bool] | None = None,
+    ) -> list[Rotation]:
+        """:class:`keyturn.ports.RotationPager` (`status` narrows nothing here: `keep` decides)."""
+        out = []
+        for r in self.list_rotations(state=state, credential=credential):
+            if before is not None and (r.created_at, r.id) >= before:
+                continue
+            if (kind is not None and r.kind != kind) or (
+                holder is not None and r.lease_owner != holder
+            ):
+                continue
+            if (unfinished and r.finished_at is not None) or (keep is not None and not keep(r)):
+                continue
+            out.append(r)
+            if len(out) == limit:
+                break
+        return out
+
     def has_pending_work(self, horizon: datetime) -> bool:
         with self._lock:
             return any(

@@ -219,6 +219,46 @@ def _credential_values(credential: ManagedCredential, now: datetime) -> dict[str
     }
 
 
+#: For each status word (keyturn.engine.attention.status_key), a condition every rotation of
+#: that status meets (a superset: status_key decides; "due" is narrowed by nothing).
+_STATUS_SUPERSETS: dict[str, Callable[[], Any]] = {
+    "requested": lambda: rotations_t.c.request_action.is_not(None),
+    "paused": lambda: rotations_t.c.paused.is_(True),
+    "halted": lambda: rotations_t.c.halted_reason.is_not(None),
+    "done": lambda: rotations_t.c.finished_at.is_not(None),
+    "awaiting_approval": lambda: rotations_t.c.wait_key.like("gate.approval%"),
+    "waiting": lambda: rotations_t.c.wait_for.is_not(None),
+    "running": lambda: rotations_t.c.lease_owner.is_not(None),
+    "retrying": lambda: rotations_t.c.attempts > 0,
+}
+
+
+def _rotation_filters(
+    state: State | None,
+    credential: str | None,
+    kind: str | None,
+    holder: str | None,
+    unfinished: bool,
+    status: str | None,
+) -> list[Any]:
+    c = rotations_t.c
+    out: list[Any] = []
+    if state is not None:
+        out.append(c.state == State(state).value)
+    if credential is not None:
+        out.append(c.credential == credential)
+    if kind is not None:
+        out.append(c.kind == kind)
+    if holder is not None:
+        out.append(c.lease_owner == holder)
+    if unfinished:
+        out.append(c.finished_at.is_(None))
+    narrowed = _STATUS_SUPERSETS.get(status or "")
+    if narrowed is not None:
+        out.append(narrowed())
+    return out
+
+
 def _rotation_from_row(row: Row[Any]) -> Rotation:
     m = row._mapping
     request = None
@@ -678,6 +718,48 @@ class SqlStore:
             rows = conn.execute(stmt).all()
         return [_rotation_from_row(r) for r in rows]
 
+    def page_rotations(
+        self,
+        *,
+        limit: int,
+        state: State | None = None,
+        credential: str | None = None,
+        kind: str | None = None,
+        status: str | None = None,
+        unfinished: bool = False,
+        holder: str | None = None,
+        before: tuple[datetime, str] | None = None,
+        keep: Callable[[Rotation], bool] | None = None,
+    ) -> list[Rotation]:
+        """:class:`keyturn.ports.RotationPager`: keyset pages of the same order as
+        list_rotations, read in chunks until `limit` rotations pass `keep`."""
+        c = rotations_t.c
+        stmt = select(rotations_t).where(
+            *_rotation_filters(state, credential, kind, holder, unfinished, status)
+        )
+        chunk = max(4 * limit, 200)
+        out: list[Rotation] = []
+        cursor = before
+        while len(out) < limit:
+            page = stmt
+            if cursor is not None:
+                at, rid = cursor
+                page = page.where(or_(c.created_at < at, and_(c.created_at == at, c.id < rid)))
+            page = page.order_by(c.created_at.desc(), c.id.desc()).limit(chunk)
+            with self._read() as conn:
+                rows = conn.execute(page).all()
+            for row in rows:
+                r = _rotation_from_row(row)
+                if keep is None or keep(r):
+                    out.append(r)
+                    if len(out) == limit:
+                        break
+            if len(rows) < chunk:
+                break
+            last = rows[-1]
+            cursor = (last.created_at, last.id)
+        return out
+
     def has_pending_work(self, horizon: datetime) -> bool:
         r = rotations_t.c
         stmt = (
@@ -1086,11 +1168,11 @@ class SqlStore:
         with self._tx() as conn:
             return int(conn.execute(stmt).rowcount or 0)
 
-    def fleet_facts(self, now: datetime) -> FleetFacts:
+    def fleet_facts(self, now: datetime, *, counters: bool = True) -> FleetFacts:
         """:class:`keyturn.ports.FleetReader` (what /metrics reports), in metrics_read."""
         from keyturn.adapters.store.metrics_read import fleet_facts
 
-        return fleet_facts(self, now)
+        return fleet_facts(self, now, counters=counters)
 
     def leases_held(self, now: datetime) -> dict[str, int]:
         r = rotations_t.c

@@ -1,12 +1,12 @@
 // keyturn dashboard: a page with data-poll-ms on <body> fetches itself every so often and
 // swaps in the regions marked data-live (by id) that changed. A region whose form someone is
-// filling in is left alone. No build step, no framework.
+// filling in is left alone. The next poll waits for this one, and the server says how long to
+// wait (a page that costs it more is polled less often). No build step, no framework.
 (function () {
   "use strict";
   var ms = Number(document.body.getAttribute("data-poll-ms") || 0);
   if (!ms) { return; }
-  var busy = false;
-  var timer = null;
+  var stopped = false;
   function say(text) {
     var s = document.getElementById("live-status");
     if (s) { s.textContent = text; }
@@ -18,9 +18,11 @@
     }
     return false;
   }
+  function later() {
+    if (!stopped) { window.setTimeout(tick, ms); }
+  }
   function tick() {
-    if (busy || document.hidden) { return; }
-    busy = true;
+    if (document.hidden) { later(); return; }
     fetch(window.location.href, {
       headers: { "X-Keyturn-Live": "1" },
       credentials: "same-origin",
@@ -31,19 +33,21 @@
       return r.text();
     }).then(function (html) {
       var fresh = new DOMParser().parseFromString(html, "text/html");
+      var next = Number(fresh.body.getAttribute("data-poll-ms") || 0);
+      if (next > 0) { ms = next; }
       var regions = document.querySelectorAll("[data-live]");
       for (var i = 0; i < regions.length; i++) {
         var el = regions[i];
-        var next = fresh.getElementById(el.id);
-        if (next && next.innerHTML !== el.innerHTML && !editing(el)) {
-          el.innerHTML = next.innerHTML;
+        var now = fresh.getElementById(el.id);
+        if (now && now.innerHTML !== el.innerHTML && !editing(el)) {
+          el.innerHTML = now.innerHTML;
         }
       }
       say("Updated " + new Date().toISOString().slice(11, 19) + " UTC; this page updates itself.");
     }).catch(function (err) {
-      window.clearInterval(timer);
+      stopped = true;
       say("Live updates stopped (" + err.message + "): reload the page (or sign in again).");
-    }).then(function () { busy = false; });
+    }).then(later);
   }
-  timer = window.setInterval(tick, ms);
+  later();
 })();
