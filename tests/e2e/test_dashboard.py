@@ -152,6 +152,39 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dash]:
         factory.close()
 
 
+# ------------------------------------------------------------------------- overview
+
+
+def _fits(page: Page) -> tuple[int, int]:
+    """(the document's width, the window's): nothing overflows when the first is not wider."""
+    wide = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+    return int(wide[0]), int(wide[1])
+
+
+def test_the_overview_at_390_and_1440_px(dash: Dash) -> None:
+    """The overview as on-call first sees it (two halted rotations in the queue), on a phone
+    and on a desktop: screenshots saved, no horizontal overflow, no critical axe violation."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    for width in (390, 1440):
+        ctx, page, overview = dash.signed_in("operator", width)
+        try:
+            expect(page.get_by_test_id("attention-row")).to_have_count(2)
+            expect(page.get_by_test_id("count-verified-halted")).to_contain_text("2")
+            document, window = _fits(page)
+            assert document <= window, f"the overview is {document}px wide at {width}px"
+            for rid in dash.halted.values():
+                box = overview.attention_row(rid).bounding_box()
+                assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width
+            page.screenshot(path=str(dash.out / f"overview-attention-{width}.png"), full_page=True)
+            critical = [
+                v["id"] for v in Axe().run(page).response["violations"] if v["impact"] == "critical"
+            ]
+            assert not critical, critical
+        finally:
+            ctx.close()
+
+
 # --------------------------------------------------------------------------- resume
 
 
@@ -195,6 +228,7 @@ def test_rollback_shows_its_plan_and_refuses_a_confirmation_after_a_move(dash: D
         expect(plan.flash).to_contain_text("moved since the page you acted on")
         expect(plan.revision).not_to_have_text(shown)
         expect(plan.steps.first).to_be_visible()  # the new plan, from the planner
+        page.screenshot(path=str(dash.out / "rollback-moved-1440.png"), full_page=True)
         events = [e["trigger"] for e in dash.kt.show_here(rid)["events"]]
         assert "rollback" not in events  # nothing was done
         # confirming the plan as it is now is carried out
@@ -352,11 +386,9 @@ def test_every_page_is_accessible_fits_390_and_1440_and_holds_no_secret(dash: Da
             for name, path in [("login", "/ui/login"), *_every_page(dash)]:
                 page.goto(dash.base + path)
                 expect(page.locator("main h1")).to_be_visible()
-                wide = page.evaluate(
-                    "() => [document.documentElement.scrollWidth, window.innerWidth]"
-                )
-                if wide[0] > wide[1]:
-                    problems.append(f"{name} at {width}px: {wide[0]}px wide in {wide[1]}px")
+                document, window = _fits(page)
+                if document > window:
+                    problems.append(f"{name} at {width}px: {document}px wide in {window}px")
                 shot = dash.out / f"{name}-{width}.png"
                 page.screenshot(path=str(shot), full_page=True)
                 if width == 1440 or name == "overview":

@@ -173,7 +173,8 @@ def _help(why: str, r: Rotation) -> tuple[str, str | None]:
     if why == "halted":
         return "fix the cause, then resume it", "resume"
     if why == "awaiting approval":
-        return f"approve or deny it (`keyturn rotations approve {r.id} --reason ...`)", None
+        verb = "approve" if "approve" in api.VERBS else None
+        return f"approve or deny it (`keyturn rotations approve {r.id} --reason ...`)", verb
     if why.startswith("holder "):
         return "check its worker; the next worker takes it over when the lease ends", None
     if why.endswith("not applied yet"):
@@ -508,6 +509,7 @@ def mount(app: FastAPI, b: api.Backend) -> None:  # noqa: C901 (one nested funct
         *,
         live: bool = False,
         started: float | None = None,
+        request: Request | None = None,
         **ctx: Any,
     ) -> HTMLResponse:
         poll = 0
@@ -517,7 +519,9 @@ def mount(app: FastAPI, b: api.Backend) -> None:  # noqa: C901 (one nested funct
             spent = time.perf_counter() - started if started is not None else 0.0
             poll = min(POLL_MAX_MS, max(POLL_MS, round(spent * 5000)))
         flash = None
-        if who is not None and who.session.flash is not None:
+        # a page's own poll (live.js) leaves the message for the page a person opens
+        polled = request is not None and request.headers.get("x-keyturn-live") == "1"
+        if who is not None and who.session.flash is not None and not polled:
             flash, who.session.flash = who.session.flash, None
         html = env.get_template(name).render(
             who=who,
@@ -612,7 +616,15 @@ def mount(app: FastAPI, b: api.Backend) -> None:  # noqa: C901 (one nested funct
         if who is None:
             return to_login(request)
         ctx = overview(b)
-        return page("overview.html", who, live=True, o=ctx, title="Overview", started=started)
+        return page(
+            "overview.html",
+            who,
+            live=True,
+            o=ctx,
+            title="Overview",
+            started=started,
+            request=request,
+        )
 
     @app.get(f"{PREFIX}/rotations", include_in_schema=False)
     def rotations_get(request: Request) -> Response:
@@ -623,7 +635,14 @@ def mount(app: FastAPI, b: api.Backend) -> None:  # noqa: C901 (one nested funct
         ctx = rotations_page(b, dict(request.query_params))
         status = 400 if ctx["problems"] else 200
         return page(
-            "rotations.html", who, status, live=True, p=ctx, title="Rotations", started=started
+            "rotations.html",
+            who,
+            status,
+            live=True,
+            p=ctx,
+            title="Rotations",
+            started=started,
+            request=request,
         )
 
     @app.get(f"{PREFIX}/rotations/{{rotation_id}}", include_in_schema=False)
@@ -637,8 +656,9 @@ def mount(app: FastAPI, b: api.Backend) -> None:  # noqa: C901 (one nested funct
         except NotFound:
             return not_found(who, f"no rotation with id {rotation_id!r}")
         ctx = rotation_page(b, r)
-        return page("rotation.html", who, live=True, title=f"Rotation {r.id}", started=started,
-                    **ctx)  # fmt: skip
+        title = f"Rotation {r.id}"
+        return page("rotation.html", who, live=True, title=title, started=started,
+                    request=request, **ctx)  # fmt: skip
 
     @app.get(f"{PREFIX}/rotations/{{rotation_id}}/rollback", include_in_schema=False)
     def rollback_get(request: Request, rotation_id: str) -> Response:
@@ -659,7 +679,7 @@ def mount(app: FastAPI, b: api.Backend) -> None:  # noqa: C901 (one nested funct
             return to_login(request)
         ctx = credentials_page(b, request.query_params.get("after") or None)
         return page("credentials.html", who, live=True, title="Credentials", started=started,
-                    **ctx)  # fmt: skip
+                    request=request, **ctx)  # fmt: skip
 
     @app.get(f"{PREFIX}/workers", include_in_schema=False)
     def workers_get(request: Request) -> Response:
@@ -668,7 +688,15 @@ def mount(app: FastAPI, b: api.Backend) -> None:  # noqa: C901 (one nested funct
         if who is None:
             return to_login(request)
         rows = workers_report(b.store, b.clock.now())
-        return page("workers.html", who, live=True, title="Workers", rows=rows, started=started)
+        return page(
+            "workers.html",
+            who,
+            live=True,
+            title="Workers",
+            rows=rows,
+            started=started,
+            request=request,
+        )
 
     # -------------------------------------------------------------------- verbs
 
