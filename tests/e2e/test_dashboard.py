@@ -169,7 +169,8 @@ def test_the_overview_at_390_and_1440_px(dash: Dash) -> None:
     for width in (390, 1440):
         ctx, page, overview = dash.signed_in("operator", width)
         try:
-            expect(page.get_by_test_id("attention-row")).to_have_count(2)
+            rows = page.get_by_test_id("attention-row")
+            expect(rows).to_have_count(2)
             expect(page.get_by_test_id("count-verified-halted")).to_contain_text("2")
             document, window = _fits(page)
             assert document <= window, f"the overview is {document}px wide at {width}px"
@@ -181,8 +182,18 @@ def test_the_overview_at_390_and_1440_px(dash: Dash) -> None:
                 v["id"] for v in Axe().run(page).response["violations"] if v["impact"] == "critical"
             ]
             assert not critical, critical
+            # the operator is offered the one action that helps; a viewer is not (below)
+            expect(rows.get_by_role("link", name="resume")).to_have_count(2)
         finally:
             ctx.close()
+    ctx, page, _ = dash.signed_in("viewer")
+    try:
+        rows = page.get_by_test_id("attention-row")
+        expect(rows).to_have_count(2)
+        expect(rows.first).to_contain_text("fix the cause, then resume it")
+        expect(rows.get_by_role("link", name="resume")).to_have_count(0)
+    finally:
+        ctx.close()
 
 
 # --------------------------------------------------------------------------- resume
@@ -380,8 +391,12 @@ def test_every_page_is_accessible_fits_390_and_1440_and_holds_no_secret(dash: Da
 
     axe = Axe()
     problems: list[str] = []
+    errors: list[str] = []
     for width in (390, 1440):
         ctx, page, _ = dash.signed_in("operator", width)
+        # a script or style the Content-Security-Policy blocked, or a script error, shows here
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
         try:
             for name, path in [("login", "/ui/login"), *_every_page(dash)]:
                 page.goto(dash.base + path)
@@ -399,6 +414,7 @@ def test_every_page_is_accessible_fits_390_and_1440_and_holds_no_secret(dash: Da
         finally:
             ctx.close()
     assert not problems, "\n".join(problems)
+    assert not errors, errors
     print(f"screenshots in {dash.out}")
     assert (dash.out / "overview-390.png").stat().st_size > 0
     scanned = {label.split(" ", 1)[1].removeprefix(dash.base) for label in dash.pages}
