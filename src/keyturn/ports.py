@@ -362,6 +362,14 @@ class FleetReader(Protocol):
 
 
 @runtime_checkable
+class CredentialPager(Protocol):
+    """One page of credentials without loading them all (the dashboard's credentials)."""
+
+    def page_credentials(self, *, limit: int, after: str | None = None) -> list[ManagedCredential]:
+        """By name, the first `limit` whose name sorts after `after`."""
+
+
+@runtime_checkable
 class RotationPager(Protocol):
     """One page of rotations without loading them all (the dashboard's list)."""
 

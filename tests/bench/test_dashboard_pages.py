@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 from test_metrics_scrape import _seed
 
 from keyturn.adapters.store.migrate import upgrade
+from keyturn.adapters.store.slots import SqlSlots
 from keyturn.adapters.store.sql import SqlStore
 from keyturn.domain.errors import KeyturnError
 from keyturn.domain.model import Role
@@ -40,8 +41,17 @@ class _Clock:
         return datetime.now(UTC)
 
 
-def _no_engine() -> Any:
-    raise KeyturnError("the bench runs no engine (no configuration)")
+class _Deps:
+    """What the pages read of the engine's dependencies: the slots (next rotations), no
+    policies, no configured credential (no targets or probes)."""
+
+    schedule = None
+
+    def __init__(self, store: SqlStore) -> None:
+        self.slots = SqlSlots(store)
+
+    def config(self, credential: str) -> Any:
+        raise KeyturnError(f"{credential} is not configured in the bench")
 
 
 def _no_plan(rotation_id: str) -> dict[str, Any]:
@@ -59,6 +69,7 @@ def _measure(url: str, n: int) -> dict[str, Any]:
             with store.engine.connect() as conn:
                 conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("ANALYZE")
         clock = _Clock()
+        deps = _Deps(store)
         _, token = create_token(store, clock, name="bench", role=Role.VIEWER, actor="bench")
         backend = Backend(
             store=store,
@@ -67,7 +78,7 @@ def _measure(url: str, n: int) -> dict[str, Any]:
             clock=clock,
             lease_seconds=30,
             max_attempts=8,
-            engine_deps=_no_engine,
+            engine_deps=lambda: deps,
             rollback_plan=_no_plan,
             readiness=lambda: None,
             head_revision="bench",

@@ -1,6 +1,6 @@
 """Store.page_rotations (keyturn.ports.RotationPager, the dashboard's list): keyset pages in
-list_rotations' order, the status narrowing a superset that status_key() decides, on every
-Store (memory, SQLite, PostgreSQL)."""
+list_rotations' order, the status narrowing a superset that status_key() decides; and
+Store.page_credentials (CredentialPager); on every Store (memory, SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from keyturn.domain.lifecycle import State
 from keyturn.domain.model import OperatorAction, OperatorRequest, Rotation
 from keyturn.engine.attention import STATUSES, attention, status_key
-from keyturn.ports import Change, RotationPager, Store
+from keyturn.ports import Change, CredentialPager, RotationPager, Store
 
 #: The seed fixture's clock (tests/conftest.py).
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -83,3 +83,15 @@ def test_pages_follow_list_order_and_every_filter(store: Store, seed: Any) -> No
     assert _pages(store, 3, holder="w-1") == [r.id for r in everything if r.lease_owner == "w-1"]
     one = everything[5]
     assert _pages(store, 3, credential=one.credential) == [one.id]
+
+
+def test_credential_pages_by_name(store: Store, seed: Any) -> None:
+    for name in ("c-b", "c-a", "c-d", "c-c", "c-e"):
+        seed.credential(name)
+    assert isinstance(store, CredentialPager)
+    names, after = [], None
+    while page := store.page_credentials(limit=2, after=after):
+        names += [c.name for c in page]
+        after = page[-1].name
+    assert names == [c.name for c in store.list_credentials()] == sorted(names)
+    assert [c.name for c in store.page_credentials(limit=10, after="c-c")] == ["c-d", "c-e"]

@@ -42,7 +42,7 @@ from keyturn.engine.access import authenticate, token_hash
 from keyturn.engine.attention import STATUSES, attention, status_key
 from keyturn.engine.fleet import attention_since, by_state_and_status
 from keyturn.engine.run import db
-from keyturn.ports import FleetReader, RotationPager
+from keyturn.ports import CredentialPager, FleetReader, RotationPager
 from keyturn.web import app as api
 from keyturn.web import graph
 
@@ -390,32 +390,30 @@ def credentials_page(b: api.Backend, after: str | None = None) -> dict[str, Any]
     and latest rotation, next slot, policy, targets and probes."""
     now = b.clock.now()
     book = _policies(b)
-    nexts: dict[str, datetime] = {}
-    successes: dict[str, datetime] | None = None
-    if isinstance(b.store, FleetReader):
-        facts = b.store.fleet_facts(now, counters=False)
-        nexts = {c: _from_unix(t) for c, t in facts.next_rotations.items()}
-        successes = {c: _from_unix(t) for c, t in facts.last_successes.items()}
     try:
         deps: Any = b.engine_deps()
     except KeyturnError:
         deps = None
-    every = sorted(b.store.list_credentials(), key=lambda c: c.name)
-    if after:
-        every = [c for c in every if c.name > after]
+    if isinstance(b.store, CredentialPager):  # a page (and one more, to know there is a next)
+        every = b.store.page_credentials(limit=PAGE_SIZE + 1, after=after)
+    else:
+        every = [c for c in b.store.list_credentials() if after is None or c.name > after]
+        every.sort(key=lambda c: c.name)
     shown = every[:PAGE_SIZE]
+    names = [c.name for c in shown]
+    slots = getattr(deps, "slots", None) if deps is not None else None
+    if slots is not None:
+        nexts = {c: s.due_at for c, s in slots.scheduled_slots(names).items()}
+    elif isinstance(b.store, FleetReader):
+        facts = b.store.fleet_facts(now, counters=False)
+        nexts = {c: _from_unix(t) for c, t in facts.next_rotations.items()}
+    else:
+        nexts = {}
     rows = []
     for c in shown:
         latest = b.store.latest_rotation(c.name)
-        if successes is not None:
-            last = successes.get(c.name)
-        else:
-            done = next(
-                (x for x in b.store.list_rotations(credential=c.name)
-                 if x.state is State.OLD_DEACTIVATED),
-                None,
-            )  # fmt: skip
-            last = done.finished_at if done else None
+        done = b.store.list_rotations(credential=c.name, state=State.OLD_DEACTIVATED)
+        last = done[0].finished_at if done else None
         policy = book.policy_of(c.name) if book is not None else None
         targets: list[str] = []
         probes: list[str] = []

@@ -168,6 +168,12 @@ class MemoryStore:
         with self._lock:
             return [copy.deepcopy(self._credentials[n]) for n in sorted(self._credentials)]
 
+    def page_credentials(self, *, limit: int, after: str | None = None) -> list[ManagedCredential]:
+        """:class:`keyturn.ports.CredentialPager`."""
+        with self._lock:
+            names = [n for n in sorted(self._credentials) if after is None or n > after]
+            return [copy.deepcopy(self._credentials[n]) for n in names[:limit]]
+
     # ---------------------------------------------------------------------------- rotations
 
     def create_rotation(self, rotation: Rotation, event: Event) -> Rotation:

@@ -664,6 +664,16 @@ class SqlStore:
             rows = conn.execute(select(credentials_t).order_by(credentials_t.c.name)).all()
         return [_credential_from_row(r) for r in rows]
 
+    def page_credentials(self, *, limit: int, after: str | None = None) -> list[ManagedCredential]:
+        """:class:`keyturn.ports.CredentialPager`."""
+        stmt = select(credentials_t)
+        if after is not None:
+            stmt = stmt.where(credentials_t.c.name > after)
+        stmt = stmt.order_by(credentials_t.c.name).limit(limit)
+        with self._read() as conn:
+            rows = conn.execute(stmt).all()
+        return [_credential_from_row(r) for r in rows]
+
     # ---------------------------------------------------------------------------- rotations
 
     def create_rotation(self, rotation: Rotation, event: Event) -> Rotation:
