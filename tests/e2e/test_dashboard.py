@@ -406,6 +406,7 @@ def test_every_page_is_accessible_fits_390_and_1440_and_holds_no_secret(dash: Da
                     problems.append(f"{name} at {width}px: {document}px wide in {window}px")
                 shot = dash.out / f"{name}-{width}.png"
                 page.screenshot(path=str(shot), full_page=True)
+                page.screenshot(path=str(dash.out / f"{name}-{width}-top.png"))  # what one sees
                 if width == 1440 or name == "overview":
                     results = axe.run(page)
                     for v in results.response["violations"]:
