@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from keyturn.domain.errors import KeyturnError
 from keyturn.domain.lifecycle import State
@@ -71,6 +71,8 @@ class RotationQuery:
     state: State | None = None
     credential: str | None = None
     kind: str | None = None
+    #: Leased by this worker (its owner string).
+    holder: str | None = None
     #: One of keyturn.engine.attention.STATUSES: rows that may have it.
     status: str | None = None
     #: Rows that may need attention at this time (see keyturn.engine.attention.attention).
@@ -391,10 +393,21 @@ class FleetFacts:
     workers: list[WorkerRecord]
 
 
+@runtime_checkable
 class FleetReader(Protocol):
-    def fleet_facts(self, now: datetime) -> FleetFacts:
+    def fleet_facts(self, now: datetime, *, counters: bool = True) -> FleetFacts:
         """The installation's :class:`FleetFacts`, read in a few aggregate queries (one
-        snapshot where the database gives one)."""
+        snapshot where the database gives one); with ``counters=False`` the event log is not
+        counted (``transitions`` and ``operator_actions`` are empty: the dashboard's
+        overview needs neither)."""
+
+
+@runtime_checkable
+class CredentialPager(Protocol):
+    """One page of credentials without loading them all (the dashboard's credentials)."""
+
+    def page_credentials(self, *, limit: int, after: str | None = None) -> list[ManagedCredential]:
+        """By name, the first `limit` whose name sorts after `after`."""
 
 
 class StepMetrics(Protocol):

@@ -447,6 +447,9 @@ def create_app(backend: Backend) -> FastAPI:  # noqa: C901 (one nested function 
         _mount_verb(app, b, verb, least, RotationId, rotation_or_404)
     if b.scrape is not None:
         web_metrics.mount(app, b.metrics, b.scrape, Depends(role(Role.VIEWER)))
+    from keyturn.web import pages  # the dashboard under /ui (it reuses this module's helpers)
+
+    pages.mount(app, b)
     return app
 
 

@@ -168,6 +168,12 @@ class MemoryStore:
         with self._lock:
             return [copy.deepcopy(self._credentials[n]) for n in sorted(self._credentials)]
 
+    def page_credentials(self, *, limit: int, after: str | None = None) -> list[ManagedCredential]:
+        """:class:`keyturn.ports.CredentialPager`."""
+        with self._lock:
+            names = [n for n in sorted(self._credentials) if after is None or n > after]
+            return [copy.deepcopy(self._credentials[n]) for n in names[:limit]]
+
     # ---------------------------------------------------------------------------- rotations
 
     def create_rotation(self, rotation: Rotation, event: Event) -> Rotation:
@@ -229,6 +235,7 @@ class MemoryStore:
                 if (query.state is None or r.state == State(query.state))
                 and (query.credential is None or r.credential == query.credential)
                 and (query.kind is None or r.kind == query.kind)
+                and (query.holder is None or r.lease_owner == query.holder)
                 and (query.updated_since is None or r.updated_at >= query.updated_since)
                 and (query.before is None or (r.created_at, r.id) < query.before)
             ]

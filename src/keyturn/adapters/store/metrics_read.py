@@ -35,13 +35,14 @@ if TYPE_CHECKING:
     from keyturn.adapters.store.sql import SqlStore
 
 
-def fleet_facts(store: SqlStore, now: datetime) -> FleetFacts:
+def fleet_facts(store: SqlStore, now: datetime, *, counters: bool = True) -> FleetFacts:
     with _snapshot(store) as conn:
         keys, nexts, successes = _credential_times(conn, store._postgres)
         return FleetFacts(
             rotations=_rotation_groups(conn),
-            transitions=_transitions(conn),
-            operator_actions=_operator_actions(conn),
+            # the event log's counts (the costliest reads: every event) only when asked
+            transitions=_transitions(conn) if counters else {},
+            operator_actions=_operator_actions(conn) if counters else {},
             keys_created=keys,
             next_rotations=nexts,
             last_successes=successes,

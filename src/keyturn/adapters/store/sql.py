@@ -609,6 +609,8 @@ def rotation_select(query: RotationQuery, *, postgres: bool) -> Any:
         stmt = stmt.where(r.credential == query.credential)
     if query.kind is not None:
         stmt = stmt.where(r.kind == query.kind)
+    if query.holder is not None:
+        stmt = stmt.where(r.lease_owner == query.holder)
     if query.status is not None:
         stmt = stmt.where(status_condition(query.status))
     if query.attention_at is not None:
@@ -778,6 +780,16 @@ class SqlStore:
     def list_credentials(self) -> list[ManagedCredential]:
         with self._read() as conn:
             rows = conn.execute(select(credentials_t).order_by(credentials_t.c.name)).all()
+        return [_credential_from_row(r) for r in rows]
+
+    def page_credentials(self, *, limit: int, after: str | None = None) -> list[ManagedCredential]:
+        """:class:`keyturn.ports.CredentialPager`."""
+        stmt = select(credentials_t)
+        if after is not None:
+            stmt = stmt.where(credentials_t.c.name > after)
+        stmt = stmt.order_by(credentials_t.c.name).limit(limit)
+        with self._read() as conn:
+            rows = conn.execute(stmt).all()
         return [_credential_from_row(r) for r in rows]
 
     # ---------------------------------------------------------------------------- rotations
@@ -1260,11 +1272,11 @@ class SqlStore:
         with self._tx() as conn:
             return int(conn.execute(stmt).rowcount or 0)
 
-    def fleet_facts(self, now: datetime) -> FleetFacts:
+    def fleet_facts(self, now: datetime, *, counters: bool = True) -> FleetFacts:
         """:class:`keyturn.ports.FleetReader` (what /metrics reports), in metrics_read."""
         from keyturn.adapters.store.metrics_read import fleet_facts
 
-        return fleet_facts(self, now)
+        return fleet_facts(self, now, counters=counters)
 
     def leases_held(self, now: datetime) -> dict[str, int]:
         r = rotations_t.c
