@@ -595,3 +595,43 @@ def test_a_verb_is_a_compare_and_set_on_the_revision_it_was_given(env: Env) -> N
             revisions=[revision(env.store.get_rotation(rid))],
         )  # fmt: skip
     assert env.store.get_rotation(rid).request is None  # nothing written
+
+
+def test_a_kept_session_is_reopened_when_the_signer_key_changed(env: Env) -> None:
+    """A worker's run keeps a kind's provider session for its later steps; a step whose signer
+    was rotated during the run (another key_ref) gets a new session, opened with the new key,
+    and the old one is closed: it never signs with the key the signer left."""
+    env.rotate()
+    rotation = env.store.claim(
+        owner="w",
+        now=datetime.now(UTC),
+        lease_until=datetime.now(UTC) + timedelta(seconds=30),
+        limit=1,
+    )[0]
+    opened: list[Any] = []
+    closed: list[Any] = []
+
+    class Session:
+        async def aclose(self) -> None:
+            closed.append(self)
+
+    class Kind:
+        name = "fake-kind"
+
+        async def open_session(self, services: Any, rotation: Any, fence: Any) -> Session:
+            opened.append(Session())
+            return opened[-1]
+
+    async def go() -> None:
+        run = RotationRun(env.deps, rotation, "w", keep_sessions=True)
+        kind: Any = Kind()
+        first = await run.open_session(kind, "key-1")
+        await run.done_with_session(kind, first)
+        assert await run.open_session(kind, "key-1") is first and not closed  # kept
+        second = await run.open_session(kind, "key-2")  # the signer moved on
+        assert second is not first and closed == [first]
+        await run.done_with_session(kind, second)
+        await run.close_sessions()
+        assert closed == [first, second]
+
+    asyncio.run(go())

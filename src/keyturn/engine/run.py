@@ -205,7 +205,7 @@ class RotationRun:
         #: steps follow one another at once), closed by :meth:`close_sessions`; otherwise a
         #: session lasts one step.
         self.keep_sessions = keep_sessions
-        self._sessions: dict[str, Any] = {}
+        self._sessions: dict[str, tuple[Any, str | None]] = {}
 
     @property
     def rotation(self) -> Rotation:
@@ -247,28 +247,40 @@ class RotationRun:
 
     # ------------------------------------------------------------------ provider sessions
 
-    async def open_session(self, kind: KindPlugin) -> Any:
+    async def open_session(self, kind: KindPlugin, signer_key: str | None = None) -> Any:
         """The provider session of `kind` for a step: the run's own when it keeps sessions (one
-        per run: the store reads behind it, its client and its connections, made once)."""
-        session = self._sessions.get(kind.name)
-        if session is None:
-            session = await kind.open_session(self.deps.services, self.rotation, self.fence)
-            if self.keep_sessions:
-                self._sessions[kind.name] = session
+        per run: the store reads behind it, its client and its connections, made once).
+        `signer_key` is the key the step signs with (the signing credential's key_ref, read at
+        the step's start): a kept session opened for another key is closed and a new one opened,
+        so a step never signs with a key its signer was rotated away from during the run."""
+        kept = self._sessions.get(kind.name)
+        if kept is not None:
+            session, opened_for = kept
+            if opened_for == signer_key:
+                return session
+            del self._sessions[kind.name]
+            await self._close_quietly(session)
+        session = await kind.open_session(self.deps.services, self.rotation, self.fence)
+        if self.keep_sessions:
+            self._sessions[kind.name] = (session, signer_key)
         return session
 
     async def done_with_session(self, kind: KindPlugin, session: Any) -> None:
         """A step is done with `session`: closed now unless the run keeps it."""
-        if self._sessions.get(kind.name) is not session:
+        kept = self._sessions.get(kind.name)
+        if kept is None or kept[0] is not session:
             await _close(session)
 
     async def close_sessions(self) -> None:
-        sessions, self._sessions = list(self._sessions.values()), {}
+        sessions, self._sessions = [s for s, _ in self._sessions.values()], {}
         for session in sessions:
-            try:
-                await _close(session)
-            except Exception:  # closing never decides a rotation's fate
-                self.log.warning("could not close a provider session", exc_info=True)
+            await self._close_quietly(session)
+
+    async def _close_quietly(self, session: Any) -> None:
+        try:
+            await _close(session)
+        except Exception:  # closing never decides a rotation's fate
+            self.log.warning("could not close a provider session", exc_info=True)
 
     # ------------------------------------------------------------------ reads
 

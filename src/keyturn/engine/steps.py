@@ -205,7 +205,7 @@ async def run_step(run: RotationRun, trigger: Trigger) -> None:
     config = deps.config(run.rotation.credential)
     signer = kind.signer(config)
     signer_ref = await _key_ref(run, signer) if signer else None
-    session = await run.open_session(kind)
+    session = await run.open_session(kind, signer_ref)
     try:
         ctx: StepContext[Any, Any] = StepContext(run, kind, session, config)
         for item in step.expand([t.name for t in ctx.targets]):
