@@ -200,6 +200,11 @@ def _start_serve(kt: Kt, log: Path) -> tuple[subprocess.Popen[str], str]:
     return proc, base
 
 
+# The tests that share the module's service run on one xdist worker, in file order: the service
+# is started once, and the secret scan (last) sees every body the others received.
+SHARED = pytest.mark.xdist_group("serve-api")
+
+
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     base_dir = tmp_path_factory.mktemp("serve")
@@ -259,6 +264,7 @@ def _endpoints(api: Api) -> list[tuple[str, str, str]]:
     ]
 
 
+@SHARED
 def test_authorization_matrix(api: Api) -> None:
     order = {"viewer": 0, "operator": 1, "admin": 2}
     spec = api.call("GET", "/openapi.json", who=None).json()
@@ -294,6 +300,7 @@ def test_authorization_matrix(api: Api) -> None:
 # ---------------------------------------------------------------------------- If-Match
 
 
+@SHARED
 def test_if_match_stale_is_412_and_lease_renewals_keep_the_revision(api: Api) -> None:
     rid = api.ids["running"]
     before = api.revision(rid)
@@ -335,6 +342,7 @@ def test_if_match_stale_is_412_and_lease_renewals_keep_the_revision(api: Api) ->
 # ---------------------------------------------------------------------- Idempotency-Key
 
 
+@SHARED
 def test_idempotent_replay_and_key_reuse(api: Api) -> None:
     rid = api.ids["halted-2"]
     rev = api.revision(rid)
@@ -358,6 +366,7 @@ def test_idempotent_replay_and_key_reuse(api: Api) -> None:
 # --------------------------------------------------------------------------- retry-now
 
 
+@SHARED
 def test_retry_now_skips_the_backoff_and_says_why_when_refused(api: Api) -> None:
     rid = api.ids["retrying"]
     detail = api.call("GET", f"/v1/rotations/{rid}").json()
@@ -386,6 +395,7 @@ def test_retry_now_skips_the_backoff_and_says_why_when_refused(api: Api) -> None
 # --------------------------------------------------------------------------- listing
 
 
+@SHARED
 def test_list_filters_and_cursor_paging(api: Api) -> None:
     everything = api.call("GET", "/v1/rotations", params={"limit": 200}).json()["items"]
     pages, cursor = [], None
@@ -431,6 +441,7 @@ def _times(doc: Any) -> Any:
     return doc
 
 
+@SHARED
 def test_credentials_and_plan_say_what_the_cli_says(api: Api) -> None:
     listed = _times(api.call("GET", "/v1/credentials").json())
     cli = {
@@ -474,6 +485,7 @@ def test_credentials_and_plan_say_what_the_cli_says(api: Api) -> None:
     assert bad.status_code == 400 and bad.json()["detail"].startswith("until 'soon' is not a date")
 
 
+@SHARED
 def test_approve_deny_and_release_lease_refusals(api: Api) -> None:
     rid = api.ids["awaiting-approval"]
     ok = api.verb(rid, "approve", reason="change ticket 42", **{"If-Match": api.revision(rid)})
@@ -504,6 +516,7 @@ def test_approve_deny_and_release_lease_refusals(api: Api) -> None:
 # -------------------------------------------------------------------------- Schemathesis
 
 
+@SHARED
 def test_schemathesis_every_operation_gets_a_2xx_and_matches_its_schema(api: Api) -> None:
     import schemathesis
     from hypothesis import HealthCheck, given, settings
@@ -579,6 +592,7 @@ def test_schemathesis_every_operation_gets_a_2xx_and_matches_its_schema(api: Api
 # -------------------------------------------------------------------------- secret scan
 
 
+@SHARED
 def test_no_response_contains_key_material_or_a_token(api: Api) -> None:
     # last in the module: scans every body the tests above received, and a fresh read of all
     reads = ("/v1/rotations?limit=200", "/v1/credentials", f"/v1/credentials/{SA}",
@@ -597,7 +611,9 @@ def test_no_response_contains_key_material_or_a_token(api: Api) -> None:
     }
     found = [f for body in api.bodies for f in scan_bytes(body, secrets)]
     assert not found, "\n".join(str(f) for f in found[:5])
-    assert len(api.bodies) > 100
+    # the bodies of the module's other tests (the schemathesis run alone gives hundreds): run
+    # this test with them, as the xdist group does
+    assert len(api.bodies) > 100, f"only {len(api.bodies)} bodies: run the whole module"
 
 
 # ----------------------------------------------------------------- serve --worker, ports
