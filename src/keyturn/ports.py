@@ -468,6 +468,9 @@ class ProviderCredential:
     public_key: str
     name: str
     kind: str = "Key"
+    #: A passkey's (Fido2) relying party and the origin it was registered from.
+    relying_party_id: str | None = None
+    origin: str | None = None
 
 
 class KeyProvider(Protocol):
@@ -755,5 +758,17 @@ class Sink(Protocol):
 
     def redact(self, text: str) -> str:
         """`text` with every secret of the sink replaced by ``[redacted]``."""
+
+    async def aclose(self) -> None: ...
+
+
+class PasskeyProvider(Protocol):
+    """End users' passkeys at the provider, as a service account that logs users in by
+    delegation (reads only: every write for a user is signed by the user's passkey, relayed
+    from the user's browser). Errors are ProviderError; nothing here returns or logs a
+    delegated token."""
+
+    async def user_credentials(self, username: str) -> list[ProviderCredential]:
+        """Every credential (passkeys and keys) of the end user `username`."""
 
     async def aclose(self) -> None: ...
