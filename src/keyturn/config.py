@@ -26,6 +26,7 @@ from keyturn.domain import schedule as sched
 from keyturn.domain.errors import ConfigError, KeyturnError
 from keyturn.engine.registry import Registry, discovered
 from keyturn.engine.spi import (
+    MEMBER_SEP,
     CredentialConfig,
     KindPlugin,
     PluginModel,
@@ -372,7 +373,20 @@ class Config(_Model):
         """The credentials whose policy starts rotations (every, cron or max_age)."""
         return {c: p for c, p in self._policies.items() if p.scheduled}
 
+    def configured(self, name: str) -> CredentialConfig | None:
+        """The configuration of the managed credential `name`: its own entry, or for a member
+        ``ENTRY:MEMBER`` the entry's when that entry has members."""
+        found = self.credentials.get(name)
+        if found is None and MEMBER_SEP in name:
+            entry = self.credentials.get(name.split(MEMBER_SEP, 1)[0])
+            if entry is not None and entry.has_members:
+                return entry
+        return found
+
     def credential(self, name: str) -> CredentialConfig:
+        found = self.configured(name)
+        if found is not None:
+            return found
         try:
             return self.credentials[name]
         except KeyError:

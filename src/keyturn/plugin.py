@@ -28,6 +28,7 @@ from keyturn.domain.lifecycle import State, Trigger
 from keyturn.domain.model import ActionRecord, ActionStatus, ManagedCredential, Phase, Rotation
 from keyturn.engine.spi import (
     KIND_GROUP,
+    MEMBER_SEP,
     PROBE_GROUP,
     TARGET_GROUP,
     Action,
@@ -61,6 +62,7 @@ from keyturn.ports import (
     DeployedMaterial,
     Fence,
     KeyProvider,
+    PasskeyProvider,
     ProviderCredential,
     SigningKey,
     WebhookInfo,
@@ -72,6 +74,7 @@ R = Phase.ROLLBACK
 
 __all__ = [
     "KIND_GROUP",
+    "MEMBER_SEP",
     "PROBE_GROUP",
     "TARGET_GROUP",
     "Action",
@@ -96,6 +99,7 @@ __all__ = [
     "KindPlugin",
     "ManagedCredential",
     "Outcome",
+    "PasskeyProvider",
     "Phase",
     "PluginModel",
     "ProbeConfig",
@@ -121,6 +125,7 @@ __all__ = [
     "WebhookInfo",
     "WebhookProvider",
     "dfns_key_session",
+    "dfns_passkey_session",
     "dfns_webhook_session",
 ]
 
@@ -151,6 +156,28 @@ def dfns_webhook_session(access: ProviderAccess) -> WebhookProvider:
             "credential's current key; open it with provider_session(..., with_key=True)"
         )
     return webhook_provider_for(
+        access.base_url,
+        access.token,
+        access.key.credential_id,
+        access.key.private_key_pem,
+        timeout=access.timeout_seconds,
+        fence=access.fence,
+        budget=access.budget,
+        observe=access.observe,
+    )
+
+
+def dfns_passkey_session(access: ProviderAccess) -> PasskeyProvider:
+    """A Dfns session that logs end users in by delegation (signed with `access`'s current key:
+    ask for the access with ``with_key=True``) and reads their credentials."""
+    from keyturn.adapters.dfns.user_reads import user_reads_for
+
+    if access.key is None:
+        raise KeyturnError(
+            f"credential {access.credential}: delegated login is signed with the credential's "
+            "current key; open it with provider_session(..., with_key=True)"
+        )
+    return user_reads_for(
         access.base_url,
         access.token,
         access.key.credential_id,

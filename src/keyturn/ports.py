@@ -176,6 +176,15 @@ class Store(Protocol):
         """Add an event to a rotation's timeline WITHOUT touching the rotation (an audit
         record: an operator action that was refused); NotFound for an unknown rotation."""
 
+    def add_evidence(self, event: Event) -> bool:
+        """Record evidence given outside a worker (a person's page, a holder): `event` has
+        kind "evidence" and `trigger` the evidence name. Written once per rotation and name
+        (False when that name was already there; the first detail stays), and an unfinished
+        rotation that is not leased is made due now, so a worker looks at it at once."""
+
+    def evidence(self, rotation_id: str) -> dict[str, Event]:
+        """The evidence recorded on a rotation by name (the first of each)."""
+
     # workers (liveness: what a heartbeat says; nothing is ever blocked by a worker's row)
     def register_worker(self, worker: WorkerRecord) -> None:
         """Insert the row of `worker.owner`, or replace it (a re-registration)."""

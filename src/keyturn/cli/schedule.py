@@ -73,7 +73,7 @@ def calls_of(w: Wiring, managed: ManagedCredential) -> list[PlannedAction]:
     """The planner's actions of a new rotation of `managed`, from pending to the end."""
     registry = discovered()
     kind = registry.kind(managed.kind)
-    cfg = w.config.credentials.get(managed.name)
+    cfg = w.config.configured(managed.name)
     options = kind.options(cfg) if cfg is not None else {}
     now = w.clock.now()
     rotation = Rotation(

@@ -71,7 +71,7 @@ def backend(w: Wiring, deps: EngineDeps | None = None) -> Backend:  # noqa: C901
         return rows(w, creds)
 
     def configured(name: str) -> dict[str, list[dict[str, str]]]:
-        cfg = w.config.credentials.get(name)
+        cfg = w.config.configured(name)
         if cfg is None:
             return {"targets": [], "probes": []}
         deps = engine_deps()

@@ -150,7 +150,7 @@ class Wiring:
         return vault
 
     def token_for(self, name: str) -> str:
-        cfg = self.config.credentials.get(name)
+        cfg = self.config.configured(name)
         if cfg is not None and cfg.token_env:
             value = os.environ.get(cfg.token_env, "").strip()
             if not value:
@@ -176,7 +176,7 @@ class Wiring:
         return self.vault.open(self.store.get_secret(credential.token_ref)).decode()
 
     def credential_config(self, name: str) -> CredentialConfig:
-        cfg = self.config.credentials.get(name)
+        cfg = self.config.configured(name)
         if cfg is None:
             raise KeyturnError(
                 f"credential {name} has no [credentials.{name}] section in the configuration"
@@ -277,7 +277,7 @@ class Wiring:
 
         registry = discovered()
         managed = self.store.get_credential(name)
-        cfg = self.config.credentials.get(name)
+        cfg = self.config.configured(name)
         options = registry.kind(managed.kind).options(cfg) if cfg is not None else {}
         return start_rotation(
             self.store,

@@ -55,8 +55,17 @@ class ProbeConfig(PluginModel):
     name: str | None = None
 
 
+#: Between a ``[credentials.NAME]`` entry that stands for many members and a member's name:
+#: the managed credential ``NAME:MEMBER`` follows the entry's configuration.
+MEMBER_SEP = ":"
+
+
 class CredentialConfig(PluginModel):
     """The keys every ``[credentials.NAME]`` table has; a kind's model extends it."""
+
+    #: The entry stands for many managed credentials, ``NAME:MEMBER`` (one per person, say),
+    #: added at run time rather than configured one by one.
+    has_members: ClassVar[bool] = False
 
     kind: str
     provider: str

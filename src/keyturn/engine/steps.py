@@ -171,6 +171,12 @@ class StepContext(Generic[D, S]):
     async def record(self, phase: Phase, name: str) -> ActionRecord | None:
         return await self._run.actions.get(phase, name)
 
+    async def evidence(self) -> dict[str, Detail]:
+        """The evidence recorded on this rotation from outside a worker (a person's page, a
+        holder), by name: its detail, with the time it was recorded under "at" (ISO)."""
+        found = await db(self._run.deps.store.evidence, self.rotation.id)
+        return {name: {**e.detail, "at": e.at.isoformat()} for name, e in found.items()}
+
     async def check_boundary(self) -> None:
         """Inside a long action: notice an operator request or a stop."""
         await self.save()

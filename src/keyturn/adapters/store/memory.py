@@ -390,6 +390,34 @@ class MemoryStore:
             self._rotation(event.rotation_id)
             self._append_event(event)
 
+    def add_evidence(self, event: Event) -> bool:
+        with self._tx():
+            rotation = self._rotation(event.rotation_id)
+            if event.trigger in self._evidence_of(event.rotation_id):
+                return False
+            self._append_event(replace(event, kind="evidence"))
+            at = _utc1(event.at)
+            due = rotation.next_attempt_at
+            if (
+                rotation.finished_at is None
+                and rotation.lease_owner is None
+                and (due is None or due > at)
+            ):
+                self._rotations[rotation.id] = replace(rotation, next_attempt_at=at)
+            return True
+
+    def evidence(self, rotation_id: str) -> dict[str, Event]:
+        with self._lock:
+            self._rotation(rotation_id)
+            return self._evidence_of(rotation_id)
+
+    def _evidence_of(self, rotation_id: str) -> dict[str, Event]:
+        found: dict[str, Event] = {}
+        for e in self._events:
+            if e.rotation_id == rotation_id and e.kind == "evidence" and e.trigger:
+                found.setdefault(e.trigger, e)
+        return found
+
     # ------------------------------------------------------------------------------ workers
 
     def register_worker(self, worker: WorkerRecord) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -1131,6 +1132,52 @@ class SqlStore:
         with self._tx() as conn:
             self._require_rotation(conn, event.rotation_id)
             conn.execute(insert(events_t).values(**_event_values(event)))
+
+    def add_evidence(self, event: Event) -> bool:
+        event = replace(event, kind="evidence")
+        e, r = events_t.c, rotations_t.c
+        with self._tx() as conn:
+            self._require_rotation(conn, event.rotation_id)
+            there = conn.execute(
+                select(e.id)
+                .where(
+                    e.rotation_id == event.rotation_id,
+                    e.kind == "evidence",
+                    e.trigger == event.trigger,
+                )
+                .limit(1)
+            ).first()
+            if there is not None:
+                return False
+            conn.execute(insert(events_t).values(**_event_values(event)))
+            conn.execute(
+                update(rotations_t)
+                .where(
+                    r.id == event.rotation_id,
+                    r.finished_at.is_(None),
+                    r.lease_owner.is_(None),
+                    or_(r.next_attempt_at.is_(None), r.next_attempt_at > event.at),
+                )
+                .values(next_attempt_at=event.at)
+            )
+        return True
+
+    def evidence(self, rotation_id: str) -> dict[str, Event]:
+        e = events_t.c
+        with self._read() as conn:
+            rows = conn.execute(
+                select(events_t)
+                .where(e.rotation_id == rotation_id, e.kind == "evidence")
+                .order_by(e.id.asc())
+            ).all()
+            if not rows:
+                self._require_rotation(conn, rotation_id)
+        found: dict[str, Event] = {}
+        for row in rows:
+            ev = _event_from_row(row)
+            if ev.trigger:
+                found.setdefault(ev.trigger, ev)
+        return found
 
     # ---------------------------------------------------------------- API tokens, idempotency
 

@@ -34,6 +34,8 @@ PROVEN = "proven"
 OLD_DEACTIVATED = "old_deactivated"
 ROLLED_BACK = "rolled_back"
 SNOOZED = "snoozed"
+#: Recorded by `keyturn passkeys cutover` on every rotation of a domain-move campaign.
+CUTOVER = "cutover"
 
 Task = Literal["enrol", "deactivate", "rollback"]
 
