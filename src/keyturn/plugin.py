@@ -43,6 +43,7 @@ from keyturn.engine.spi import (
     KeyTarget,
     Kind,
     KindPlugin,
+    Operations,
     Outcome,
     PluginModel,
     ProbeConfig,
@@ -98,6 +99,7 @@ __all__ = [
     "Kind",
     "KindPlugin",
     "ManagedCredential",
+    "Operations",
     "Outcome",
     "PasskeyProvider",
     "Phase",
@@ -127,6 +129,7 @@ __all__ = [
     "dfns_key_session",
     "dfns_passkey_session",
     "dfns_webhook_session",
+    "operations",
 ]
 
 
@@ -187,3 +190,11 @@ def dfns_passkey_session(access: ProviderAccess) -> PasskeyProvider:
         budget=access.budget,
         observe=access.observe,
     )
+
+
+def operations() -> Operations:
+    """keyturn's operations for a plugin's command (``keyturn.commands`` entry points): the
+    configuration, store and provider access of the command being run (``--config``)."""
+    from keyturn.cli import state
+
+    return state.wiring()

@@ -780,4 +780,9 @@ class PasskeyProvider(Protocol):
     async def user_credentials(self, username: str) -> list[ProviderCredential]:
         """Every credential (passkeys and keys) of the end user `username`."""
 
+    async def rp_for(self, username: str, origin: str) -> str | None:
+        """The rpId the provider gives passkeys registered by `username` from `origin` (a
+        registration challenge, nothing registered); ProviderError when the provider does not
+        allow that origin."""
+
     async def aclose(self) -> None: ...

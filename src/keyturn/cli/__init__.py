@@ -1211,11 +1211,51 @@ def _mount_serve() -> None:
     )
 
 
+def _mount_plugin_commands() -> None:
+    """Commands plugins add (entry points of the ``keyturn.commands`` group: a Typer app each,
+    mounted under the entry point's name). A plugin's command reaches keyturn through
+    ``keyturn.plugin.operations()``."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="keyturn.commands"):
+        try:
+            sub = ep.load()
+        except Exception as exc:  # a broken plugin must not break every command
+            sys.stderr.write(f"keyturn: warning: plugin commands {ep.name} not loaded ({exc})\n")
+            continue
+        if isinstance(sub, typer.Typer):
+            app.add_typer(sub, name=ep.name)
+
+
+def _reflowed(doc: str) -> str:
+    """A docstring as help: each paragraph's lines joined (the terminal wraps them), lists and
+    indented blocks kept as they are."""
+    import inspect
+
+    out = []
+    for para in inspect.cleandoc(doc).split("\n\n"):
+        lines = para.splitlines()
+        kept = any(ln.startswith((" ", "-", "*")) for ln in lines)
+        out.append(para if kept else " ".join(ln.strip() for ln in lines))
+    return "\n\n".join(out)
+
+
+def _reflow_help(t: typer.Typer) -> None:
+    for c in t.registered_commands:
+        if c.help is None and c.callback is not None and c.callback.__doc__:
+            c.help = _reflowed(c.callback.__doc__)
+    for g in t.registered_groups:
+        if g.typer_instance is not None:
+            _reflow_help(g.typer_instance)
+
+
 _mount_quickstart()
+_mount_plugin_commands()
 _mount_sandbox()
 _mount_receiver()
 _mount_serve()
 mount_workers(app, out)
+_reflow_help(app)
 
 
 #: Exit status of a failure keyturn did not foresee (a bug): sysexits' EX_SOFTWARE.

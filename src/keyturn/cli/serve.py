@@ -163,8 +163,44 @@ def _cannot_start(problem: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def user_pages(w: Wiring) -> Any | None:
+    """The pages of every kind that has pages for people (each under /<kind>), or None."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from keyturn.engine.registry import discovered
+
+    mounts = []
+    for name, kind in sorted(discovered().kinds.items()):
+        pages = kind.user_app(w)
+        if pages is not None:
+            mounts.append(Mount(f"/{name}", app=pages))
+    return Starlette(routes=mounts) if mounts else None
+
+
+def _user_server(w: Wiring, host: str, port: int) -> tuple[Any, socket.socket]:
+    import uvicorn
+
+    pages = user_pages(w)
+    if pages is None:
+        _cannot_start("--user-port: no installed kind has pages for users")
+    try:
+        sock = _listen(host, port)
+    except KeyturnError as exc:
+        _cannot_start(str(exc).replace("--port", "--user-port"))
+    config = uvicorn.Config(pages, log_config=None, access_log=False, lifespan="off")
+    return uvicorn.Server(config), sock
+
+
 def serve(
-    w: Wiring, out: Console, *, host: str, port: int, worker: bool, concurrency: int | None
+    w: Wiring,
+    out: Console,
+    *,
+    host: str,
+    port: int,
+    worker: bool,
+    concurrency: int | None,
+    user_port: int | None = None,
 ) -> None:
     import asyncio
     import signal
@@ -194,6 +230,7 @@ def serve(
     bound = sock.getsockname()[1]
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
     server = uvicorn.Server(config)
+    users, user_sock = _user_server(w, host, user_port) if user_port is not None else (None, None)
 
     from keyturn.engine.worker import default_owner
 
@@ -213,6 +250,15 @@ def serve(
         if task is not None:
             # a worker that dies takes the service down with it (so a supervisor restarts both)
             task.add_done_callback(lambda _: setattr(server, "should_exit", True))
+        user_task = None
+        if users is not None and user_sock is not None:
+            user_task = asyncio.create_task(users.serve(sockets=[user_sock]))
+            user_task.add_done_callback(lambda _: setattr(server, "should_exit", True))
+            out.print(
+                f"keyturn serve: user pages on http://{host}:{user_sock.getsockname()[1]}",
+                markup=False,
+                highlight=False,
+            )
         out.print(
             f"keyturn serve: listening on http://{host}:{bound}"
             + (f" with a worker ({runner.owner})" if runner is not None else ""),
@@ -223,6 +269,9 @@ def serve(
         try:
             await server.serve(sockets=[sock])
         finally:
+            if users is not None and user_task is not None:
+                users.should_exit = True
+                await user_task
             if runner is not None and task is not None:
                 runner.stop()
                 await task
@@ -247,11 +296,27 @@ def mount(app: typer.Typer, out: Console) -> None:
         concurrency: Annotated[
             int | None, typer.Option("--concurrency", help="The worker's rotations in flight.")
         ] = None,
+        user_port: Annotated[
+            int | None,
+            typer.Option(
+                "--user-port",
+                help="Also serve the pages for users (links a rotation sends them) on this "
+                "port: their own origin, no operator routes (0: any free one).",
+            ),
+        ] = None,
     ) -> None:
         """The HTTP API (OpenAPI at /openapi.json; /healthz, /readyz); SIGTERM stops it."""
         from keyturn.cli import state
 
-        serve(state.wiring(), out, host=host, port=port, worker=worker, concurrency=concurrency)
+        serve(
+            state.wiring(),
+            out,
+            host=host,
+            port=port,
+            worker=worker,
+            concurrency=concurrency,
+            user_port=user_port,
+        )
 
 
 # ------------------------------------------------------------------------------------ tokens

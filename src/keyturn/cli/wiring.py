@@ -10,7 +10,7 @@ import getpass
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from keyturn.adapters.store.sql import SqlStore
     from keyturn.adapters.vault import AesGcmVault
     from keyturn.config import Config
-    from keyturn.domain.model import Rotation
+    from keyturn.domain.model import ManagedCredential, Rotation
     from keyturn.engine.notify import Deliverer
     from keyturn.engine.run import BlockingPool, CrashHook, EngineDeps
     from keyturn.engine.schedtime import ScheduleBook, ScheduleTime
@@ -241,6 +241,108 @@ class Wiring:
 
     def algorithm_of(self, private_pem: bytes) -> str:
         return self.keys.algorithm_of(private_pem)
+
+    def now(self) -> datetime:
+        return self.schedule_time.now()
+
+    async def rotation(self, rotation_id: str) -> Rotation:
+        import asyncio
+
+        return await asyncio.to_thread(self.store.get_rotation, rotation_id)
+
+    async def evidence(self, rotation_id: str) -> dict[str, Any]:
+        import asyncio
+
+        found = await asyncio.to_thread(self.store.evidence, rotation_id)
+        return {name: {**e.detail, "at": e.at.isoformat()} for name, e in found.items()}
+
+    async def add_evidence(
+        self, rotation_id: str, name: str, detail: Mapping[str, Any], *, actor: str
+    ) -> bool:
+        import asyncio
+
+        from keyturn.domain.model import Event
+
+        event = Event(
+            rotation_id=rotation_id,
+            at=self.clock.now(),
+            kind="evidence",
+            actor=actor,
+            trigger=name,
+            detail=dict(detail),
+        )
+        return await asyncio.to_thread(self.store.add_evidence, event)
+
+    async def open_secret(self, ref: str) -> bytes:
+        import asyncio
+
+        def open_it() -> bytes:
+            return self.vault.open(self.store.get_secret(ref))
+
+        return await asyncio.to_thread(open_it)
+
+    # ------------------------------------------------------- what plugins' commands may do
+
+    def add_member(
+        self, entry: str, member: str, *, credential_id: str, credential_uuid: str, algorithm: str
+    ) -> ManagedCredential:
+        from keyturn.domain.errors import NotFound
+        from keyturn.domain.model import ManagedCredential
+        from keyturn.engine.spi import MEMBER_SEP
+
+        cfg = self.config.credential(entry)
+        if not cfg.has_members:
+            raise KeyturnError(f"[credentials.{entry}] ({cfg.kind}) has no members")
+        name = f"{entry}{MEMBER_SEP}{member}"
+        try:
+            return self.store.get_credential(name)
+        except NotFound:
+            pass
+        now = self.clock.now()
+        managed = ManagedCredential(
+            name=name,
+            kind=cfg.kind,
+            provider=cfg.provider,
+            credential_id=credential_id,
+            credential_uuid=credential_uuid,
+            key_ref=None,
+            algorithm=algorithm,
+            created_at=now,
+            updated_at=now,
+        )
+        self.store.add_credential(managed, [])
+        return managed
+
+    def start(
+        self, credential: str, *, reason: str, actor: str, options: Mapping[str, Any]
+    ) -> Rotation:
+        from keyturn.engine.operator import start_rotation
+
+        return start_rotation(
+            self.store,
+            discovered(),
+            self.clock,
+            credential=credential,
+            reason=reason,
+            actor=actor,
+            options=options,
+        )
+
+    def print(self, text: str) -> None:
+        print(text)
+
+    def members(self, entry: str) -> list[str]:
+        from keyturn.engine.spi import MEMBER_SEP
+
+        prefix = f"{entry}{MEMBER_SEP}"
+        names = (c.name for c in self.store.list_credentials())
+        return sorted(n[len(prefix) :] for n in names if n.startswith(prefix))
+
+    def rotations_of(self, kind: str) -> list[Rotation]:
+        return [r for r in self.store.list_rotations() if r.kind == kind]
+
+    def actor(self) -> str:
+        return actor()
 
     def budget(self, provider: str) -> RequestBudget | None:
         """The provider's request budget (`requests_per_minute`): one for the whole

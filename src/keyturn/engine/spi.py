@@ -395,6 +395,52 @@ class Services(Protocol):
     def algorithm_of(self, private_pem: bytes) -> str:
         """The algorithm of a private key (KeyturnError if it is not one)."""
 
+    def now(self) -> datetime:
+        """The time on the schedule's clock (which a test may run faster)."""
+
+    async def rotation(self, rotation_id: str) -> Rotation:
+        """A rotation as stored now (NotFound for an unknown id)."""
+
+    async def evidence(self, rotation_id: str) -> dict[str, Detail]:
+        """The evidence recorded on a rotation by name (its detail, the time under "at")."""
+
+    async def add_evidence(
+        self, rotation_id: str, name: str, detail: Mapping[str, Any], *, actor: str
+    ) -> bool:
+        """Record evidence given outside a worker (a person's page, an operator's command) on
+        the rotation's timeline, once per name (False when it was there already), and make
+        the rotation due now so a worker looks at it at once."""
+
+    async def open_secret(self, ref: str) -> bytes:
+        """Open a sealed secret by its id (KeyturnError when it is purged or unknown)."""
+
+
+class Operations(Services, Protocol):
+    """What a plugin's own commands (``keyturn.commands`` entry points) may do, besides what
+    its steps may: add managed credentials (members of an entry) and start rotations."""
+
+    def add_member(
+        self, entry: str, member: str, *, credential_id: str, credential_uuid: str, algorithm: str
+    ) -> ManagedCredential:
+        """The managed credential ``ENTRY:MEMBER`` (added, or the one there already)."""
+
+    def start(
+        self, credential: str, *, reason: str, actor: str, options: Mapping[str, Any]
+    ) -> Rotation:
+        """A pending rotation of the managed credential (KeyturnError when one is unfinished)."""
+
+    def rotations_of(self, kind: str) -> list[Rotation]:
+        """Every rotation of the kind, newest first."""
+
+    def members(self, entry: str) -> list[str]:
+        """The members of an entry keyturn manages (sorted)."""
+
+    def actor(self) -> str:
+        """Who runs this command (for the audit trail)."""
+
+    def print(self, text: str) -> None:
+        """Say one thing on standard output (plain text)."""
+
 
 class Session(Protocol):
     async def aclose(self) -> None: ...
@@ -520,6 +566,11 @@ class KindPlugin(Protocol):
     def irreversible_words(self) -> str:
         """What to add when rollback is refused after an irreversible action ('' for nothing)."""
 
+    def user_app(self, services: Services) -> Any | None:
+        """Pages for the people a rotation of this kind waits on (an ASGI app), served by
+        ``keyturn serve --user-port`` under ``/<kind name>``, on its own origin and never next
+        to the operator routes; None: the kind has none."""
+
     async def open_session(self, services: Services, rotation: Rotation, fence: Fence) -> Any:
         """The provider session a step's actions use (closed by the engine afterwards)."""
 
@@ -577,6 +628,9 @@ class Kind:
 
     def irreversible_words(self) -> str:
         return ""
+
+    def user_app(self, services: Services) -> Any | None:
+        return None
 
     async def reconcile(self, services: Services, item: ReconcileInput) -> list[Finding]:
         return []

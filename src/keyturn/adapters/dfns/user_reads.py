@@ -53,6 +53,11 @@ class DfnsUserReads(PasskeyProvider):
         token = await self.delegated(username)
         return [provider_credential(c) for c in await self.client.list_user_credentials(token)]
 
+    async def rp_for(self, username: str, origin: str) -> str | None:
+        token = await self.delegated(username)
+        challenge = await self.client.as_user(token).fido2_challenge(origin=origin)
+        return challenge.rp_id
+
     async def aclose(self) -> None:
         self._tokens.clear()
         await self.client.aclose()
