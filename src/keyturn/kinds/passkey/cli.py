@@ -205,10 +205,18 @@ def campaign_command(
     names = _users(users, everyone, ops, entry)
     new_origin, new_rp_id = _check_move(new_origin, new_rp_id)
     origins = [config.origin] + ([new_origin] if new_origin else [])
+    from keyturn.kinds.passkey.kind import rp_id_fits
+
     rp, found = asyncio.run(_survey(ops, config, names, origins))
     if new_origin is not None:
         # the provider's choice for the new origin must be the rpId the campaign asked for
-        session_rp = asyncio.run(_rp_of(ops, config, names[0], new_origin))
+        session_rp = asyncio.run(_rp_of(ops, config, names[0], new_origin)) or ""
+        if not rp_id_fits(session_rp, new_origin):
+            raise _error(
+                f"the provider does not allow passkeys from {new_origin} (it offers rpId "
+                f"{session_rp or 'none'}, which does not fit that origin); allow {new_origin} "
+                f"and rpId {new_rp_id} for the organisation first"
+            )
         if session_rp != new_rp_id:
             raise _error(
                 f"the provider gives passkeys from {new_origin} the rpId {session_rp}, not "
