@@ -176,6 +176,9 @@ class Store(Protocol):
         """Add an event to a rotation's timeline WITHOUT touching the rotation (an audit
         record: an operator action that was refused); NotFound for an unknown rotation."""
 
+    def campaign_rotations(self, campaign: str | None = None) -> list[Rotation]:
+        """The rotations of a campaign (None: of every campaign), oldest first."""
+
     def add_evidence(self, event: Event) -> bool:
         """Record evidence given outside a worker (a person's page, a holder): `event` has
         kind "evidence" and `trigger` the evidence name. Written once per rotation and name

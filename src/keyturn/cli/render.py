@@ -116,6 +116,7 @@ def rotation_dict(r: Rotation) -> dict[str, Any]:
         "wait_for": r.wait_for,
         "wait_since": _iso(r.wait_since),
         "wait_deadline": _iso(r.wait_deadline),
+        "campaign": r.campaign,
         **identities(r),
     }
 

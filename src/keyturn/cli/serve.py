@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
@@ -107,9 +108,15 @@ def backend(w: Wiring, deps: EngineDeps | None = None) -> Backend:  # noqa: C901
     mode = w.config.serve.metrics
     scrape = None
     if mode != "off":
+        from keyturn.engine.campaigns import progress
         from keyturn.web.metrics import FleetCollector, scraper
 
-        collectors: list[Any] = [FleetCollector(store, w.clock)]
+        registry = discovered()
+
+        def campaigns(now: datetime) -> dict[str, dict[str, int]]:
+            return progress(store, registry, now)
+
+        collectors: list[Any] = [FleetCollector(store, w.clock, campaigns)]
         if w.metrics is not None:
             collectors.append(w.metrics.registry)
         scrape = scraper(collectors)

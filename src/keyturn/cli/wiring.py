@@ -331,6 +331,11 @@ class Wiring:
     def print(self, text: str) -> None:
         print(text)
 
+    def campaign_progress(self, campaign: str | None = None) -> dict[str, dict[str, int]]:
+        from keyturn.engine.campaigns import progress
+
+        return progress(self.store, discovered(), self.schedule_time.now(), campaign)
+
     def members(self, entry: str) -> list[str]:
         from keyturn.engine.spi import MEMBER_SEP
 

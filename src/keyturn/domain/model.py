@@ -103,6 +103,8 @@ class Rotation:
     wait_deadline: datetime | None = None
     #: Kind-specific context without secrets: old/new credential ids, key references, ...
     data: dict[str, Any] = field(default_factory=dict)
+    #: The campaign that started it (many rotations started together, followed as one).
+    campaign: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -385,6 +385,7 @@ def new_rotation(
         updated_at=now,
         next_attempt_at=now,
         data=kind.start(managed, options).model_dump(mode="json", exclude_none=True),
+        campaign=str(options["campaign"]) if options.get("campaign") else None,
     )
     event = Event(
         rotation_id=rotation.id,

@@ -435,6 +435,9 @@ class Operations(Services, Protocol):
     def members(self, entry: str) -> list[str]:
         """The members of an entry keyturn manages (sorted)."""
 
+    def campaign_progress(self, campaign: str | None = None) -> dict[str, dict[str, int]]:
+        """{campaign: {progress label: count}} (see :meth:`KindPlugin.progress_label`)."""
+
     def actor(self) -> str:
         """Who runs this command (for the audit trail)."""
 
@@ -566,6 +569,12 @@ class KindPlugin(Protocol):
     def irreversible_words(self) -> str:
         """What to add when rollback is refused after an irreversible action ('' for nothing)."""
 
+    #: The words of a campaign's progress, in the order a rotation moves through them.
+    progress_labels: Sequence[str]
+
+    def progress_label(self, rotation: Rotation, now: datetime) -> str:
+        """Where a rotation of a campaign is, in one of :attr:`progress_labels`."""
+
     def user_app(self, services: Services) -> Any | None:
         """Pages for the people a rotation of this kind waits on (an ASGI app), served by
         ``keyturn serve --user-port`` under ``/<kind name>``, on its own origin and never next
@@ -628,6 +637,18 @@ class Kind:
 
     def irreversible_words(self) -> str:
         return ""
+
+    progress_labels: ClassVar[Sequence[str]] = (
+        "pending",
+        "new_added",
+        "verified",
+        "old_deactivated",
+        "rolled_back",
+        "cancelled",
+    )
+
+    def progress_label(self, rotation: Rotation, now: datetime) -> str:
+        return rotation.state.value
 
     def user_app(self, services: Services) -> Any | None:
         return None

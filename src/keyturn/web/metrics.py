@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
 from typing import Any
 
 from fastapi import FastAPI
@@ -36,13 +37,33 @@ MODES = ("token", "open", "off")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+def _campaigns(progress: dict[str, dict[str, int]]) -> Metric:
+    family = GaugeMetricFamily(
+        "keyturn_campaign_rotations",
+        "A campaign's rotations by where each is, in its kind's words (invited, done, overdue, "
+        "...; every label of the campaign present, 0 when none).",
+        labels=["campaign", "progress"],
+    )
+    for campaign, by_label in progress.items():
+        for label, n in by_label.items():
+            family.add_metric([campaign, label], n)
+    return family
+
+
 class FleetCollector:
     """The installation's metrics, read from the store at each scrape (prometheus-client's
     custom collector protocol: ``collect()`` yields metric families)."""
 
-    def __init__(self, reader: FleetReader, clock: Clock) -> None:
+    def __init__(
+        self,
+        reader: FleetReader,
+        clock: Clock,
+        campaigns: Callable[[datetime], dict[str, dict[str, int]]] | None = None,
+    ) -> None:
         self.reader = reader
         self.clock = clock
+        #: {campaign: {progress label: count}} at a time (keyturn.engine.campaigns.progress)
+        self.campaigns = campaigns
 
     def collect(self) -> Iterator[Metric]:
         started = time.perf_counter()
@@ -93,6 +114,9 @@ class FleetCollector:
         for (verb, outcome), n in sorted(facts.operator_actions.items()):
             actions.add_metric([verb, outcome], n)
         yield actions
+
+        if self.campaigns is not None:
+            yield _campaigns(self.campaigns(now))
 
         yield from _per_credential(
             "keyturn_credential_key_created_timestamp_seconds",

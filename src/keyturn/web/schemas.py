@@ -104,6 +104,7 @@ class _RotationCore(BaseModel):
     wait_for: str | None
     wait_since: datetime | None
     wait_deadline: datetime | None
+    campaign: str | None = Field(default=None, description="the campaign that started it")
     identities: dict[str, str | None] = Field(
         description="the old and new side's provider ids, as the rotation's kind names them"
     )

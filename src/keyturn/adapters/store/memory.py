@@ -390,6 +390,15 @@ class MemoryStore:
             self._rotation(event.rotation_id)
             self._append_event(event)
 
+    def campaign_rotations(self, campaign: str | None = None) -> list[Rotation]:
+        with self._lock:
+            found = [
+                r
+                for r in self._rotations.values()
+                if r.campaign is not None and campaign in (None, r.campaign)
+            ]
+        return sorted(found, key=lambda r: (r.created_at, r.id))
+
     def add_evidence(self, event: Event) -> bool:
         with self._tx():
             rotation = self._rotation(event.rotation_id)

@@ -134,6 +134,9 @@ rotations_t = Table(
     Column("wait_since", UTCDateTime(), nullable=True),
     Column("wait_deadline", UTCDateTime(), nullable=True),
     Column("data", JSON(), nullable=False),
+    # The campaign that started it (revision 0010), set once at creation.
+    Column("campaign", String(), nullable=True),
+    Index("ix_rotations_campaign", "campaign"),
     # At most one unfinished rotation per credential, enforced by the database.
     Index(
         "uq_rotations_unfinished_credential",

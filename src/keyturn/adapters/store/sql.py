@@ -262,6 +262,7 @@ def _rotation_from_row(row: Row[Any]) -> Rotation:
         wait_since=m["wait_since"],
         wait_deadline=m["wait_deadline"],
         data=dict(m["data"] or {}),
+        campaign=m["campaign"],
     )
 
 
@@ -332,6 +333,7 @@ def _rotation_values(rotation: Rotation) -> dict[str, Any]:
         "wait_since": rotation.wait_since,
         "wait_deadline": rotation.wait_deadline,
         "data": dict(rotation.data),
+        "campaign": rotation.campaign,
     }
     values.update(_request_values(rotation.request))
     return values
@@ -1132,6 +1134,15 @@ class SqlStore:
         with self._tx() as conn:
             self._require_rotation(conn, event.rotation_id)
             conn.execute(insert(events_t).values(**_event_values(event)))
+
+    def campaign_rotations(self, campaign: str | None = None) -> list[Rotation]:
+        r = rotations_t.c
+        where = r.campaign.is_not(None) if campaign is None else r.campaign == campaign
+        with self._read() as conn:
+            rows = conn.execute(
+                select(rotations_t).where(where).order_by(r.created_at.asc(), r.id.asc())
+            ).all()
+        return [_rotation_from_row(row) for row in rows]
 
     def add_evidence(self, event: Event) -> bool:
         event = replace(event, kind="evidence")

@@ -16,7 +16,6 @@ import secrets
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
@@ -25,7 +24,7 @@ import typer
 
 if TYPE_CHECKING:
     from keyturn.kinds.passkey.kind import PasskeyConfig
-    from keyturn.plugin import Operations, PasskeyProvider, Rotation
+    from keyturn.plugin import Operations, PasskeyProvider
 
 #: The evidence name of a cutover (keyturn.kinds.passkey.tasks.CUTOVER; not imported here, so
 #: that `keyturn --help` does not load the plugin API).
@@ -55,39 +54,14 @@ APP = typer.Typer(
     no_args_is_help=True,
 )
 
-#: The progress labels, in the order a user moves through them.
-LABELS = ("invited", "registered", "proven", "done", "overdue", "rolled_back", "cancelled")
-_BY_STATE = {
-    "pending": "invited",
-    "new_added": "registered",
-    "verified": "proven",
-    "old_deactivated": "done",
-    "rolled_back": "rolled_back",
-    "cancelled": "cancelled",
-}
-
-
-def label(rotation: Rotation, now: datetime) -> str:
-    """Where one user is: invited, registered, proven, done, overdue (unfinished past the
-    deadline), rolled_back or cancelled."""
-    from keyturn.kinds.passkey.kind import PasskeyData
-
-    data = PasskeyData.model_validate(rotation.data)
-    if not rotation.finished and data.due and datetime.fromisoformat(data.due) < now:
-        return "overdue"
-    return _BY_STATE.get(rotation.state.value, rotation.state.value)
-
 
 def progress(ops: Operations, campaign: str | None) -> dict[str, dict[str, int]]:
-    """Counts by label for each campaign (or the one named)."""
-    now = ops.now()
-    out: dict[str, Counter[str]] = {}
-    for r in ops.rotations_of("passkey"):
-        name = r.data.get("campaign")
-        if not isinstance(name, str) or (campaign is not None and name != campaign):
-            continue
-        out.setdefault(name, Counter())[label(r, now)] += 1
-    return {name: {k: c.get(k, 0) for k in LABELS} for name, c in sorted(out.items())}
+    """Counts by progress label for each passkey campaign (or the one named)."""
+    return {
+        name: counts
+        for name, counts in ops.campaign_progress(campaign).items()
+        if "invited" in counts  # a passkey campaign (the kind's own labels)
+    }
 
 
 def _entry(ops: Operations, entry: str) -> PasskeyConfig:
@@ -303,10 +277,11 @@ def progress_command(
     if not counts:
         ops.print("no passkey campaign yet (keyturn passkeys campaign ENTRY --users FILE ...)")
         return
-    width = max(len(n) for n in counts)
-    ops.print(f"{'campaign':<{width}}  " + "  ".join(f"{k:>11}" for k in LABELS))
+    labels = list(next(iter(counts.values())))
+    width = max(len(n) for n in [*counts, "campaign"])
+    ops.print(f"{'campaign':<{width}}  " + "  ".join(f"{k:>11}" for k in labels))
     for name, c in counts.items():
-        ops.print(f"{name:<{width}}  " + "  ".join(f"{c[k]:>11}" for k in LABELS))
+        ops.print(f"{name:<{width}}  " + "  ".join(f"{c[k]:>11}" for k in labels))
 
 
 @APP.command("cutover")
@@ -326,7 +301,7 @@ def cutover_command(
     if not any(r.data.get("new_origin") for r in rotations):
         raise _error(f"campaign {campaign} is not a domain move (no --new-origin): no cutover")
     counts = progress(ops, campaign)[campaign]
-    ops.print(f"campaign {campaign}: " + ", ".join(f"{counts[k]} {k}" for k in LABELS if counts[k]))
+    ops.print(f"campaign {campaign}: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n))
     open_ = [r for r in rotations if not r.finished]
 
     async def mark() -> int:

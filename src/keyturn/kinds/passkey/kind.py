@@ -290,6 +290,16 @@ STEPS: Mapping[Trigger, Step[Ctx]] = {
 }
 
 
+#: A campaign's progress, in the order a user moves through it.
+PROGRESS = ("invited", "registered", "proven", "done", "overdue", "rolled_back", "cancelled")
+_BY_STATE = {
+    "pending": "invited",
+    "new_added": "registered",
+    "verified": "proven",
+    "old_deactivated": "done",
+}
+
+
 class PasskeyKind(Kind):
     name = "passkey"
     description = "end users' passkeys (the user registers, proves and switches; keyturn tracks)"
@@ -298,6 +308,15 @@ class PasskeyKind(Kind):
     material = "none"
     import_spec = ImportSpec(needs_uuid=True, needs_token=False)
     steps = STEPS
+    progress_labels = PROGRESS
+
+    def progress_label(self, rotation: Rotation, now: datetime) -> str:
+        """invited, registered, proven, done, overdue (unfinished past the user's deadline),
+        rolled_back or cancelled."""
+        due = rotation.data.get("due")
+        if not rotation.finished and isinstance(due, str) and datetime.fromisoformat(due) < now:
+            return "overdue"
+        return _BY_STATE.get(rotation.state.value, rotation.state.value)
 
     def check_config(
         self, name: str, config: CredentialConfig, signers: Collection[str]
