@@ -467,6 +467,33 @@ def credentials_page(b: api.Backend, after: str | None = None) -> dict[str, Any]
     }
 
 
+#: A campaign's page lists at most this many of its rotations (the counts cover them all).
+CAMPAIGN_ROWS = 500
+
+
+def campaigns_page(b: api.Backend, chosen: str | None) -> dict[str, Any]:
+    """Every campaign's progress (engine.campaigns, as the CLI and /metrics count it); for the
+    campaign `chosen`, its rotations too (the first CAMPAIGN_ROWS), each with its progress."""
+    from keyturn.engine.campaigns import progress
+
+    now = b.clock.now()
+    counts = progress(b.store, b.registry, now, chosen)
+    rows: list[dict[str, Any]] = []
+    if chosen is not None and counts:
+        for r in b.store.campaign_rotations(chosen)[:CAMPAIGN_ROWS]:
+            rows.append(
+                {
+                    "id": r.id,
+                    "credential": r.credential,
+                    "state": r.state.value,
+                    "progress": b.registry.kind(r.kind).progress_label(r, now),
+                    "status": render.status_of(r),
+                    "updated_at": r.updated_at,
+                }
+            )
+    return {"campaigns": counts, "chosen": chosen, "rows": rows, "limit": CAMPAIGN_ROWS}
+
+
 def _describe_policy(policy: Any) -> str:
     if policy is None:
         return "none (rotated by hand)"
@@ -709,6 +736,19 @@ def mount(app: FastAPI, b: api.Backend) -> None:  # noqa: C901 (one nested funct
             started=started,
             request=request,
         )
+
+    @app.get(f"{PREFIX}/campaigns", include_in_schema=False)
+    def campaigns_get(request: Request) -> Response:
+        started = time.perf_counter()
+        who = who_of(request)
+        if who is None:
+            return to_login(request)
+        chosen = request.query_params.get("campaign") or None
+        ctx = campaigns_page(b, chosen)
+        if chosen is not None and not ctx["campaigns"]:
+            return not_found(who, f"no campaign named {chosen!r}")
+        return page("campaigns.html", who, live=True, title="Campaigns", started=started,
+                    request=request, **ctx)  # fmt: skip
 
     # -------------------------------------------------------------------- verbs
 
