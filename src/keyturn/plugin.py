@@ -26,6 +26,7 @@ from __future__ import annotations
 from keyturn.domain.errors import ConfigError, KeyturnError, ProviderError, StepError
 from keyturn.domain.lifecycle import State, Trigger
 from keyturn.domain.model import ActionRecord, ActionStatus, ManagedCredential, Phase, Rotation
+from keyturn.domain.reminders import Reminders
 from keyturn.engine.spi import (
     KIND_GROUP,
     PROBE_GROUP,
@@ -55,6 +56,7 @@ from keyturn.engine.spi import (
     TargetOp,
     TargetPlugin,
     Wait,
+    user_task,
 )
 from keyturn.engine.steps import StepContext
 from keyturn.ports import (
@@ -105,6 +107,7 @@ __all__ = [
     "ProviderError",
     "R",
     "ReconcileInput",
+    "Reminders",
     "Rotation",
     "RotationData",
     "Services",
@@ -122,6 +125,7 @@ __all__ = [
     "WebhookProvider",
     "dfns_key_session",
     "dfns_webhook_session",
+    "user_task",
 ]
 
 
