@@ -34,6 +34,7 @@ def _cases() -> list[dict[str, Any]]:
     )
     wait = {"wait_key": "forward.probe", "wait_for": "holder probes"}
     approval = {"wait_key": "gate.approval.before_start", "wait_for": "an approval"}
+    person = {"wait_key": "forward.person:person", "wait_for": "alice to act"}
     overdue = {
         "wait_key": "forward.person:overdue",
         "wait_for": "overdue: alice did not act by 2026-01-01T13:00:00+00:00",
@@ -54,6 +55,8 @@ def _cases() -> list[dict[str, Any]]:
         {**approval, "wait_since": NOW - H, "wait_deadline": NOW + 9 * H},
         # a person's task reported overdue (its deadline on a faster test clock: still ahead)
         {**overdue, "wait_since": NOW - H, "wait_deadline": NOW + 9 * H},
+        # waiting on a person before the deadline: reminders follow it up, not the queue
+        {**person, "wait_since": NOW - 3 * H, "wait_deadline": NOW + H},
         {"state": State.NEW_ADDED, "attempts": 1, "lease_owner": "w3", "lease_expires_at": NOW},
         {"state": State.VERIFIED, **wait, "lease_owner": "w3", "lease_expires_at": NOW + H},
         {"state": State.OLD_DEACTIVATED, "finished_at": NOW - H},

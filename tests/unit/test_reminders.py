@@ -131,3 +131,24 @@ def test_reminder_events_become_person_notices_with_the_schedule_time() -> None:
     assert payload["at"] == at and payload["to"] == "alice" and payload["link_ref"] == "sec_1"
     assert payload["due"] == DUE.isoformat() and not payload["opens"]
     assert "link" not in payload
+
+
+def test_attention_a_person_task_only_once_overdue() -> None:
+    from dataclasses import replace
+
+    from keyturn.domain.lifecycle import State
+    from keyturn.domain.model import Rotation
+    from keyturn.engine.attention import attention, status_key
+
+    r = Rotation("rot_1", "c1", "k", State.VERIFIED, 3, "r", T0, T0)
+    waiting = replace(
+        r, wait_key="forward.approve:person", wait_for="alice to act", wait_since=T0,
+        wait_deadline=DUE,
+    )  # fmt: skip
+    assert attention(waiting, days(8)) is None  # past half: its reminders follow it up
+    words = "overdue: alice did not act by 2026-12-11T09:00:00+00:00"
+    overdue = replace(waiting, wait_key="forward.approve:overdue", wait_for=words)
+    assert attention(overdue, days(1)) == words  # whatever the clock reading it says
+    assert status_key(overdue) == "waiting"
+    plain = replace(waiting, wait_key="forward.bake")
+    assert attention(plain, days(8)) == "waiting past half its deadline"

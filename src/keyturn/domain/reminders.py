@@ -19,7 +19,9 @@ from typing import Literal
 
 OnDue = Literal["halt", "report"]
 
-#: A wait key's suffix once its person's deadline passed and the wait is reported, not halted.
+#: A wait key's suffix while it waits on a person before their task's deadline (reminders, not
+#: the attention queue, follow it up), and once the deadline passed and it is reported.
+PERSON_SUFFIX = ":person"
 OVERDUE_SUFFIX = ":overdue"
 
 

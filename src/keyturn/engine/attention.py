@@ -8,7 +8,7 @@ import json
 from datetime import datetime, timedelta
 
 from keyturn.domain.model import Rotation
-from keyturn.domain.reminders import OVERDUE_SUFFIX
+from keyturn.domain.reminders import OVERDUE_SUFFIX, PERSON_SUFFIX
 
 #: An operator request not applied after this long needs a look (no worker, or one stuck).
 REQUEST_STALE = timedelta(minutes=5)
@@ -30,7 +30,9 @@ def attention(r: Rotation, now: datetime) -> str | None:
         # a person's task past its deadline, reported and left waiting (its old side active)
         words = r.wait_for or ""
         return words if words.startswith("overdue: ") else "overdue: the person did not act"
-    waiting = r.wait_since is not None and r.wait_deadline is not None
+    # a person's task before its deadline is followed up by its reminders, not by on-call
+    person = (r.wait_key or "").endswith(PERSON_SUFFIX)
+    waiting = r.wait_since is not None and r.wait_deadline is not None and not person
     if waiting and now - r.wait_since > (r.wait_deadline - r.wait_since) / 2:  # type: ignore[operator]
         return "waiting past half its deadline"
     if r.attempts > 0:

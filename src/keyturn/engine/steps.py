@@ -18,7 +18,14 @@ from keyturn.domain.model import (
     Phase,
     Rotation,
 )
-from keyturn.domain.reminders import OVERDUE_SUFFIX, Reminders, Sent, decide, overdue_words
+from keyturn.domain.reminders import (
+    OVERDUE_SUFFIX,
+    PERSON_SUFFIX,
+    Reminders,
+    Sent,
+    decide,
+    overdue_words,
+)
 from keyturn.engine.run import RotationRun, db, new_secret_id
 from keyturn.engine.spi import (
     Action,
@@ -370,7 +377,7 @@ async def _person_wait(
     time = run.deps.time
     now = time.now()
     rotation = run.rotation
-    same = rotation.wait_key in (key, key + OVERDUE_SUFFIX)
+    same = rotation.wait_key in (key + PERSON_SUFFIX, key + OVERDUE_SUFFIX)
     since = rotation.wait_since if same and rotation.wait_since is not None else now
     sent = sent_reminders(await db(run.deps.store.events, rotation.id), key, since)
     decision = decide(r, since, sent, now)
@@ -400,7 +407,8 @@ async def _person_wait(
             announce=False,  # the escalation (if any) says so
         )
     upcoming = decision.next_at or r.due
-    raise Waiting(key, pending, since, r.due, time.to_local(min(now + every, upcoming)))
+    next_check = time.to_local(min(now + every, upcoming))
+    raise Waiting(key + PERSON_SUFFIX, pending, since, r.due, next_check)
 
 
 def sent_reminders(events: Sequence[Event], key: str, since: datetime) -> Sent:

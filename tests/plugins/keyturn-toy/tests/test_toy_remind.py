@@ -36,10 +36,10 @@ from keyturn.testing.secret_scan import assert_no_secrets
 
 DAY = 86400.0
 HOUR = 3600.0
-#: Schedule seconds per real second: the 10 days pass in 24 s.
-SCALE = 36000.0
+#: Schedule seconds per real second: the 10 days pass in 18 s.
+SCALE = 48000.0
 #: The wait's check interval (schedule seconds; 0.6 s real): the tolerance of each offset.
-CHECK = 6 * HOUR
+CHECK = 8 * HOUR
 HOOK_KEY = "toy-remind-hook-key-" + "5e" * 12
 
 PERSON = f"""
@@ -303,7 +303,7 @@ def test_on_due_halt_escalates_once_and_halts_for_a_human(tmp_path: Path) -> Non
         try:
             rid = w.start_rotation("toy1", reason="remind test", actor="test").id
             await wait_for("the wait", lambda: store.get_rotation(rid).wait_key is not None)
-            assert store.get_rotation(rid).wait_key == "forward.person"
+            assert store.get_rotation(rid).wait_key == "forward.person:person"
             assert statuses().count("user_task") == 1
             for _ in range(8):  # six-hour checks over two days
                 version = store.get_rotation(rid).version
