@@ -384,11 +384,11 @@ async def _person_wait(
     events: list[Event] = []
     if decision.remind:
         events.append(
-            _person_event(run, key, "reminder", r, now, pending, n=sent.count + 1,
+            _person_event(run, key, "reminder", r, now, since, pending, n=sent.count + 1,
                           scheduled=decision.scheduled)
         )  # fmt: skip
     if decision.escalate:
-        events.append(_person_event(run, key, "escalated", r, now, pending))
+        events.append(_person_event(run, key, "escalated", r, now, since, pending))
     if events:
         await run.unit.add(events=events)
     if decision.overdue and r.on_due == "halt":
@@ -446,13 +446,13 @@ def _person_event(
     status: str,
     r: Reminders,
     now: datetime,
+    since: datetime,
     pending: str,
     *,
     n: int | None = None,
     scheduled: datetime | None = None,
 ) -> Event:
     rotation = run.rotation
-    since = rotation.wait_since if rotation.wait_since is not None else now
     detail: dict[str, Any] = {
         "status": status,
         "wait": key,

@@ -226,9 +226,9 @@ def test_reminders_snoozes_and_escalation_on_the_test_clock(
         assert mine, listed
         words = f"overdue: alice did not act by {due.isoformat(timespec='seconds')}"
         assert mine[0]["attention"] == words, mine[0]
-        shown = toy.show(rid)
-        assert shown["state"] == "verified", shown["state"]
-        assert shown.get("halted_reason") is None
+        left = toy.wiring().store.get_rotation(rid)
+        assert left.state.value == "verified" and left.halted_reason is None
+        assert left.wait_key == "forward.person:overdue"
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
