@@ -69,8 +69,8 @@ remind_before = [{7 * DAY}, {DAY}]
 remind_every = {DAY}
 snoozes = 2
 snooze_seconds = {8 * HOUR}
-snooze_file = "snoozes.txt"
-acted_file = "acted"
+snooze_file = "{{work}}/snoozes.txt"
+acted_file = "{{work}}/acted"
 escalate = true
 on_due = "report"
 check_seconds = {CHECK}
@@ -172,7 +172,7 @@ def test_reminders_snoozes_and_escalation_on_the_test_clock(
     toy = make_toy(tmp_path / "work")
     work = toy.workdir
     with (work / "keyturn.toml").open("a") as f:
-        f.write(PERSON.replace("{url}", receiver.url))
+        f.write(PERSON.replace("{url}", receiver.url).replace("{work}", str(work)))
     start = datetime.now(UTC).replace(microsecond=0)
     toy.run("clock", "set", "--at", start.isoformat(), "--scale", f"{SCALE:g}")
     rid = toy.rotate_here()
@@ -327,3 +327,48 @@ def test_on_due_halt_escalates_once_and_halts_for_a_human(tmp_path: Path) -> Non
 
     asyncio.run(scenario())
     assert toy.ledger["k0"]["active"] is True
+
+
+ACTED = f"""
+[credentials.toy1.person]
+name = "carol"
+due_seconds = {DAY}
+acted_file = "{{work}}/acted"
+"""
+
+
+@pytest.mark.parametrize(
+    "point",
+    [f"forward.invite_person.{b}" for b in ("after_intent", "after_call", "after_outcome")],
+)
+def test_the_invitation_is_notified_once_whatever_the_kill(tmp_path: Path, point: str) -> None:
+    """A worker killed around the invitation's action: one user_task event and one outbox
+    notification (written with the action's outcome), and the rotation goes on."""
+    toy = make_toy(tmp_path / "work")
+    with (toy.workdir / "keyturn.toml").open("a") as f:
+        f.write(ACTED.replace("{work}", str(toy.workdir)))
+    (toy.workdir / "acted").write_text("yes")  # the person acts at once
+    rid = toy.rotate_here()
+    marker = tmp_path / "killed-at"
+    killed = toy.run(
+        "worker",
+        "--until-idle",
+        check=False,
+        KEYTURN_TEST_CRASH_AT=point,
+        KEYTURN_TEST_CRASH_MARKER=str(marker),
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert marker.read_text().split() == [point]
+    toy.run("worker", "--until-idle")
+    store = toy.wiring().store
+    assert store.get_rotation(rid).state.value == "old_deactivated"
+    tasks = [e for e in store.events(rid) if e.detail.get("status") == "user_task"]
+    assert len(tasks) == 1 and tasks[0].detail["to"] == "carol"
+    assert tasks[0].detail["link_ref"]
+    from sqlalchemy import select
+
+    from keyturn.adapters.store.models import notifications_t
+
+    with store.engine.connect() as conn:
+        kinds = [row.kind for row in conn.execute(select(notifications_t))]
+    assert kinds.count("user_task") == 1, kinds
