@@ -170,7 +170,11 @@ _NOTICE_KINDS = (
     "rolled_back",
     "completed",
     "cancelled",
+    "escalated",
 )
+#: Notifications addressed to a person (they name them and may carry their link): a sink takes
+#: them only when its `events` lists them (a users' mailer), never by default.
+_PERSONAL_KINDS = ("user_task", "reminder")
 _OPENING_KINDS = ("halted", "holder_lost", "awaiting_approval", "waiting")
 NoticeKindName = Literal[
     "halted",
@@ -180,6 +184,9 @@ NoticeKindName = Literal[
     "rolled_back",
     "completed",
     "cancelled",
+    "user_task",
+    "reminder",
+    "escalated",
 ]
 
 
@@ -190,8 +197,8 @@ def _http_url(v: str) -> str:
 
 
 class _SinkConfig(_Model):
-    #: The notification kinds this sink takes (default: every kind; for alertmanager and
-    #: pagerduty: halted and holder_lost).
+    #: The notification kinds this sink takes (default: every kind but those addressed to a
+    #: person, user_task and reminder; for alertmanager and pagerduty: halted and holder_lost).
     events: list[NoticeKindName] | None = None
 
     def kinds(self) -> list[str]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from keyturn.domain.errors import ConfigError, KeyturnError, ProviderError, StepError
 from keyturn.domain.lifecycle import State, Trigger
 from keyturn.domain.model import ActionRecord, ActionStatus, ManagedCredential, Phase, Rotation
+from keyturn.domain.reminders import Reminders
 from keyturn.engine.spi import (
     KIND_GROUP,
     MEMBER_SEP,
@@ -57,6 +58,7 @@ from keyturn.engine.spi import (
     TargetOp,
     TargetPlugin,
     Wait,
+    user_task,
 )
 from keyturn.engine.steps import StepContext
 from keyturn.ports import (
@@ -111,6 +113,7 @@ __all__ = [
     "ProviderError",
     "R",
     "ReconcileInput",
+    "Reminders",
     "Rotation",
     "RotationData",
     "Services",
@@ -130,6 +133,7 @@ __all__ = [
     "dfns_passkey_session",
     "dfns_webhook_session",
     "operations",
+    "user_task",
 ]
 
 

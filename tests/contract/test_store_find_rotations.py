@@ -34,6 +34,11 @@ def _cases() -> list[dict[str, Any]]:
     )
     wait = {"wait_key": "forward.probe", "wait_for": "holder probes"}
     approval = {"wait_key": "gate.approval.before_start", "wait_for": "an approval"}
+    person = {"wait_key": "forward.person:person", "wait_for": "alice to act"}
+    overdue = {
+        "wait_key": "forward.person:overdue",
+        "wait_for": "overdue: alice did not act by 2026-01-01T13:00:00+00:00",
+    }
     return [
         {},  # due
         {"attempts": 2, "last_error": "503"},  # retrying
@@ -48,6 +53,10 @@ def _cases() -> list[dict[str, Any]]:
         {**wait, "wait_since": NOW - 3 * H, "wait_deadline": NOW + H},  # three quarters in
         {**wait, "wait_since": NOW - H, "wait_deadline": NOW + H - timedelta(seconds=2)},
         {**approval, "wait_since": NOW - H, "wait_deadline": NOW + 9 * H},
+        # a person's task reported overdue (its deadline on a faster test clock: still ahead)
+        {**overdue, "wait_since": NOW - H, "wait_deadline": NOW + 9 * H},
+        # waiting on a person before the deadline: reminders follow it up, not the queue
+        {**person, "wait_since": NOW - 3 * H, "wait_deadline": NOW + H},
         {"state": State.NEW_ADDED, "attempts": 1, "lease_owner": "w3", "lease_expires_at": NOW},
         {"state": State.VERIFIED, **wait, "lease_owner": "w3", "lease_expires_at": NOW + H},
         {"state": State.OLD_DEACTIVATED, "finished_at": NOW - H},
@@ -80,7 +89,7 @@ def test_find_rotations_status_and_attention_never_narrower(store: Store, seed: 
     query = RotationQuery(attention_at=NOW, request_stale_before=NOW - REQUEST_STALE)
     found = {r.id for r in store.find_rotations(query)}
     needing = {r.id for r in rows if attention(r, NOW) is not None}
-    assert len(needing) >= 8 and found >= needing
+    assert len(needing) >= 9 and found >= needing
     if sql:  # and not much wider: only unfinished rotations
         assert all(not r.finished for r in rows if r.id in found)
 

@@ -273,7 +273,9 @@ def test_sink_files_are_relative_to_the_config(tmp_path: Path) -> None:
     cfg.write_text(BASE + '[notifications.sinks.chat]\ntype = "slack"\nurl_file = "s.url"\n')
     sink = load_config(cfg).notifications.sinks["chat"]
     assert isinstance(sink, SlackSinkConfig) and sink.url_file == tmp_path / "s.url"
-    assert sink.kinds() == [k.value for k in NoticeKind]
+    # every kind but those addressed to a person (a sink takes them when it lists them)
+    personal = {NoticeKind.USER_TASK.value, NoticeKind.REMINDER.value}
+    assert sorted(sink.kinds()) == sorted(k.value for k in NoticeKind if k not in personal)
 
 
 def test_a_holder_lost_without_takeover_is_noted_and_sent(db_url: str) -> None:
@@ -311,3 +313,58 @@ def test_the_secret_scan_reads_json_documents() -> None:
     assert scan_json([{"at": T0, "blob": key.encode()}], {"rk": key})  # non-JSON values as text
     assert scan_json([{"t": "é " + key}], {"rk": key})
     assert not scan_json([NOTE, DONE], {"rk": key})
+
+
+def _outbox_with_a_reminder(url: str) -> tuple[SqlStore, SqlOutbox]:
+    store = SqlStore(url)
+    store.add_credential(
+        ManagedCredential("payments", "service_account", "sandbox", "c", "u", None, "ed25519"), []
+    )
+    fresh = Rotation(**{**ROT.__dict__, "version": 1, "halted_reason": None})
+    r = store.create_rotation(fresh, Event("rot_1", T0, "operator", "t", trigger="create"))
+    detail = {"to": "alice", "due": T0.isoformat(), "link_ref": "sec_link", "reminder": 1,
+              "at": T0.isoformat()}  # fmt: skip
+    store.commit(Change(r.id, r.version, {}, [_run("reminder", **detail)]))
+    return store, SqlOutbox(store)
+
+
+@pytest.mark.parametrize("found", [True, False])
+def test_a_person_notice_gets_its_link_at_send_time_only(db_url: str, found: bool) -> None:
+    """The outbox keeps the link's secret id; the deliverer opens it (reveal) for the sink. A
+    purged or missing secret: sent without the link, and the notification says so."""
+    store, outbox = _outbox_with_a_reminder(db_url)
+    link = "https://users.example/task/" + "t0k3n" * 6
+    sent: list[dict[str, Any]] = []
+
+    def reveal(ref: str) -> str:
+        assert ref == "sec_link"
+        if not found:
+            raise KeyError(ref)
+        return link
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return httpx.Response(200)
+
+    sink = sinks.WebhookSink("users", ["reminder"], url="http://h.test/", key="k",
+                             transport=_transport(answer))  # fmt: skip
+    settings = DeliverySettings(holder_lost_after_seconds=None)
+    asyncio.run(Deliverer(outbox, [sink], _Clock(), settings, "p1", reveal=reveal).round())
+    (body,) = sent
+    assert body["kind"] == "reminder" and body["to"] == "alice" and body["link_ref"] == "sec_link"
+    if found:
+        assert body["link"] == link and "link_missing" not in body
+    else:
+        assert body["link"] is None and "purged or missing" in body["link_missing"]
+        assert "purged or missing" in body["summary"]
+    (d,) = outbox.deliveries()
+    assert d.status == "sent" and "link" not in d.payload and d.payload["link_ref"] == "sec_link"
+    store.close()
+
+
+def test_person_notices_reach_only_the_sinks_that_list_them() -> None:
+    from keyturn.config import WebhookSinkConfig
+
+    default = WebhookSinkConfig(type="http", url="http://h.test/", secret_env="X")
+    assert "escalated" in default.kinds()
+    assert "reminder" not in default.kinds() and "user_task" not in default.kinds()

@@ -46,6 +46,9 @@ _SLACK_EMOJI = {
     "completed": ":white_check_mark:",
     "rolled_back": ":leftwards_arrow_with_hook:",
     "cancelled": ":no_entry_sign:",
+    "user_task": ":bust_in_silhouette:",
+    "reminder": ":alarm_clock:",
+    "escalated": ":loudspeaker:",
 }
 _PD_SEVERITY = {
     "halted": "critical",

@@ -543,4 +543,9 @@ class Wiring:
             holder_lost_after_seconds=cfg.holder_lost_after_seconds,
             keep_days=cfg.keep_days,
         )
-        return Deliverer(self.outbox, sinks, self.clock, settings, owner)
+        return Deliverer(self.outbox, sinks, self.clock, settings, owner, reveal=self.reveal)
+
+    def reveal(self, secret_id: str) -> str:
+        """A sealed link in clear, for what a sink receives (the deliverer's ``reveal``):
+        SecretError when it is purged or cannot be opened, NotFound when there is none."""
+        return self.vault.open(self.store.get_secret(secret_id)).decode()

@@ -31,6 +31,12 @@ class NoticeKind(StrEnum):
     ROLLED_BACK = "rolled_back"
     COMPLETED = "completed"
     CANCELLED = "cancelled"
+    #: A person is asked to act (a kind's first invitation: an action outcome asked for it).
+    USER_TASK = "user_task"
+    #: A person is reminded of a task not done yet (a wait's ``Reminders``).
+    REMINDER = "reminder"
+    #: A person did not act by the task's deadline (for the owner's sink).
+    ESCALATED = "escalated"
 
 
 #: Kinds that open something on a paging sink (an Alertmanager alert, a PagerDuty incident).
@@ -57,7 +63,15 @@ _RUN_STATUS = {
     "holder_lost": NoticeKind.HOLDER_LOST,
     "awaiting_approval": NoticeKind.AWAITING_APPROVAL,
     "waiting": NoticeKind.WAITING,
+    "user_task": NoticeKind.USER_TASK,
+    "reminder": NoticeKind.REMINDER,
+    "escalated": NoticeKind.ESCALATED,
 }
+#: Kinds addressed to a person (their payload names them in ``to`` and may carry a link):
+#: a sink takes them only when its ``events`` names them.
+PERSONAL: frozenset[NoticeKind] = frozenset({NoticeKind.USER_TASK, NoticeKind.REMINDER})
+#: Kinds about a person's task: ``at`` is the schedule's time of the event.
+_PERSON = PERSONAL | {NoticeKind.ESCALATED}
 _WORDS = {
     NoticeKind.HALTED: "halted",
     NoticeKind.HOLDER_LOST: "lost its holder",
@@ -66,9 +80,15 @@ _WORDS = {
     NoticeKind.ROLLED_BACK: "rolled back",
     NoticeKind.COMPLETED: "completed",
     NoticeKind.CANCELLED: "was cancelled",
+    NoticeKind.USER_TASK: "asks a person to act",
+    NoticeKind.REMINDER: "reminds a person",
+    NoticeKind.ESCALATED: "is escalated",
 }
 #: Event detail keys copied into a notification (bounded, never free-form material).
 _DETAIL_KEYS = ("attempt", "retryable", "wait", "deadline", "from", "holder_last_seen")
+#: And for a person's task (``link_ref`` is a secret's id: the deliverer opens it at send time
+#: and only what the sink receives holds the link).
+_PERSON_KEYS = ("to", "due", "link_ref", "reminder", "scheduled", "snoozed", "action", "at")
 
 
 @dataclass(frozen=True)
@@ -96,8 +116,14 @@ class Notice:
         return self.kind in RESOLVING
 
     def payload(self) -> dict[str, Any]:
-        """The JSON document stored in the outbox and sent (wrapped) to every sink."""
+        """The JSON document stored in the outbox and sent (wrapped) to every sink. A person's
+        notice also names them (``to``) and its task's deadline (``due``); its ``link_ref`` is
+        replaced by ``link`` in what a sink receives."""
+        extra: dict[str, Any] = {}
+        if self.kind in _PERSON:
+            extra = {k: self.detail.get(k) for k in ("to", "due", "link_ref")}
         return {
+            **extra,
             "kind": self.kind.value,
             "rotation_id": self.rotation_id,
             "credential": self.credential,
@@ -137,14 +163,18 @@ def notice_for(event: Event, rotation: Rotation, *, key: str | None = None) -> N
     )
     if reason and kind is not NoticeKind.COMPLETED:
         summary += f": {reason}"
-    detail = {k: event.detail[k] for k in _DETAIL_KEYS if k in event.detail}
+    keys = _DETAIL_KEYS + _PERSON_KEYS if kind in _PERSON else _DETAIL_KEYS
+    detail = {k: event.detail[k] for k in keys if k in event.detail}
+    at = event.at
+    if kind in _PERSON and "at" in event.detail:
+        at = datetime.fromisoformat(str(event.detail["at"]))  # the schedule's clock
     return Notice(
         kind=kind,
         rotation_id=rotation.id,
         credential=rotation.credential,
         credential_kind=rotation.kind,
         state=state,
-        at=event.at,
+        at=at,
         summary=summary[:1000],
         reason=reason,
         detail=detail,

@@ -16,9 +16,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from keyturn.domain.errors import KeyturnError, StaleVersion, StoreUnavailable
-from keyturn.domain.model import ActionRecord, ActionStatus, Phase, evolve
+from keyturn.domain.model import ActionRecord, ActionStatus, Event, Phase, evolve
 from keyturn.engine.lease import LeaseLost
-from keyturn.engine.spi import Outcome
+from keyturn.engine.spi import USER_TASK, Outcome
 
 if TYPE_CHECKING:
     from keyturn.engine.run import RotationRun
@@ -137,8 +137,37 @@ class ActionLog:
         done = evolve(
             record, {"status": status, "outcome_at": run.now(), "detail": detail, "error": error}
         )
-        await run.unit.add(action=done, secrets=outcome.secrets if outcome else (), hook=hook)
+        events = [self._user_task(record, detail)] if _asks_user_task(status, detail) else []
+        await run.unit.add(
+            action=done, secrets=outcome.secrets if outcome else (), hook=hook, events=events
+        )
         (await self.records())[(record.phase, record.name)] = done
+
+    def _user_task(self, record: ActionRecord, detail: Detail) -> Event:
+        """The event of an outcome that asks for the person's invitation (see
+        :func:`keyturn.engine.spi.user_task`): written with the outcome, so exactly once."""
+        run = self._run
+        return Event(
+            rotation_id=run.rotation.id,
+            at=run.now(),
+            kind="run",
+            actor=run.owner,
+            trigger=record.phase.value,
+            from_state=run.rotation.state.value,
+            reason=f"asked {detail.get('to')} to act by {detail.get('due')}",
+            detail={
+                "status": USER_TASK,
+                "action": f"{record.phase.value}.{record.name}",
+                "to": detail.get("to"),
+                "due": detail.get("due"),
+                "link_ref": detail.get("link_ref"),
+                "at": run.deps.time.now().isoformat(),
+            },
+        )
+
+
+def _asks_user_task(status: ActionStatus, detail: Detail) -> bool:
+    return status is ActionStatus.DONE and detail.get("notify") == USER_TASK
 
 
 def _ms(started: float) -> int:

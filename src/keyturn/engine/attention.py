@@ -8,6 +8,7 @@ import json
 from datetime import datetime, timedelta
 
 from keyturn.domain.model import Rotation
+from keyturn.domain.reminders import OVERDUE_SUFFIX, PERSON_SUFFIX
 
 #: An operator request not applied after this long needs a look (no worker, or one stuck).
 REQUEST_STALE = timedelta(minutes=5)
@@ -25,7 +26,13 @@ def attention(r: Rotation, now: datetime) -> str | None:
         return f"holder {r.lease_owner} lost (its lease expired)"
     if r.request is not None and now - r.request.at > REQUEST_STALE:
         return f"{r.request.action.value} requested and not applied yet"
-    waiting = r.wait_since is not None and r.wait_deadline is not None
+    if overdue(r):
+        # a person's task past its deadline, reported and left waiting (its old side active)
+        words = r.wait_for or ""
+        return words if words.startswith("overdue: ") else "overdue: the person did not act"
+    # a person's task before its deadline is followed up by its reminders, not by on-call
+    person = (r.wait_key or "").endswith(PERSON_SUFFIX)
+    waiting = r.wait_since is not None and r.wait_deadline is not None and not person
     if waiting and now - r.wait_since > (r.wait_deadline - r.wait_since) / 2:  # type: ignore[operator]
         return "waiting past half its deadline"
     if r.attempts > 0:
@@ -44,6 +51,11 @@ STATUSES = (
     "due",
     "done",
 )
+
+
+def overdue(r: Rotation) -> bool:
+    """Waiting on a person past their task's deadline (``on_due = "report"``)."""
+    return (r.wait_key or "").endswith(OVERDUE_SUFFIX) and not r.finished
 
 
 def awaiting_approval(r: Rotation) -> bool:

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -68,6 +68,15 @@ def routes(sinks: Sequence[Sink]) -> Any:
     return route
 
 
+#: Opens a sealed secret by id (blocking: the store and the vault); raises when it cannot.
+Reveal = Callable[[str], str]
+
+#: What a sink receives instead of a link that cannot be opened.
+NO_LINK = (
+    "the link could not be opened (its secret is purged or missing): send the person a new one"
+)
+
+
 class Deliverer:
     def __init__(
         self,
@@ -76,7 +85,11 @@ class Deliverer:
         clock: Clock,
         settings: DeliverySettings,
         owner: str,
+        reveal: Reveal | None = None,
     ) -> None:
+        """`reveal` opens the sealed link a person's notification names (its ``link_ref``)
+        at send time, for what the sink receives only (None: sent without the link)."""
+        self.reveal = reveal
         self.outbox = outbox
         self.sinks = {s.name: s for s in sinks}
         self.clock = clock
@@ -200,11 +213,40 @@ class Deliverer:
             delay = max(delay, min(retry_after, s.backoff_max_seconds))
         return delay
 
+    async def _with_link(self, delivery: Delivery) -> dict[str, Any]:
+        """The payload a sink receives: a person's notification gets its ``link``, opened now
+        (the outbox keeps only the secret's id); one that cannot be opened is sent without it
+        and says so."""
+        payload = delivery.payload
+        ref = payload.get("link_ref")
+        if not ref:
+            return payload
+        link: str | None = None
+        if self.reveal is not None:
+            try:
+                link = await db(self.reveal, str(ref))
+            except Exception as exc:  # purged, missing, undecryptable: never its message
+                log.warning(
+                    "a notification's link could not be opened",
+                    notification=delivery.notification_id,
+                    sink=delivery.sink,
+                    error=type(exc).__name__,
+                )
+        if link is not None:
+            return {**payload, "link": link}
+        return {
+            **payload,
+            "link": None,
+            "link_missing": NO_LINK,
+            "summary": f"{payload.get('summary', '')} ({NO_LINK})",
+        }
+
     async def _send(self, sink: Sink, delivery: Delivery) -> SendResult:
         resend = delivery.status == "firing"
         try:
+            payload = await self._with_link(delivery)
             return await asyncio.wait_for(
-                sink.send(delivery.payload, resend=resend),
+                sink.send(payload, resend=resend),
                 timeout=self.settings.timeout_seconds + 1,
             )
         except TimeoutError:

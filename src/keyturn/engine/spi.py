@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from keyturn.domain.lifecycle import Trigger
 from keyturn.domain.model import ActionRecord, ManagedCredential, Phase, Rotation, SealedSecret
+from keyturn.domain.reminders import Reminders
 from keyturn.ports import Fence, RequestBudget, RequestObserver, SigningKey
 
 Detail = dict[str, Any]
@@ -241,6 +242,25 @@ class Action(Generic[C]):
     target: str | None = None
 
 
+#: An action outcome's ``notify`` value asking for the person's first invitation.
+USER_TASK = "user_task"
+
+
+def user_task(to: str, due: datetime, link_ref: str | None = None, **detail: Any) -> Detail:
+    """An action's outcome detail that also asks for a ``user_task`` notification: a task for
+    the person `to` (a username), due at `due` (schedule time), with the sealed link `link_ref`
+    (a secret id the deliverer opens at send time; never the link itself). The engine records
+    it as one ``run`` event with the outcome (so it is notified once, also when the outcome is
+    adopted after a crash)."""
+    return {
+        **detail,
+        "notify": USER_TASK,
+        "to": to,
+        "due": due.isoformat(),
+        "link_ref": link_ref,
+    }
+
+
 @dataclass(frozen=True)
 class Wait(Generic[C]):
     """A condition a step waits for (a holder, a bake time, an approval, a person).
@@ -249,7 +269,14 @@ class Wait(Generic[C]):
     the rotation is *waiting*: it records what for and since when, releases its lease and its
     worker slot, and is claimed again ``every(ctx)`` seconds later. A check is not an attempt
     and spends no retry budget; only the deadline (``deadline(ctx)`` seconds after the wait
-    began) ends it, by halting the rotation with the reason."""
+    began) ends it, by halting the rotation with the reason.
+
+    A wait on a person declares ``remind``: the :class:`Reminders` of the task (None: none).
+    Their ``due`` is then the wait's deadline (``deadline`` is not used), reminders go out as
+    ``reminder`` events (notified as ``reminder``) at their offsets, and at ``due`` an
+    ``escalated`` one; ``on_due`` says whether the rotation then halts or is left waiting,
+    overdue. Each check is scheduled at the earliest of ``every``, the next reminder and
+    ``due``."""
 
     phase: Phase
     name: str
@@ -258,6 +285,7 @@ class Wait(Generic[C]):
     deadline: Callable[[C], float]
     plan: Callable[[Facts], Sequence[Call]] = _no_calls
     when: Callable[[Facts], bool] = always
+    remind: Callable[[C], Reminders | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from keyturn.domain.errors import KeyturnError, ProviderError
 from keyturn.domain.lifecycle import Trigger
-from keyturn.domain.model import ActionRecord, ActionStatus, ManagedCredential, Phase, Rotation
+from keyturn.domain.model import (
+    ActionRecord,
+    ActionStatus,
+    Event,
+    ManagedCredential,
+    Phase,
+    Rotation,
+)
+from keyturn.domain.reminders import (
+    OVERDUE_SUFFIX,
+    PERSON_SUFFIX,
+    Reminders,
+    Sent,
+    decide,
+    overdue_words,
+)
 from keyturn.engine.run import RotationRun, db, new_secret_id
 from keyturn.engine.spi import (
     Action,
@@ -42,7 +57,14 @@ class Waiting(Exception):
     """The step waits: record what for, release the lease, check again at `next_check`."""
 
     def __init__(
-        self, key: str, what: str, since: datetime, deadline: datetime, next_check: datetime
+        self,
+        key: str,
+        what: str,
+        since: datetime,
+        deadline: datetime,
+        next_check: datetime,
+        *,
+        announce: bool = True,
     ) -> None:
         super().__init__(what)
         self.key = key
@@ -50,6 +72,8 @@ class Waiting(Exception):
         self.since = since
         self.deadline = deadline
         self.next_check = next_check
+        #: A change of what it waits for is an event (and a ``waiting`` notification).
+        self.announce = announce
 
     def updates(self) -> dict[str, Any]:
         return {
@@ -139,6 +163,10 @@ class StepContext(Generic[D, S]):
 
     def now(self) -> datetime:
         return self._run.now()
+
+    def schedule_now(self) -> datetime:
+        """The schedule's time (what waits, deadlines and a person's due date run on)."""
+        return self._run.deps.time.now()
 
     def fence(self) -> None:
         """Call before every request to the outside world a session does not fence itself."""
@@ -319,6 +347,10 @@ async def _wait(run: RotationRun, ctx: StepContext[Any, Any], wait: Wait[Any]) -
             await run.unit.add(updates=CLEAR_WAIT)
         return
     await ctx.save()
+    reminders = wait.remind(ctx) if wait.remind is not None else None
+    if reminders is not None:
+        await _person_wait(run, ctx, wait, key, pending, reminders)
+        return
     # deadlines on the schedule's clock (a test may run it faster); the next check on ours
     time = run.deps.time
     now = time.now()
@@ -335,6 +367,129 @@ async def _wait(run: RotationRun, ctx: StepContext[Any, Any], wait: Wait[Any]) -
         )
     next_check = min(deadline, now + timedelta(seconds=max(0.0, wait.every(ctx))))
     raise Waiting(key, pending, since, deadline, time.to_local(next_check))
+
+
+async def _person_wait(
+    run: RotationRun,
+    ctx: StepContext[Any, Any],
+    wait: Wait[Any],
+    key: str,
+    pending: str,
+    r: Reminders,
+) -> None:
+    """A wait on a person: the reminders due since the last one as one ``reminder`` event, the
+    escalation at ``due``, then a halt or an overdue wait (``on_due``). What was sent is read
+    from the rotation's events, so a worker killed after a commit never sends it again."""
+    time = run.deps.time
+    now = time.now()
+    rotation = run.rotation
+    same = rotation.wait_key in (key + PERSON_SUFFIX, key + OVERDUE_SUFFIX)
+    since = rotation.wait_since if same and rotation.wait_since is not None else now
+    sent = sent_reminders(await db(run.deps.store.events, rotation.id), key, since)
+    decision = decide(r, since, sent, now)
+    events: list[Event] = []
+    if decision.remind:
+        events.append(
+            _person_event(run, key, "reminder", r, now, since, pending, n=sent.count + 1,
+                          scheduled=decision.scheduled)
+        )  # fmt: skip
+    if decision.escalate:
+        events.append(_person_event(run, key, "escalated", r, now, since, pending))
+    if events:
+        await run.unit.add(events=events)
+    if decision.overdue and r.on_due == "halt":
+        raise WaitExpired(
+            f"{r.person} did not act by {_when(r.due)} (waited for {pending} since "
+            f"{_when(since)}); keyturn cannot act for them"
+        )
+    every = timedelta(seconds=max(0.0, wait.every(ctx)))
+    if decision.overdue:  # reported: left waiting, overdue, checked every `every`
+        raise Waiting(
+            key + OVERDUE_SUFFIX,
+            overdue_words(r.person, r.due),
+            since,
+            r.due,
+            time.to_local(now + every),
+            announce=False,  # the escalation (if any) says so
+        )
+    upcoming = decision.next_at or r.due
+    next_check = time.to_local(min(now + every, upcoming))
+    raise Waiting(key + PERSON_SUFFIX, pending, since, r.due, next_check)
+
+
+def sent_reminders(events: Sequence[Event], key: str, since: datetime) -> Sent:
+    """What the events of a wait (its key, begun at `since`) say was sent to its person."""
+    count, last, snoozed, escalated = 0, None, 0, False
+    for e in events:
+        d = e.detail
+        if e.kind != "run" or d.get("wait") != key or not _same_instant(d.get("since"), since):
+            continue
+        if d.get("status") == "reminder":
+            count += 1
+            last = datetime.fromisoformat(str(d["at"]))
+            snoozed = int(d.get("snoozed", 0))
+        elif d.get("status") == "escalated":
+            escalated = True
+    return Sent(count, last, snoozed, escalated)
+
+
+def _same_instant(text: object, at: datetime) -> bool:
+    """An event's recorded instant is `at` (to the second: a database may round)."""
+    try:
+        found = datetime.fromisoformat(str(text))
+    except ValueError:
+        return False
+    if found.tzinfo is None:
+        found = found.replace(tzinfo=UTC)
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return abs((found - at).total_seconds()) < 1.0
+
+
+def _person_event(
+    run: RotationRun,
+    key: str,
+    status: str,
+    r: Reminders,
+    now: datetime,
+    since: datetime,
+    pending: str,
+    *,
+    n: int | None = None,
+    scheduled: datetime | None = None,
+) -> Event:
+    rotation = run.rotation
+    detail: dict[str, Any] = {
+        "status": status,
+        "wait": key,
+        "since": since.isoformat(),
+        "to": r.person,
+        "due": r.due.isoformat(),
+        "link_ref": r.link_ref,
+        # the schedule's time (what a receiver checks the offsets against)
+        "at": now.isoformat(),
+        "snoozed": r.snoozes_counted,
+    }
+    if n is not None:
+        detail["reminder"] = n
+    if scheduled is not None:
+        detail["scheduled"] = scheduled.isoformat()
+    if status == "reminder":
+        reason = f"reminded {r.person} (reminder {n}) to act by {_when(r.due)}: {pending}"
+    else:
+        reason = f"escalated: {r.person} did not act by {_when(r.due)}" + (
+            " (left waiting, overdue)" if r.on_due == "report" else ""
+        )
+    return Event(
+        rotation_id=rotation.id,
+        at=run.now(),
+        kind="run",
+        actor=run.owner,
+        trigger=key.split(".", 1)[0],
+        from_state=rotation.state.value,
+        reason=reason,
+        detail=detail,
+    )
 
 
 def _when(at: datetime) -> str:

@@ -409,7 +409,8 @@ class Worker:
         release that follows gives back the lease and the slot. Not an attempt."""
         rotation = run.rotation
         events = []
-        if rotation.wait_key != wait.key or rotation.wait_for != wait.what:
+        changed = rotation.wait_key != wait.key or rotation.wait_for != wait.what
+        if changed and wait.announce:
             events.append(
                 Event(
                     rotation_id=rotation.id,

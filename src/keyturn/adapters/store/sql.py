@@ -83,6 +83,7 @@ from keyturn.domain.model import (
     WorkerRecord,
 )
 from keyturn.domain.notify import Notice, notices
+from keyturn.domain.reminders import OVERDUE_SUFFIX
 from keyturn.ports import Change, FleetFacts, RotationQuery
 
 #: SQLite waits this long for the write lock before giving up (milliseconds).
@@ -587,6 +588,7 @@ def attention_condition(
         or_(
             r.halted_reason.is_not(None),
             and_(r.wait_key.is_not(None), r.wait_key.like(f"{APPROVAL_PREFIX}%")),
+            and_(r.wait_key.is_not(None), r.wait_key.like(f"%{OVERDUE_SUFFIX}")),
             and_(r.lease_owner.is_not(None), r.lease_expires_at < now),
             and_(r.request_action.is_not(None), r.request_at < stale),
             and_(

@@ -5,6 +5,11 @@ The toy provider is a *ledger*: a JSON file of key ids, each with the fingerprin
 secret and whether it is active. A toy rotation mints a new key, deploys its secret to
 ``toy_file`` targets, bakes (a wait that holds no lease), then burns the old key: burning
 cannot be undone, so rollback is refused from its intent on.
+
+With a ``person`` table, burning the old key waits on a person (the human-task policy): the
+toy seals a link for them, asks keyturn to invite them (a ``user_task`` notification), and
+waits until they act (a file appears) with reminders, snoozes (a file holding how many they
+used) and escalation at the task's deadline.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import os
 import secrets
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -34,8 +40,10 @@ from keyturn.plugin import (
     KeyturnError,
     Kind,
     ManagedCredential,
+    PluginModel,
     R,
     ReconcileInput,
+    Reminders,
     Rotation,
     RotationData,
     Services,
@@ -45,6 +53,7 @@ from keyturn.plugin import (
     TargetConfig,
     Trigger,
     Wait,
+    user_task,
 )
 
 
@@ -151,6 +160,25 @@ class ToyFilePlugin:
 # ------------------------------------------------------------------------------ the kind
 
 
+class ToyPerson(PluginModel):
+    """``[credentials.NAME.person]``: who approves burning the old key, and the task's policy."""
+
+    name: str
+    #: The task is due this long after the invitation (schedule seconds).
+    due_seconds: float = Field(gt=0)
+    remind_before: list[float] = Field(default_factory=list)
+    remind_every: float | None = None
+    snoozes: int = 0
+    snooze_seconds: float = 0.0
+    #: Holds the number of snoozes the person used (absent: none).
+    snooze_file: Path | None = None
+    #: Appears when the person acted.
+    acted_file: Path
+    escalate: bool = True
+    on_due: Literal["halt", "report"] = "halt"
+    check_seconds: float = Field(default=3600.0, gt=0)
+
+
 class ToyConfig(CredentialConfig):
     #: The ledger file (the toy provider).
     ledger: Path
@@ -158,6 +186,8 @@ class ToyConfig(CredentialConfig):
     bake_seconds: float = Field(default=0.0, ge=0)
     #: How long the bake may wait at most (a bake longer than this halts the rotation).
     bake_deadline_seconds: float = Field(default=3600.0, gt=0)
+    #: A person who must act before the old key is burnt (None: nobody).
+    person: ToyPerson | None = None
 
 
 class ToyData(RotationData):
@@ -166,6 +196,11 @@ class ToyData(RotationData):
     new_key_id: str | None = None
     new_ref: str | None = None
     new_fingerprint: str | None = None
+    #: The person asked (from the configuration when the rotation started).
+    person: str | None = None
+    #: The sealed link sent to them, and their task's deadline (schedule time, ISO).
+    link_ref: str | None = None
+    person_due: str | None = None
 
 
 Ctx = StepContext[ToyData, Ledger]
@@ -263,6 +298,65 @@ async def _finish_rollback(ctx: Ctx) -> Finish:
     return await _finish(ctx, ctx.data.old_key_id, ctx.data.old_ref)
 
 
+def _person(ctx: Ctx) -> ToyPerson:
+    person = _config(ctx).person
+    if person is None:
+        raise StepError("this toy credential has no [person] table any more", retryable=False)
+    return person
+
+
+async def _seal_link(ctx: Ctx) -> None:
+    if ctx.data.link_ref is not None:
+        return
+    link = f"https://toy.example/task/{secrets.token_urlsafe(24)}"
+    due = ctx.schedule_now().timestamp() + _person(ctx).due_seconds
+    ctx.update(
+        link_ref=ctx.seal("user_link", link.encode()),
+        person_due=datetime.fromtimestamp(due, tz=ctx.schedule_now().tzinfo).isoformat(),
+    )
+
+
+async def _invite(ctx: Ctx) -> Detail:
+    due = datetime.fromisoformat(ctx.data.person_due or "")
+    return user_task(_person(ctx).name, due, ctx.data.link_ref)
+
+
+def _read_int(path: Path | None) -> int:
+    if path is None:
+        return 0
+    try:
+        return int(path.read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+async def _person_acted(ctx: Ctx) -> str | None:
+    person = _person(ctx)
+    if await ctx.services.blocking(person.acted_file.exists):
+        return None
+    return f"{person.name} to approve burning the old toy key"
+
+
+def _reminders(ctx: Ctx) -> Reminders:
+    person = _person(ctx)
+    return Reminders(
+        person=person.name,
+        due=datetime.fromisoformat(ctx.data.person_due or ""),
+        before=person.remind_before,
+        then_every=person.remind_every,
+        snoozes=person.snoozes,
+        snooze_seconds=person.snooze_seconds,
+        snoozed=_read_int(person.snooze_file),  # small local file: read inline
+        escalate=person.escalate,
+        on_due=person.on_due,
+        link_ref=ctx.data.link_ref,
+    )
+
+
+def _asks_person(facts: Facts) -> bool:
+    return getattr(facts.data, "person", None) is not None
+
+
 def _to_targets(note: str) -> Any:
     def plan(facts: Facts) -> list[Call]:
         return [Call.target(t, "deploy", note=note) for t in facts.targets]
@@ -301,12 +395,30 @@ STEPS: Mapping[Trigger, Step[Ctx]] = {
         [
             Action(
                 F,
+                "invite_person",
+                _invite,
+                plan=lambda _f: [Call("person", op="invite", note="a link to approve")],
+                prepare=_seal_link,
+                when=_asks_person,
+            ),
+            Wait(
+                F,
+                "person",
+                _person_acted,
+                every=lambda ctx: _person(ctx).check_seconds,
+                deadline=lambda ctx: _person(ctx).due_seconds,
+                plan=lambda _f: [Call.wait("the person")],
+                when=_asks_person,
+                remind=_reminders,
+            ),
+            Action(
+                F,
                 "burn_old",
                 _burn_old,
                 plan=lambda _f: [Call("ledger", op="burn", note="old key gone for good")],
                 reconcile=_old_burnt,
                 irreversible=True,
-            )
+            ),
         ],
         finish=_finish_forward,
     ),
@@ -348,10 +460,18 @@ class ToyKind(Kind):
             return f"key credentials.{name}.ledger: a toy ledger is a .json file"
         return None
 
+    def options(self, config: CredentialConfig) -> dict[str, Any]:
+        assert isinstance(config, ToyConfig)
+        return {"person": config.person.name} if config.person is not None else {}
+
     def start(self, credential: ManagedCredential, options: Mapping[str, Any]) -> ToyData:
         if credential.key_ref is None:
             raise KeyturnError(f"toy credential {credential.name} has no stored secret")
-        return ToyData(old_key_id=credential.credential_id, old_ref=credential.key_ref)
+        return ToyData(
+            old_key_id=credential.credential_id,
+            old_ref=credential.key_ref,
+            person=options.get("person"),
+        )
 
     def retained(self, data: Any) -> Sequence[str]:
         return [data.old_ref]
