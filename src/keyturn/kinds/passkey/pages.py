@@ -40,10 +40,12 @@ from urllib.parse import urlencode
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from keyturn.kinds.passkey.tasks import (
     OLD_DEACTIVATED,
@@ -217,7 +219,10 @@ def request_options(challenge: PasskeyChallenge, credential: ProviderCredential)
     return options
 
 
-def creation_options(creation: PasskeyCreation) -> dict[str, Any]:
+def creation_options(creation: PasskeyCreation, replaces: str | None = None) -> dict[str, Any]:
+    """navigator.credentials.create's publicKey options. The passkey being replaced
+    (`replaces`) is left out of excludeCredentials: the new one may live on the same device
+    (a new key pair for the same account, which is what a rotation is)."""
     raw = creation.options
     rp = raw.get("rp") if isinstance(raw.get("rp"), Mapping) else {}
     user = raw.get("user") if isinstance(raw.get("user"), Mapping) else {}
@@ -237,7 +242,7 @@ def creation_options(creation: PasskeyCreation) -> dict[str, Any]:
         "excludeCredentials": [
             {"type": "public-key", "id": str(c.get("id"))}
             for c in exclude
-            if isinstance(c, Mapping) and c.get("id")
+            if isinstance(c, Mapping) and c.get("id") and c.get("id") != replaces
         ],
         "authenticatorSelection": dict(raw.get("authenticatorSelection") or {}),
         "attestation": "none",
@@ -290,11 +295,15 @@ def credential_info(answer: Mapping[str, Any]) -> dict[str, str]:
 def check_assertion(
     cred_id: str, handle: str | None, expect: str | None, user_id: str | None
 ) -> None:
-    """The assertion comes from the passkey the step needs and names this user (checked
-    before anything reaches the provider)."""
+    """The assertion comes from the passkey the step needs (one of this user's, by its id at
+    the provider) and, when the authenticator returns a userHandle (a discoverable passkey
+    does; a non-discoverable one may not), it names this user. Checked before anything
+    reaches the provider."""
     if expect is None or not hmac.compare_digest(cred_id, expect):
         raise Refused(NOT_YOURS)
-    if user_id is None or handle is None:
+    if handle is None:
+        return
+    if user_id is None:
         raise Refused(NOT_YOURS)
     try:
         named = _b64u_decode(handle)
@@ -489,7 +498,11 @@ class UserPages:
         if handler is None:
             return self.json({"error": "Not found."}, 404)
         try:
-            return self.json(await handler(request))
+            response = self.json(await handler(request))
+            opened = getattr(request.state, "opened", None)
+            if isinstance(opened, Session):
+                self._set_cookie(response, opened)
+            return response
         except Refused as exc:
             return self.json({"error": exc.message}, exc.status)
         except LinkRefused as exc:
@@ -568,7 +581,7 @@ class UserPages:
                     return {"next": True}
                 creation = await user.registration(origin)
                 session.pending = Pending(stage, creation=creation)
-                return {"create": creation_options(creation)}
+                return {"create": creation_options(creation, old.credential_id)}
             if stage == "move":
                 if new is not None:
                     await self._record(task, REGISTERED, self._registered(new))
@@ -757,6 +770,7 @@ class UserPages:
         if origin != task.new_origin:
             raise Refused(WRONG_ORIGIN)
         session = self._new_session(task, origin, handoff.link_hash)
+        request.state.opened = session
         result: dict[str, Any] = {"csrf": session.csrf}
         code = body.get("c")
         if isinstance(code, str) and code and REGISTERED not in task.evidence:
@@ -769,7 +783,7 @@ class UserPages:
                 else:
                     creation = await provider.code_registration(code, origin)
                     session.pending = Pending("register-code", creation=creation, via_code=True)
-                    result["create"] = creation_options(creation)
+                    result["create"] = creation_options(creation, task.old_credential_id)
             finally:
                 await provider.aclose()
         log.info("passkey rotation %s: continued on the new origin", task.rotation_id)
@@ -799,9 +813,28 @@ class UserPages:
         )
 
 
+class HideLinkTokens:
+    """ASGI middleware: the app sees ``/l/{token}``; the server's own view of the request (the
+    scope dict it logs its access line from) says ``/l/-``, so no access log holds a token."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and str(scope.get("path", "")).startswith("/l/"):
+            inner = dict(scope)
+            scope["path"] = "/l/-"
+            scope["raw_path"] = b"/l/-"
+            scope["query_string"] = b""
+            await self.app(inner, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def user_app(tasks: PasskeyTasks, *, secure_cookies: bool) -> Starlette:
     """The user pages for passkey rotations (mount on the user listener, its own origin)."""
     pages = UserPages(tasks, secure_cookies=secure_cookies)
     app = pages.routes_app()
+    app.user_middleware.insert(0, Middleware(HideLinkTokens))
     app.state.pages = pages
     return app
