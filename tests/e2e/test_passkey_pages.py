@@ -32,7 +32,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -140,6 +139,7 @@ class Env:
         ctx.set_default_timeout(20_000)
         page = ctx.new_page()
         page.on("response", self._keep)
+        page.on("request", self._handed)
         page.on("console", lambda m: print(f"console {m.type}: {m.text}"))
         return ctx, page, VirtualAuthenticator.attach(ctx, page)
 
@@ -152,10 +152,13 @@ class Env:
             if "text/html" in kind:
                 where = re.sub(r"/l/.*", "/l/…", response.url)
                 self.pages[f"{len(self.pages)} {response.request.method} {where}"] = body
-            elif "json" in kind and b"redirect" in body:
-                target = json.loads(body)["redirect"]
-                for name, values in parse_qs(urlsplit(target).fragment).items():
-                    self.secrets[f"fragment {name} {len(self.secrets)}"] = values[0]
+
+    def _handed(self, request: Any) -> None:
+        """The code and hand-off token the new origin's page hands in (from the fragment)."""
+        if request.url.endswith("/api/handoff") and request.post_data:
+            for name, value in json.loads(request.post_data).items():
+                if value:
+                    self.secrets[f"fragment {name} {len(self.secrets)}"] = value
 
     def user(self, index: int) -> dict[str, Any]:
         return self.sandbox.end_user(index)

@@ -82,7 +82,7 @@
         try {
           credential = r.get ? await getAssertion(r.get) : await createCredential(r.create);
         } catch (e) {
-          console.warn("passkey prompt failed:", e && e.name, e && e.message, JSON.stringify(r.get || r.create));
+          console.warn("passkey prompt failed:", e && e.name);
           throw new Error("The passkey prompt was closed or found no matching passkey. Nothing was changed; try again.");
         }
         say("Checking…");
