@@ -91,15 +91,19 @@ class PagesServer:
         probe.close()
         self.server: uvicorn.Server | None = None
         self.thread: threading.Thread | None = None
+        self.log_handler: logging.Handler | None = None
 
     def start(self) -> PagesServer:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self.port))
         app = user_app(self.tasks, secure_cookies=False)
-        server = uvicorn.Server(
-            uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
-        )
+        # with uvicorn's access log on (keyturn serve turns it off): the link's token must
+        # not reach it either
+        config = uvicorn.Config(app, log_config=None, access_log=True, lifespan="off")
+        if self.log_handler is not None:
+            logging.getLogger("uvicorn.access").addHandler(self.log_handler)
+        server = uvicorn.Server(config)
         self.server = server
         self.thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
@@ -217,6 +221,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         for n in ("keyturn", "uvicorn", "uvicorn.error", "uvicorn.access", "starlette")
     ]
     levels = [w.level for w in watched]
+    server.log_handler = handler
     for w in watched:
         w.addHandler(handler)
         w.setLevel(logging.DEBUG)
@@ -261,6 +266,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 browser.close()
     finally:
         server.stop()
+        logging.getLogger("uvicorn.access").removeHandler(handler)
         for w, level in zip(watched, levels, strict=True):
             w.removeHandler(handler)
             w.setLevel(level)
@@ -551,6 +557,7 @@ def test_no_secret_in_any_page_or_the_server_log(env: Env) -> None:
             problems.append(f"{name}: a token-shaped string")
     text = env.log.read_bytes()
     assert b"passkey rotation rot-direct" in text  # the log is the pages' own
+    assert b'"GET /l/- HTTP/1.1" 200' in text  # and the server's access log, token hidden
     found = scan_bytes(text, env.secrets)
     if found:
         problems.append(f"server log: {describe(found)}")
