@@ -101,8 +101,9 @@ class PagesServer:
         # with uvicorn's access log on (keyturn serve turns it off): the link's token must
         # not reach it either
         config = uvicorn.Config(app, log_config=None, access_log=True, lifespan="off")
-        if self.log_handler is not None:
-            logging.getLogger("uvicorn.access").addHandler(self.log_handler)
+        access = logging.getLogger("uvicorn.access")
+        if self.log_handler is not None and self.log_handler not in access.handlers:
+            access.addHandler(self.log_handler)
         server = uvicorn.Server(config)
         self.server = server
         self.thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -455,6 +456,17 @@ def test_superseded_reused_and_expired_links_are_refused_and_change_nothing(env:
         ui.snooze().at("signin")
         ui.snooze()
         expect(ui.error).to_contain_text("cannot be put off again")
+        # the task changed under the page, or the rotation is no longer actionable
+        env.tasks.change("rot-links", task="rollback")
+        changed = ui.post("/api/begin", {"stage": "signin"})
+        assert changed["status"] == 409, changed
+        env.tasks.change("rot-links", task="enrol")
+        ui.open_link(env.old, second).at("signin")
+        env.tasks.change("rot-links", finished=True)
+        finished = ui.post("/api/snooze", {})
+        assert finished["status"] == 409 and "nothing left" in finished["body"]["error"]
+        ui.open_refused_link(env.old, second)
+        env.tasks.change("rot-links", finished=False)
         # an expired link
         env.tasks.change(
             "rot-links", expires_at=env.tasks.rotations["rot-links"].expires_at.replace(year=2000)

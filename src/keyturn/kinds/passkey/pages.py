@@ -821,10 +821,12 @@ class HideLinkTokens:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and str(scope.get("path", "")).startswith("/l/"):
+        path = str(scope.get("path", "")) if scope["type"] == "http" else ""
+        at = path.find("/l/")
+        if at >= 0:  # also when mounted under a prefix
             inner = dict(scope)
-            scope["path"] = "/l/-"
-            scope["raw_path"] = b"/l/-"
+            scope["path"] = path[:at] + "/l/-"
+            scope["raw_path"] = scope["path"].encode()
             scope["query_string"] = b""
             await self.app(inner, receive, send)
             return
