@@ -13,7 +13,10 @@ sandbox's authenticator state file.
 - refused: someone else's passkey, a superseded or reused link, an expired link, a snooze past
   the limit: refused with one sentence, nothing changed at the sandbox;
 - a restarted server and a repeat visit after the registration do not register again;
-- rollback; axe; and last, the secret scan of every page and the server's log.
+- rollback; axe; and at the end of each test, the secret scan of every page and the log.
+
+Each test stands alone (pytest-xdist may send them to different workers; each worker then
+has its own sandbox, server and browser).
 """
 
 from __future__ import annotations
@@ -65,14 +68,6 @@ from keyturn.testing.authenticator import SoftwareAuthenticator  # noqa: E402
 from keyturn.testing.secret_scan import describe, scan_bytes  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("passkey_pages")
-
-#: The passkeys the direct test's browser held at the end (private keys included), by
-#: credential id, for the rollback test's browser.
-CREATED: dict[str, dict[str, Any]] = {}
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 #: A delegated token (a JWT) or a sandbox user-action token, wherever one shows up.
@@ -195,6 +190,27 @@ class Env:
             if cookie["name"] == SESSION_COOKIE:
                 self.secrets[f"session {len(self.secrets)}"] = cookie["value"]
 
+    def assert_no_secrets(self) -> None:
+        """No page the browser got so far, nor the pages' log (their own and uvicorn's access
+        log), holds a link token, code, hand-off token, session cookie, delegated token or
+        user-action token."""
+        problems: list[str] = []
+        for name, body in self.pages.items():
+            found = scan_bytes(body, self.secrets)
+            if found:
+                problems.append(f"{name}: {describe(found)}")
+            if TOKEN_SHAPES.search(body):
+                problems.append(f"{name}: a token-shaped string")
+        text = self.log.read_bytes()
+        assert b"passkey rotation rot-" in text  # the log is the pages' own
+        assert b'"GET /l/- HTTP/1.1" 200' in text  # and the server's access log, token hidden
+        found = scan_bytes(text, self.secrets)
+        if found:
+            problems.append(f"server log: {describe(found)}")
+        if TOKEN_SHAPES.search(text):
+            problems.append("server log: a token-shaped string")
+        assert not problems, problems
+
     def shot(self, page: Page, name: str) -> None:
         page.screenshot(path=str(self.out / f"{name}.png"), full_page=True)
 
@@ -208,7 +224,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     new = f"http://new.localhost:{server.port}"
     sandbox = start_sandbox(
         base / "sandbox",
-        end_users=6,
+        end_users=7,
         extra_args=[
             *("--webauthn-origin", old, "--webauthn-origin", new),
             *("--webauthn-rp-id", "old.localhost", "--webauthn-rp-id", "new.localhost"),
@@ -306,10 +322,7 @@ def test_direct_enrolment_signs_in_registers_proves_and_deactivates(env: Env) ->
         env.shot(page, "direct-3-done")
         assert not _critical_axe(page)
         env.keep_cookies(ctx)
-        held = device.credentials()
-        assert len(held) == 2
-        for credential in held:  # for the rollback test's browser
-            CREATED[_b64url(base64.b64decode(credential["credentialId"]))] = credential
+        assert len(device.credentials()) == 2
     finally:
         ctx.close()
     creds = env.credentials(0)
@@ -322,6 +335,7 @@ def test_direct_enrolment_signs_in_registers_proves_and_deactivates(env: Env) ->
     assert set(evidence) == {REGISTERED, PROVEN, OLD_DEACTIVATED}
     assert evidence[REGISTERED]["credential_uuid"] == new["credentialUuid"]
     assert evidence[PROVEN] == {"credential_id": new["credentialId"], "origin": env.old}
+    env.assert_no_secrets()
 
 
 # ----------------------------------------------------------------------- domain move
@@ -358,6 +372,7 @@ def test_domain_move_registers_on_the_new_origin_then_the_cutover_link_deactivat
         )
         assert creds[user["credential_uuid"]]["isActive"] is True  # the old domain still works
         assert set(env.tasks.rotations[rid].evidence) == {REGISTERED, PROVEN}
+        assert any(k.startswith("fragment c") for k in env.secrets)  # the code is scanned for
 
         # the cutover: the next link asks the user (on the new origin) to switch the old off
         env.tasks.change(rid, origin=env.new, new_origin=None)
@@ -373,6 +388,7 @@ def test_domain_move_registers_on_the_new_origin_then_the_cutover_link_deactivat
     assert creds[user["credential_uuid"]]["isActive"] is False
     assert len(_named(creds, rid)) == 1 and len(creds) == 2
     assert OLD_DEACTIVATED in env.tasks.rotations[rid].evidence
+    env.assert_no_secrets()
 
 
 # ---------------------------------------------------------------------------- refused
@@ -427,6 +443,7 @@ def test_someone_elses_passkey_is_refused_before_it_reaches_the_provider(env: En
         ctx.close()
     assert (env.credentials(2), env.credentials(3)) == before
     assert env.tasks.rotations["rot-else"].evidence == {}
+    env.assert_no_secrets()
 
 
 def test_superseded_reused_and_expired_links_are_refused_and_change_nothing(env: Env) -> None:
@@ -484,6 +501,7 @@ def test_superseded_reused_and_expired_links_are_refused_and_change_nothing(env:
         ctx2.close()
     assert env.credentials(4) == before
     assert set(env.tasks.rotations["rot-links"].evidence) == {"snoozed:1", "snoozed:2"}
+    env.assert_no_secrets()
 
 
 # ------------------------------------------------------------------ restart, repeat
@@ -521,24 +539,27 @@ def test_a_restarted_server_or_a_repeat_visit_does_not_register_again(env: Env) 
     creds = env.credentials(5)
     assert len(_named(creds, rid)) == 1 and len(creds) == 2
     assert creds[user["credential_uuid"]]["isActive"] is False
+    env.assert_no_secrets()
 
 
 def test_rollback_reactivates_the_old_passkey_and_deactivates_the_new(env: Env) -> None:
-    user = env.user(0)  # after the direct enrolment: old inactive, new active
-    rid = "rot-direct"
-    env.tasks.change(rid, task="rollback")
-    token = env.new_link(rid)
+    user = env.user(6)
+    rid = "rot-rollback"
+    token = env.link(rid, 6)
     ctx, page, device = env.context()
     try:
-        # both passkeys as the direct test's browser left them (keys and sign counters)
-        registered = env.tasks.rotations[rid].evidence[REGISTERED]
-        new_uuid = registered["credential_uuid"]
-        for credential_id in (user["credential_id"], registered["credential_id"]):
-            device.cdp.send(
-                "WebAuthn.addCredential",
-                {"authenticatorId": device.id, "credential": CREATED[credential_id]},
-            )
-        ui = PasskeyPage(page).open_link(env.old, token).at("rollback")
+        device.import_passkey(env.state_file, user["credential_id"])
+        ui = PasskeyPage(page).open_link(env.old, token).at("signin")
+        ui.act("Sign in with your current passkey").at("register")
+        ui.act("Register your new passkey").at("prove")
+        ui.act("Use your new passkey").at("done")
+        new_uuid = env.tasks.rotations[rid].evidence[REGISTERED]["credential_uuid"]
+        assert env.credentials(6)[user["credential_uuid"]]["isActive"] is False
+        # the rollback link: the old passkey back on (signed by the new), the new one off
+        # (signed by the old)
+        env.tasks.change(rid, task="rollback")
+        token = env.new_link(rid)
+        ui.open_link(env.old, token).at("rollback")
         assert not _critical_axe(page)
         ui.act("Undo the passkey change").at("done")
         expect(ui.lead).to_contain_text("The change is undone")
@@ -551,34 +572,18 @@ def test_rollback_reactivates_the_old_passkey_and_deactivates_the_new(env: Env) 
         env.keep_cookies(ctx)
     finally:
         ctx.close()
-    creds = env.credentials(0)
+    creds = env.credentials(6)
     assert creds[user["credential_uuid"]]["isActive"] is True
     assert creds[new_uuid]["isActive"] is False
     assert ROLLED_BACK in env.tasks.rotations[rid].evidence
+    env.assert_no_secrets()
 
 
 # ------------------------------------------------------------------------ secret scan
 
 
 def test_no_secret_in_any_page_or_the_server_log(env: Env) -> None:
-    """Runs last: every HTML page the browser got in this module and the pages' log hold no
-    link token, code, hand-off token, session cookie, delegated or user-action token."""
-    assert len(env.pages) >= 30, sorted(env.pages)
-    assert sum(1 for k in env.secrets if k.startswith("fragment c")) >= 1  # a code was seen
-    assert sum(1 for k in env.secrets if k.startswith("session")) >= 4
-    problems: list[str] = []
-    for name, body in env.pages.items():
-        found = scan_bytes(body, env.secrets)
-        if found:
-            problems.append(f"{name}: {describe(found)}")
-        if TOKEN_SHAPES.search(body):
-            problems.append(f"{name}: a token-shaped string")
-    text = env.log.read_bytes()
-    assert b"passkey rotation rot-direct" in text  # the log is the pages' own
-    assert b'"GET /l/- HTTP/1.1" 200' in text  # and the server's access log, token hidden
-    found = scan_bytes(text, env.secrets)
-    if found:
-        problems.append(f"server log: {describe(found)}")
-    if TOKEN_SHAPES.search(text):
-        problems.append("server log: a token-shaped string")
-    assert not problems, problems
+    """Every HTML page the browser got in this module (on this worker) and the pages' log,
+    once more at the end (each test also scans when it ends)."""
+    assert env.pages and env.secrets
+    env.assert_no_secrets()
