@@ -19,6 +19,12 @@ the step needs, and from this rotation's user, before it reaches the provider.
   creation options of the new passkey (the code is used at once, never stored).
 - ``POST /api/snooze``: "remind me later".
 
+A limit of the direct flow (Create Credential signed by the OLD passkey after the browser made
+the new one): an authenticator that already holds the old passkey as a discoverable credential
+replaces it with the new one (same rpId and user handle), so the old one can no longer sign the
+Create Credential there. Registering on another device works; on the same device, the code flow
+(the old passkey signs Create Credential Code first, as in the domain move) would.
+
 JSON endpoints need the session's CSRF token in ``X-CSRF-Token`` and a same-origin ``Origin``.
 Each request reads the task afresh and refuses (one sentence) a session whose link was
 superseded, whose task changed, or whose rotation is no longer actionable. Never shown or
