@@ -406,6 +406,7 @@ def test_someone_elses_passkey_is_refused_before_it_reaches_the_provider(env: En
         ui.act("Sign in with your current passkey")
         expect(ui.error).to_contain_text("Nothing was changed")
         ui.at("signin")
+        env.shot(page, "refused-1-someone-else")
         # a hand-made assertion by the other user's passkey over the page's own challenge
         begun = ui.post("/api/begin", {"stage": "signin"})
         assert begun["status"] == 200
@@ -437,7 +438,6 @@ def test_someone_elses_passkey_is_refused_before_it_reaches_the_provider(env: En
         assert ui.post("/api/begin", {"stage": "signin"}, csrf="")["status"] == 403
         page.reload()
         ui.at("signin")
-        env.shot(page, "refused-1-someone-else")
         env.keep_cookies(ctx)
     finally:
         ctx.close()
