@@ -13,6 +13,9 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from playwright.sync_api import BrowserContext, CDPSession, Locator, Page, expect
 
+#: The old passkey goes in as a non-discoverable credential: a discoverable one for the same
+#: rpId and user handle would be replaced by the new passkey the page makes on this same
+#: authenticator (CTAP2), and could then no longer sign Create Credential (see pages.py).
 RESIDENT = False
 
 
