@@ -18,7 +18,8 @@ installed.
 A kind reaches the provider through ``services.provider_session(factory, credential)``: keyturn
 resolves the credential's provider, token and (``with_key=True``) current signing key into a
 :class:`ProviderAccess`, and the factory turns that into a session; :func:`dfns_key_session` and
-:func:`dfns_webhook_session` are the Dfns ones.
+:func:`dfns_webhook_session` and :func:`dfns_passkey_session` (end users' passkeys, by
+delegation) are the Dfns ones.
 """
 
 from __future__ import annotations
@@ -65,9 +66,15 @@ from keyturn.ports import (
     DeployedMaterial,
     Fence,
     KeyProvider,
+    OneTimeCode,
+    PasskeyCall,
+    PasskeyChallenge,
+    PasskeyCreation,
     PasskeyProvider,
     ProviderCredential,
+    SignedCall,
     SigningKey,
+    UserPasskeys,
     WebhookInfo,
     WebhookProvider,
 )
@@ -101,8 +108,12 @@ __all__ = [
     "Kind",
     "KindPlugin",
     "ManagedCredential",
+    "OneTimeCode",
     "Operations",
     "Outcome",
+    "PasskeyCall",
+    "PasskeyChallenge",
+    "PasskeyCreation",
     "PasskeyProvider",
     "Phase",
     "PluginModel",
@@ -117,6 +128,7 @@ __all__ = [
     "Rotation",
     "RotationData",
     "Services",
+    "SignedCall",
     "SigningKey",
     "State",
     "Step",
@@ -126,6 +138,7 @@ __all__ = [
     "TargetOp",
     "TargetPlugin",
     "Trigger",
+    "UserPasskeys",
     "Wait",
     "WebhookInfo",
     "WebhookProvider",
@@ -175,16 +188,18 @@ def dfns_webhook_session(access: ProviderAccess) -> WebhookProvider:
 
 
 def dfns_passkey_session(access: ProviderAccess) -> PasskeyProvider:
-    """A Dfns session that logs end users in by delegation (signed with `access`'s current key:
-    ask for the access with ``with_key=True``) and reads their credentials."""
-    from keyturn.adapters.dfns.user_reads import user_reads_for
+    """A Dfns session for end users' passkeys: `access` is the signing service account's,
+    with its current key (Delegated Login is signed by it; ask with ``with_key=True``). The
+    users' own writes are signed by their passkeys in their browsers."""
+    from keyturn.adapters.dfns.passkey_provider import passkey_provider_for
 
     if access.key is None:
         raise KeyturnError(
-            f"credential {access.credential}: delegated login is signed with the credential's "
-            "current key; open it with provider_session(..., with_key=True)"
+            f"credential {access.credential}: a passkey session logs users in by delegation, "
+            "signed with the credential's current key; open it with "
+            "provider_session(..., with_key=True)"
         )
-    return user_reads_for(
+    return passkey_provider_for(
         access.base_url,
         access.token,
         access.key.credential_id,

@@ -6,10 +6,10 @@ Every datetime crossing a port is timezone-aware UTC.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from keyturn.domain.errors import KeyturnError
 from keyturn.domain.lifecycle import State
@@ -774,6 +774,127 @@ class Sink(Protocol):
     async def aclose(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class PasskeyCreation:
+    """Options to create a passkey in the user's browser (Create Credential Challenge, or
+    Challenge With Code): `options` are the provider's, as they came (rp, user, challenge,
+    pubKeyCredParams, excludeCredentials, authenticatorSelection)."""
+
+    challenge_identifier: str
+    challenge: str
+    rp_id: str | None
+    user_id: str | None
+    options: Mapping[str, Any] = field(repr=False, compare=False)
+
+
+#: What a user action asks the provider to do once signed.
+PasskeyCall = Literal["activate", "deactivate", "create_passkey", "create_code"]
+
+
+@dataclass(frozen=True)
+class PasskeyChallenge:
+    """A user-action challenge for one request the user signs in the browser (navigator
+    .credentials.get over `challenge`); `allowed` are the user's active passkeys the provider
+    accepts. `request` is the adapter's own record of what will be sent (opaque)."""
+
+    call: PasskeyCall
+    challenge: str
+    rp_id: str | None
+    user_verification: str | None
+    allowed: tuple[str, ...]
+    request: Any = field(repr=False, compare=False)
+
+
+class SignedCall:
+    """A user-action token the provider issued for a :class:`PasskeyChallenge` (the user's
+    assertion was accepted: the proof that the passkey works). Masked in repr and str; it
+    cannot be pickled; sent once."""
+
+    __slots__ = ("_token", "challenge")
+
+    def __init__(self, challenge: PasskeyChallenge, token: str) -> None:
+        self.challenge = challenge
+        self._token = token
+
+    def reveal(self) -> str:
+        return self._token
+
+    def __repr__(self) -> str:
+        return f"SignedCall({self.challenge.call!r}, '***')"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a SignedCall holds a user-action token and cannot be pickled")
+
+
+class OneTimeCode:
+    """A Create Credential Code: it lets a passkey be added without authentication, so it is
+    masked in repr and str, cannot be pickled, and is never stored or logged."""
+
+    __slots__ = ("_code", "expiration")
+
+    def __init__(self, code: str, expiration: str | None = None) -> None:
+        self._code = code
+        self.expiration = expiration
+
+    def reveal(self) -> str:
+        return self._code
+
+    def __repr__(self) -> str:
+        return "OneTimeCode('***')"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a OneTimeCode is a credential and cannot be pickled")
+
+
+class UserPasskeys(Protocol):
+    """One end user at the provider, logged in by delegation: the delegated token is held
+    inside (never returned, logged or shown in a repr). It reads as the user; each write is a
+    :class:`PasskeyChallenge` the user signs in the browser, :meth:`accept` ed by the
+    provider, then sent."""
+
+    @property
+    def username(self) -> str: ...
+
+    @property
+    def user_id(self) -> str | None:
+        """The provider's id of the user (the passkeys' WebAuthn user handle), if known."""
+
+    async def credentials(self) -> list[ProviderCredential]: ...
+
+    async def registration(self, origin: str) -> PasskeyCreation:
+        """Create Credential Challenge for a passkey made in a browser at `origin`."""
+
+    async def challenge(
+        self,
+        call: PasskeyCall,
+        *,
+        credential_uuid: str | None = None,
+        creation: PasskeyCreation | None = None,
+        credential_info: Mapping[str, str] | None = None,
+        name: str | None = None,
+    ) -> PasskeyChallenge:
+        """The user-action challenge for `call`: activate/deactivate `credential_uuid`,
+        create_passkey (`creation`, the browser's `credential_info`, `name`), create_code (a
+        code valid for about a minute from now)."""
+
+    async def accept(
+        self, challenge: PasskeyChallenge, first_factor: Mapping[str, Any]
+    ) -> SignedCall:
+        """`/auth/action` with the browser's assertion: the provider accepted it (else
+        ProviderError). Nothing is changed until the call is sent."""
+
+    async def send(self, signed: SignedCall) -> None:
+        """Send an activate or deactivate call."""
+
+    async def create_passkey(self, signed: SignedCall) -> ProviderCredential: ...
+
+    async def create_code(self, signed: SignedCall) -> OneTimeCode: ...
+
+
 class PasskeyProvider(Protocol):
     """End users' passkeys at the provider, as a service account that logs users in by
     delegation (reads only: every write for a user is signed by the user's passkey, relayed
@@ -787,5 +908,16 @@ class PasskeyProvider(Protocol):
         """The rpId the provider gives passkeys registered by `username` from `origin` (a
         registration challenge, nothing registered); ProviderError when the provider does not
         allow that origin."""
+
+    async def login(self, username: str) -> UserPasskeys:
+        """Delegated Login: act as the end user `username` (valid while this session is)."""
+
+    async def code_registration(self, code: OneTimeCode | str, origin: str) -> PasskeyCreation:
+        """Challenge With Code (unauthenticated) for a passkey made in a browser at `origin`."""
+
+    async def create_passkey_with_code(
+        self, creation: PasskeyCreation, credential_info: Mapping[str, str], name: str
+    ) -> ProviderCredential:
+        """Create Credential With Code (unauthenticated, unsigned)."""
 
     async def aclose(self) -> None: ...

@@ -177,6 +177,7 @@ class DfnsClient:
         self._token = token
         self._signer = signer
         self._relay: AssertionRelay | None = None
+        self._presented: str | None = None
         self._timeout = float(timeout)
         self._http = httpx.AsyncClient(
             base_url=self._base_url,
@@ -209,6 +210,7 @@ class DfnsClient:
         derived._token = self._token
         derived._signer = signer
         derived._relay = None
+        derived._presented = None
         derived._timeout = self._timeout
         derived._safe_retries = self._safe_retries
         derived._fence = self._fence
@@ -230,6 +232,19 @@ class DfnsClient:
         derived = self._derive(None)
         derived._token = value
         derived._relay = relay
+        return derived
+
+    def presenting(self, user_action: str) -> DfnsClient:
+        """A client acting as this one's caller (same token, connections and relay) whose next
+        signed call presents `user_action` instead of signing: a token from
+        :meth:`complete_user_action` for exactly that call (method, path and body), e.g. an
+        assertion the user's browser made. Single use; close this client, not the derived one."""
+        if not user_action or not user_action.isascii() or not user_action.isprintable():
+            raise InvalidRequest("the user-action token to present is empty or not ASCII text")
+        derived = self._derive(self._signer)
+        derived._token = self._token
+        derived._relay = self._relay
+        derived._presented = user_action
         return derived
 
     @property
@@ -467,6 +482,9 @@ class DfnsClient:
         has no effect until the token is used, so it is retried as a whole on retryable errors.
         A client from :meth:`as_user` has the challenge signed through its relay, once (a
         person may be asked): a failure reaches the caller."""
+        if self._presented is not None:
+            token, self._presented = self._presented, None
+            return token
         if self._signer is None and self._relay is not None:
             return await self.relay_user_action(method, path, body, self._relay)
         return await self._safely(lambda: self._sign_user_action_once(method, path, body))

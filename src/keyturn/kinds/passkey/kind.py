@@ -373,6 +373,13 @@ class PasskeyKind(Kind):
     ) -> str:
         return "fido2"
 
+    def user_app(self, services: Services) -> Any | None:
+        """The user pages (sign in with the old passkey, register and prove the new one)."""
+        from keyturn.kinds.passkey.backend import ServicesTasks
+        from keyturn.kinds.passkey.pages import user_app
+
+        return user_app(ServicesTasks(services), secure_cookies=False)
+
 
 def origin_problem(origin: str) -> str | None:
     """Why `origin` cannot serve passkey pages (None: it can)."""
