@@ -113,8 +113,9 @@ def backend(w: Wiring, deps: EngineDeps | None = None) -> Backend:  # noqa: C901
 
         registry = discovered()
 
-        def campaigns(now: datetime) -> dict[str, dict[str, int]]:
-            return progress(store, registry, now)
+        def campaigns(_now: datetime) -> dict[str, dict[str, int]]:
+            # "overdue" is on the schedule's clock, as the CLI's progress counts it
+            return progress(store, registry, w.now())
 
         collectors: list[Any] = [FleetCollector(store, w.clock, campaigns)]
         if w.metrics is not None:
@@ -136,6 +137,7 @@ def backend(w: Wiring, deps: EngineDeps | None = None) -> Backend:  # noqa: C901
         configured=configured,
         metrics=mode,
         scrape=scrape,
+        schedule_now=w.now,
     )
 
 

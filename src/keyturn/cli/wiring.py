@@ -44,6 +44,10 @@ CRASH_AT_ENV = "KEYTURN_TEST_CRASH_AT"
 CRASH_MARKER_ENV = "KEYTURN_TEST_CRASH_MARKER"
 
 
+#: How often :meth:`Wiring.now` samples the database's (or the shared test) clock again.
+SCHEDULE_RESYNC_SECONDS = 5.0
+
+
 class SystemClock:
     def now(self) -> datetime:
         return datetime.now(UTC)
@@ -85,6 +89,7 @@ class Wiring:
     _budgets: dict[str, RequestBudget] = field(default_factory=dict)
     #: This process's metrics (`worker --metrics-port`, `serve`); None: nothing is counted.
     metrics: ProcessMetrics | None = None
+    _synced_at: float = float("-inf")
 
     @cached_property
     def store(self) -> SqlStore:
@@ -243,7 +248,15 @@ class Wiring:
         return self.keys.algorithm_of(private_pem)
 
     def now(self) -> datetime:
-        return self.schedule_time.now()
+        """The schedule's time, re-sampled against the database every few seconds (a
+        long-lived process follows a shared test clock that was set after it started)."""
+        import time
+
+        t = self.schedule_time
+        if time.monotonic() - self._synced_at > SCHEDULE_RESYNC_SECONDS:
+            t.sync()
+            self._synced_at = time.monotonic()
+        return t.now()
 
     async def rotation(self, rotation_id: str) -> Rotation:
         import asyncio
@@ -334,7 +347,7 @@ class Wiring:
     def campaign_progress(self, campaign: str | None = None) -> dict[str, dict[str, int]]:
         from keyturn.engine.campaigns import progress
 
-        return progress(self.store, discovered(), self.schedule_time.now(), campaign)
+        return progress(self.store, discovered(), self.now(), campaign)
 
     def members(self, entry: str) -> list[str]:
         from keyturn.engine.spi import MEMBER_SEP

@@ -103,6 +103,8 @@ class Backend:
     metrics: str = "token"
     #: The /metrics body (keyturn.web.metrics.scraper); None: no /metrics route.
     scrape: Callable[[], bytes] | None = None
+    #: The schedule's time (what a campaign's "overdue" is measured on); None: the clock's.
+    schedule_now: Callable[[], datetime] | None = None
 
 
 def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> HTTPException:

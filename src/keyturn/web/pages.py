@@ -476,7 +476,7 @@ def campaigns_page(b: api.Backend, chosen: str | None) -> dict[str, Any]:
     campaign `chosen`, its rotations too (the first CAMPAIGN_ROWS), each with its progress."""
     from keyturn.engine.campaigns import progress
 
-    now = b.clock.now()
+    now = (b.schedule_now or b.clock.now)()
     counts = progress(b.store, b.registry, now, chosen)
     rows: list[dict[str, Any]] = []
     if chosen is not None and counts:

@@ -47,6 +47,7 @@ from keyturn.plugin import (
     PasskeyProvider,
     ProviderCredential,
     R,
+    Reminders,
     Rotation,
     RotationData,
     Services,
@@ -55,6 +56,7 @@ from keyturn.plugin import (
     Trigger,
     Wait,
     dfns_passkey_session,
+    user_task,
 )
 
 DAY = 86400.0
@@ -105,6 +107,8 @@ class PasskeyData(RotationData):
     link_expires: str | None = None
     new_credential_uuid: str | None = None
     new_credential_id: str | None = None
+    #: The snoozes the user used (counted from the evidence at each check).
+    snoozed: int = 0
 
 
 Ctx = StepContext[PasskeyData, PasskeyProvider]
@@ -129,7 +133,7 @@ def _iso(at: datetime) -> str:
 def _issue(ctx: Ctx, task: t.Task, origin: str) -> None:
     """A new link for `task` (the previous one stops working): sealed, its hash in the data."""
     token = t.new_link_token(ctx.rotation.id)
-    now = ctx.now()
+    now = ctx.schedule_now()
     due = ctx.data.due
     if due is None or task != "enrol":
         due = _iso(now + timedelta(seconds=cfg(ctx).deadline_seconds))
@@ -149,13 +153,8 @@ def _inviter(task: t.Task, *, new_origin: bool = False, when: Any = None) -> Act
             _issue(ctx, task, origin)
 
     async def run(ctx: Ctx) -> Detail:
-        return {
-            "notify": "user_task",
-            "task": task,
-            "to": ctx.data.username,
-            "link_ref": ctx.data.link_ref,
-            "due": ctx.data.due,
-        }
+        # the user's invitation: a user_task notification, its link opened at send time
+        return user_task(ctx.data.username, _due(ctx), ctx.data.link_ref, task=task)
 
     extra = {"when": when} if when is not None else {}
     return Action(
@@ -183,12 +182,37 @@ def _ours(ctx: Ctx, found: Sequence[ProviderCredential]) -> ProviderCredential |
     return None
 
 
-def _left(ctx: Ctx) -> float:
-    """Seconds until the user's deadline (at least a moment: the wait decides what is late)."""
+def _due(ctx: Ctx) -> datetime:
     if ctx.data.due is None:
-        return cfg(ctx).deadline_seconds
-    left = (datetime.fromisoformat(ctx.data.due) - ctx.now()).total_seconds()
-    return max(1.0, left)
+        return ctx.schedule_now() + timedelta(seconds=cfg(ctx).deadline_seconds)
+    return datetime.fromisoformat(ctx.data.due)
+
+
+async def _evidence(ctx: Ctx) -> dict[str, Detail]:
+    """The evidence recorded so far; the user's snoozes are counted on the way."""
+    found = await ctx.evidence()
+    snoozed = sum(1 for name in found if name.startswith(f"{t.SNOOZED}:"))
+    if snoozed != ctx.data.snoozed:
+        ctx.update(snoozed=snoozed)
+    return found
+
+
+def _reminders(ctx: Ctx) -> Reminders:
+    """The user's task: reminders before the deadline, snoozes, escalation (the policy of the
+    entry), the link they hold."""
+    c = cfg(ctx)
+    return Reminders(
+        person=ctx.data.username,
+        due=_due(ctx),
+        before=tuple(c.remind_before_seconds),
+        then_every=c.remind_every_seconds or None,
+        snoozes=c.snoozes,
+        snooze_seconds=c.snooze_seconds,
+        snoozed=ctx.data.snoozed,
+        escalate=True,
+        on_due=c.on_deadline,
+        link_ref=ctx.data.link_ref,
+    )
 
 
 def _user(ctx: Ctx) -> str:
@@ -196,6 +220,7 @@ def _user(ctx: Ctx) -> str:
 
 
 async def _registered(ctx: Ctx) -> str | None:
+    await _evidence(ctx)
     found = _ours(ctx, await _credentials(ctx))
     if found is None or not found.is_active:
         return f"{_user(ctx)} to register a new passkey (link sent, due {ctx.data.due})"
@@ -204,7 +229,7 @@ async def _registered(ctx: Ctx) -> str | None:
 
 
 async def _proven(ctx: Ctx) -> str | None:
-    proof = (await ctx.evidence()).get(t.PROVEN)
+    proof = (await _evidence(ctx)).get(t.PROVEN)
     if proof is None or proof.get("credential_id") != ctx.data.new_credential_id:
         return f"{_user(ctx)} to sign in with the new passkey (due {ctx.data.due})"
     return None
@@ -217,6 +242,7 @@ async def _cutover(ctx: Ctx) -> str | None:
 
 
 async def _old_inactive(ctx: Ctx) -> str | None:
+    await _evidence(ctx)
     for c in await _credentials(ctx):
         if c.credential_uuid == ctx.data.old_credential_uuid and c.is_active:
             return f"{_user(ctx)} to switch the old passkey off (due {ctx.data.due})"
@@ -224,6 +250,7 @@ async def _old_inactive(ctx: Ctx) -> str | None:
 
 
 async def _undone(ctx: Ctx) -> str | None:
+    await _evidence(ctx)
     found = await _credentials(ctx)
     ours = _ours(ctx, found)
     old = next((c for c in found if c.credential_uuid == ctx.data.old_credential_uuid), None)
@@ -232,17 +259,18 @@ async def _undone(ctx: Ctx) -> str | None:
     return f"{_user(ctx)} to switch the new passkey off and keep the old one (due {ctx.data.due})"
 
 
-def _wait(phase: Any, name: str, check: Any, *, when: Any = None, long: bool = False) -> Wait[Ctx]:
-    def deadline(ctx: Ctx) -> float:
-        return 365 * DAY if long else _left(ctx)
-
-    extra = {"when": when} if when is not None else {}
+def _wait(phase: Any, name: str, check: Any, *, when: Any = None, person: bool = True) -> Wait[Ctx]:
+    """A wait on the user (with the entry's reminders; its deadline is the user's), or, with
+    ``person=False``, on an operator (a year)."""
+    extra: dict[str, Any] = {"when": when} if when is not None else {}
+    if person:
+        extra["remind"] = _reminders
     return Wait(
         phase,
         name,
         check,
         every=lambda ctx: cfg(ctx).check_every_seconds,
-        deadline=deadline,
+        deadline=lambda _ctx: 365 * DAY,
         plan=lambda _f: [Call.poll("GET", "/auth/credentials", note=f"{name} (the user acts)")],
         **extra,
     )
@@ -275,7 +303,7 @@ STEPS: Mapping[Trigger, Step[Ctx]] = {
     Trigger.VERIFY: Step([_wait(F, "proven", _proven)]),
     Trigger.DEACTIVATE_OLD: Step(
         [
-            _wait(F, "cutover", _cutover, when=_domain_move, long=True),
+            _wait(F, "cutover", _cutover, when=_domain_move, person=False),
             _inviter("deactivate", new_origin=True, when=_domain_move),
             _wait(F, "old_inactive", _old_inactive),
         ],
