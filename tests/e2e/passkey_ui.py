@@ -13,10 +13,12 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from playwright.sync_api import BrowserContext, CDPSession, Locator, Page, expect
 
-#: The old passkey goes in as a non-discoverable credential: a discoverable one for the same
-#: rpId and user handle would be replaced by the new passkey the page makes on this same
-#: authenticator (CTAP2), and could then no longer sign Create Credential (see pages.py).
-RESIDENT = False
+#: The old passkey goes in as a discoverable credential, as a platform authenticator keeps a
+#: passkey: the new passkey the page makes on this same authenticator replaces it (same rpId
+#: and user handle), which the pages' order (the old one signs the code first) survives. A
+#: test that needs the old passkey afterwards (a rollback signs with it) imports it as
+#: non-discoverable: as if the new passkey were made on another device.
+RESIDENT = True
 
 
 def _b64url_to_b64(text: str) -> str:
@@ -51,7 +53,9 @@ class VirtualAuthenticator:
         )
         return cls(cdp, str(result["authenticatorId"]))
 
-    def import_passkey(self, state_file: Path, credential_id: str) -> None:
+    def import_passkey(
+        self, state_file: Path, credential_id: str, *, resident: bool = RESIDENT
+    ) -> None:
         """Copy one passkey (private key included) from the software authenticator's state
         file: the user's old passkey, as if it had been on this device all along."""
         import json
@@ -70,7 +74,7 @@ class VirtualAuthenticator:
                 "authenticatorId": self.id,
                 "credential": {
                     "credentialId": _b64url_to_b64(entry["credential_id"]),
-                    "isResidentCredential": RESIDENT,
+                    "isResidentCredential": resident,
                     "rpId": entry["rp_id"],
                     "privateKey": base64.b64encode(der).decode("ascii"),
                     "userHandle": base64.b64encode(entry["user_id"].encode()).decode("ascii"),

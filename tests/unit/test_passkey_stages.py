@@ -47,7 +47,7 @@ def session(signed_in: bool = False) -> Session:
     ("link", "signed_in", "origin", "stage"),
     [
         (task(), False, OLD, "signin"),
-        (task(), True, OLD, "register"),
+        (task(), True, OLD, "signin"),  # signing in and registering are one step
         (task("enrol", REGISTERED), False, OLD, "prove"),
         (task("enrol", REGISTERED, PROVEN), False, OLD, "prove"),  # the deactivation is left
         (task("enrol", REGISTERED, PROVEN, OLD_DEACTIVATED), False, OLD, "done"),

@@ -406,7 +406,7 @@ class PasskeyKind(Kind):
         from keyturn.kinds.passkey.backend import ServicesTasks
         from keyturn.kinds.passkey.pages import user_app
 
-        return user_app(ServicesTasks(services), secure_cookies=False)
+        return user_app(ServicesTasks(services), secure_cookies=False, root=PAGES_PREFIX)
 
 
 def origin_problem(origin: str) -> str | None:

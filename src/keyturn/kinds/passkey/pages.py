@@ -19,11 +19,14 @@ the step needs, and from this rotation's user, before it reaches the provider.
   creation options of the new passkey (the code is used at once, never stored).
 - ``POST /api/snooze``: "remind me later".
 
-A limit of the direct flow (Create Credential signed by the OLD passkey after the browser made
-the new one): an authenticator that already holds the old passkey as a discoverable credential
-replaces it with the new one (same rpId and user handle), so the old one can no longer sign the
-Create Credential there. Registering on another device works; on the same device, the code flow
-(the old passkey signs Create Credential Code first, as in the domain move) would.
+Signing in with the old passkey is its LAST signature: it signs Create Credential Code (the code
+is created then, while the user is here, and never stored), and the new passkey is registered
+with the code (Create Credential With Code), as in the domain move. The direct order (the
+browser makes the new passkey, then the old one signs Create Credential) would lock a user out
+on the very device that holds the old passkey: an authenticator replaces a discoverable
+credential of the same rpId and user handle by the new one, so the old one could no longer
+sign. ``register`` (the direct Create Credential) is kept for a session whose sign-in came
+before this rule.
 
 JSON endpoints need the session's CSRF token in ``X-CSRF-Token`` and a same-origin ``Origin``.
 Each request reads the task afresh and refuses (one sentence) a session whose link was
@@ -193,7 +196,7 @@ def stage_of(task: LinkTask, session: Session, origin: str) -> str:
     if REGISTERED not in ev:
         if moving:
             return "reopen"  # on the new origin without a code: start again from the link
-        return "register" if session.signed_in else "signin"
+        return "signin"  # signing in and registering are one step (see the module's notes)
     return "prove"
 
 
@@ -323,9 +326,12 @@ def check_assertion(
 
 
 class UserPages:
-    def __init__(self, tasks: PasskeyTasks, *, secure_cookies: bool) -> None:
+    def __init__(self, tasks: PasskeyTasks, *, secure_cookies: bool, root: str = "") -> None:
         self.tasks = tasks
         self.secure = secure_cookies
+        #: The path the app is mounted at on its origin ("" at the root, "/passkey" on keyturn
+        #: serve's user listener): every URL the pages and their script use starts with it.
+        self.root = root.rstrip("/")
         self.sessions: dict[str, Session] = {}
         self.by_rotation: dict[str, str] = {}
         self.handoffs: dict[str, Handoff] = {}
@@ -335,6 +341,7 @@ class UserPages:
             trim_blocks=True,
             lstrip_blocks=True,
         )
+        self.env.globals["root"] = self.root
 
     # ------------------------------------------------------------------------- plumbing
 
@@ -579,8 +586,14 @@ class UserPages:
             old, new = self._find(creds, task)
             if old is None:
                 raise Refused("The passkey this link is for is no longer on your account.", 409)
+            if stage == "signin" and new is not None:  # registered in an earlier visit
+                await self._record(task, REGISTERED, self._registered(new))
+                return {"next": True}
             if stage == "signin":
-                challenge = await user.challenge("activate", credential_uuid=old.credential_uuid)
+                # signing in IS the old passkey's last signature: Create Credential Code, so
+                # the new passkey is registered with the code (never signed by the old one; a
+                # device that replaces the old passkey by the new one locks nobody out)
+                challenge = await user.challenge("create_code")
                 return self._ask(session, stage, challenge, old)
             if stage == "register":
                 if new is not None:
@@ -711,9 +724,35 @@ class UserPages:
             cred_id, handle, factor = first_factor(answer)
             check_assertion(cred_id, handle, pending.expect, user_id)
             signed = await user.accept(pending.challenge, factor)
+            if (
+                stage_of(task, session, origin) == "signin"
+                and signed.challenge.call == "create_code"
+            ):
+                return await self._signed_in(session, task, user, provider, signed, origin)
             return await self._carry_out(session, task, user, signed, origin)
         finally:
             await provider.aclose()
+
+    async def _signed_in(
+        self,
+        session: Session,
+        task: LinkTask,
+        user: UserPasskeys,
+        provider: PasskeyProvider,
+        signed: SignedCall,
+        origin: str,
+    ) -> Mapping[str, Any]:
+        """Signed in with the old passkey, which signed a one-time code (created now, while the
+        user is here, and never stored): the new passkey's creation options from it."""
+        session.signed_in = True
+        _, new = self._find(await user.credentials(), task)
+        if new is not None:  # registered in an earlier visit
+            await self._record(task, REGISTERED, self._registered(new))
+            return {"next": True}
+        code = await user.create_code(signed)
+        creation = await provider.code_registration(code, origin)
+        session.pending = Pending("signin", creation=creation, via_code=True)
+        return {"create": creation_options(creation, task.old_credential_id)}
 
     async def _carry_out(
         self, session: Session, task: LinkTask, user: UserPasskeys, signed: SignedCall, origin: str
@@ -757,7 +796,7 @@ class UserPages:
             expires=time.monotonic() + HANDOFF_SECONDS,
         )
         fragment = {"h": token} if code is None else {"h": token, "c": code}
-        return f"{task.new_origin}/move#{urlencode(fragment)}"
+        return f"{task.new_origin}{self.root}/move#{urlencode(fragment)}"
 
     async def handoff(self, request: Request) -> Mapping[str, Any]:
         """The new origin's page hands in the one-time hand-off token (and the code): a session
@@ -840,9 +879,10 @@ class HideLinkTokens:
         await self.app(scope, receive, send)
 
 
-def user_app(tasks: PasskeyTasks, *, secure_cookies: bool) -> Starlette:
-    """The user pages for passkey rotations (mount on the user listener, its own origin)."""
-    pages = UserPages(tasks, secure_cookies=secure_cookies)
+def user_app(tasks: PasskeyTasks, *, secure_cookies: bool, root: str = "") -> Starlette:
+    """The user pages for passkey rotations (mount on the user listener, its own origin, at
+    `root`)."""
+    pages = UserPages(tasks, secure_cookies=secure_cookies, root=root)
     app = pages.routes_app()
     app.user_middleware.insert(0, Middleware(HideLinkTokens))
     app.state.pages = pages

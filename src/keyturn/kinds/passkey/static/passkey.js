@@ -20,9 +20,11 @@
   const fail = (text) => { const el = byTestId("error"); if (el) el.textContent = text || ""; };
 
   let csrf = (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
+  // where the pages are mounted on this origin ("" or e.g. "/passkey")
+  const root = (document.querySelector('meta[name="root"]') || {}).content || "";
 
   async function api(path, body) {
-    const response = await fetch(path, {
+    const response = await fetch(root + path, {
       method: "POST",
       credentials: "same-origin",
       headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
@@ -94,7 +96,7 @@
         window.location.assign(r.redirect);
         return;
       } else {
-        window.location.replace("/task");
+        window.location.replace(root + "/task");
         return;
       }
     }
@@ -131,7 +133,7 @@
         busy(snooze, true);
         try {
           await api("/api/snooze", {});
-          window.location.replace("/task");
+          window.location.replace(root + "/task");
         } catch (e) {
           fail(e.message);
           busy(snooze, false);
@@ -145,7 +147,7 @@
     // the code and the hand-off token came in the fragment: read them, then drop them from
     // the address bar and the history before anything else
     const params = new URLSearchParams(window.location.hash.slice(1));
-    history.replaceState(null, "", "/move");
+    history.replaceState(null, "", root + "/move");
     const action = byTestId("action");
     let reply;
     try {
@@ -156,7 +158,7 @@
     }
     csrf = reply.csrf || "";
     if (!reply.create) {
-      window.location.replace("/task");
+      window.location.replace(root + "/task");
       return;
     }
     action.addEventListener("click", async () => {
@@ -176,7 +178,7 @@
   document.addEventListener("DOMContentLoaded", () => {
     const page = document.body.dataset.page;
     if (document.body.dataset.auto === "continue") {
-      window.location.replace("/task");
+      window.location.replace(root + "/task");
     } else if (page === "task") {
       taskPage();
     } else if (page === "move") {
