@@ -88,7 +88,9 @@ _WORDS = {
 _DETAIL_KEYS = ("attempt", "retryable", "wait", "deadline", "from", "holder_last_seen")
 #: And for a person's task (``link_ref`` is a secret's id: the deliverer opens it at send time
 #: and only what the sink receives holds the link).
-_PERSON_KEYS = ("to", "due", "link_ref", "reminder", "scheduled", "snoozed", "action", "at")
+_PERSON_KEYS = (
+    "to", "due", "link_ref", "reminder", "scheduled", "snoozed", "action", "at", "task",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

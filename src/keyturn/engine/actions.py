@@ -162,6 +162,8 @@ class ActionLog:
                 "due": detail.get("due"),
                 "link_ref": detail.get("link_ref"),
                 "at": run.deps.time.now().isoformat(),
+                # what the person is asked to do, in the kind's word (the notice keeps it)
+                **({"task": str(detail["task"])} if detail.get("task") else {}),
             },
         )
 
