@@ -19,17 +19,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from harness import KEYTURN, SA, Kt
+from harness import Kt
 
 CHROMIUM = "/usr/bin/chromium"
 if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
@@ -40,159 +36,17 @@ if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
         )
     pytest.skip(f"no browser at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
 
+from passkey_service import Journey, passkey_service, until  # noqa: E402
 from passkey_ui import PasskeyPage, VirtualAuthenticator  # noqa: E402
 from playwright.sync_api import Browser, sync_playwright  # noqa: E402
-from receivers import Receivers, start_receivers  # noqa: E402
 
 from keyturn.testing.secret_scan import scan_bytes  # noqa: E402
-
-ENTRY = "staff"
-HOOK_KEY = "whk-journey-" + "7e" * 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def until(what: str, check: Callable[[], Any], seconds: float = 30.0) -> Any:
-    deadline = time.monotonic() + seconds
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {seconds} s: {what}")
-        time.sleep(0.1)
-
-
-@dataclass
-class Journey:
-    kt: Kt
-    mail: Receivers
-    old: str
-    new: str
-    api: str
-    token: str
-    out: Path
-    serve_log: Path
-
-    def invitations(self, task: str | None = None) -> list[dict[str, Any]]:
-        """What the users' mailer received: user_task notifications (a link each)."""
-        docs = [r.json() for r in self.mail.at("/mail")]
-        return [
-            d
-            for d in docs
-            if d.get("kind") == "user_task" and task in (None, d.get("detail", {}).get("task"))
-        ]
-
-    def link_of(self, username: str, task: str = "enrol") -> str:
-        try:
-            found = until(
-                f"the {task} link of {username}",
-                lambda: [d for d in self.invitations(task) if d.get("to") == username],
-            )
-        except AssertionError:
-            got = [{k: r.json().get(k) for k in ("kind", "to", "detail")} for r in self.mail.got]
-            raise AssertionError(f"no {task} link for {username}; the mailer got {got}") from None
-        link = str(found[-1]["link"])
-        assert link.startswith((self.old, self.new)) and "/passkey/l/" in link
-        return link
-
-    def rotation(self, username: str) -> dict[str, Any]:
-        listed = json.loads(self.kt.run("rotations", "list", "--json").stdout)
-        [r] = [r for r in listed if r["credential"] == f"{ENTRY}:{username}"]
-        return dict(r)
-
-    def credentials(self, username: str) -> dict[str, dict[str, Any]]:
-        token = self.kt.sandbox.delegated_login(username)
-        r = httpx.get(
-            f"{self.kt.sandbox.base_url}/auth/credentials",
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=10,
-        )
-        r.raise_for_status()
-        return {c["credentialUuid"]: c for c in r.json()["items"]}
-
-    def campaign(self, name: str, users: list[str], *extra: str) -> str:
-        listing = self.out / f"{name}.txt"
-        listing.write_text("\n".join(users) + "\n")
-        got = self.kt.run(
-            "passkeys", "campaign", ENTRY, "--users", str(listing), "--reason", "yearly",
-            "--name", name, *extra,
-        )  # fmt: skip
-        return got.stdout
 
 
 @pytest.fixture
 def journey(make_kt: Callable[..., Kt], tmp_path: Path) -> Iterator[Journey]:
-    port = _free_port()
-    old, new = f"http://old.localhost:{port}", f"http://new.localhost:{port}"
-    kt = make_kt(
-        end_users=3,
-        extra_args=[
-            *("--webauthn-origin", old, "--webauthn-origin", new),
-            *("--webauthn-rp-id", "old.localhost", "--webauthn-rp-id", "new.localhost"),
-        ],
-    )
-    mail = start_receivers()
-    (kt.workdir / "mail.key").write_text(HOOK_KEY + "\n")
-    (kt.workdir / "mail.key").chmod(0o600)
-    kt.config.write_text(
-        kt.config.read_text()
-        + f"""
-[credentials.{ENTRY}]
-kind = "passkey"
-provider = "sandbox"
-signer = "{SA}"
-origin = "{old}"
-check_every_seconds = 0.3
-
-[notifications]
-poll_seconds = 0.2
-
-[notifications.sinks.mailer]
-type = "http"
-url = "{mail.base}/mail"
-secret_file = "mail.key"
-events = ["user_task", "reminder"]
-
-[serve]
-metrics = "open"
-"""
-    )
-    api_port = _free_port()
-    log = tmp_path / "serve.log"
-    out = tmp_path / "journey"
-    out.mkdir()
-    with log.open("w") as sink:
-        proc = subprocess.Popen(
-            [*KEYTURN, "serve", "--worker", "--port", str(api_port), "--user-port", str(port)],
-            env=kt.env(),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    try:
-        api = f"http://127.0.0.1:{api_port}"
-        until("serve", lambda: _up(f"{api}/healthz"), 30)
-        token = kt.run("tokens", "create", "--role", "viewer", "--name", "journey").stdout.strip()
-        yield Journey(kt, mail, old, new, api, token, out, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        mail.server.shutdown()
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
+    with passkey_service(make_kt, tmp_path) as j:
+        yield j
 
 
 @pytest.fixture(scope="module")

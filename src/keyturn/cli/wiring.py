@@ -286,6 +286,13 @@ class Wiring:
         )
         return await asyncio.to_thread(self.store.add_evidence, event)
 
+    def boundary(self, name: str) -> None:
+        self._crash_hook(name)
+
+    @cached_property
+    def _crash_hook(self) -> CrashHook:
+        return crash_hook_from_env()
+
     async def open_secret(self, ref: str) -> bytes:
         import asyncio
 

@@ -442,6 +442,10 @@ class Services(Protocol):
     async def open_secret(self, ref: str) -> bytes:
         """Open a sealed secret by its id (KeyturnError when it is purged or unknown)."""
 
+    def boundary(self, name: str) -> None:
+        """A named point between an effect and its record, outside the engine (a person's
+        page): a crash test may kill the process there (KEYTURN_TEST_CRASH_AT)."""
+
 
 class Operations(Services, Protocol):
     """What a plugin's own commands (``keyturn.commands`` entry points) may do, besides what

@@ -98,6 +98,10 @@ class ServicesTasks(t.PasskeyTasks):
             rotation_id, name, detail, actor=f"user:{data.username}"
         )
 
+    def boundary(self, name: str) -> None:
+        """Between a user's write at the provider and its evidence (a crash test's point)."""
+        self.services.boundary(f"pages.{name}")
+
     async def provider(self, rotation_id: str) -> Any:
         rotation = await self._rotation(rotation_id)
         config = self.services.credential_config(rotation.credential)

@@ -451,6 +451,13 @@ class UserPages:
     async def _provider(self, rotation_id: str) -> PasskeyProvider:
         return cast(PasskeyProvider, await self.tasks.provider(rotation_id))
 
+    def _boundary(self, name: str) -> None:
+        """After a write at the provider, before its evidence is recorded: where a crash test
+        kills the server (a tasks object without `boundary` has none)."""
+        mark = getattr(self.tasks, "boundary", None)
+        if mark is not None:
+            mark(name)
+
     async def _record(self, task: LinkTask, name: str, detail: Mapping[str, Any]) -> None:
         if name in task.evidence:
             return
@@ -703,6 +710,7 @@ class UserPages:
                 created = await provider.create_passkey_with_code(
                     pending.creation, info, passkey_name(task.rotation_id)
                 )
+                self._boundary("registered.after_call")
                 await self._record(task, REGISTERED, self._registered(created))
                 return {"next": True}
             user, user_id = await self._user(provider, task)
@@ -774,11 +782,13 @@ class UserPages:
             creds = await user.credentials()
             old, new = self._find(creds, task)
             assert new is not None and old is not None
+            self._boundary("proven.after_call")
             await self._record(task, PROVEN, {"credential_id": new.credential_id, "origin": origin})
             if stage == "prove" and not task.may_deactivate:
                 return {"next": True}
             if old.is_active:
                 await user.send(signed)
+                self._boundary("deactivated.after_call")
             await self._record(task, OLD_DEACTIVATED, self._deactivated(old, origin))
             return {"next": True}
         if stage == "rollback" and call in ("activate", "deactivate"):
