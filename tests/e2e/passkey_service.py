@@ -5,7 +5,6 @@ allowed too), a passkey entry, a mailer-shaped sink that receives the users' lin
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import time
@@ -53,9 +52,9 @@ class Journey:
     user_port: int = 0
     proc: subprocess.Popen[str] | None = None
 
-    def start(self, **env: str) -> None:
+    def start(self, *, wait: bool = True, **env: str) -> None:
         """`keyturn serve --worker --user-port` (its output appended to serve_log); `env`: e.g.
-        a crash point (KEYTURN_TEST_CRASH_AT)."""
+        a crash point (KEYTURN_TEST_CRASH_AT). Without `wait`, :meth:`up` waits later."""
         api_port = self.api.rsplit(":", 1)[1]
         with self.serve_log.open("a") as sink:
             self.proc = subprocess.Popen(
@@ -63,12 +62,20 @@ class Journey:
                  "--user-port", str(self.user_port)],
                 env=self.kt.env(**env), stdout=sink, stderr=subprocess.STDOUT, text=True,
             )  # fmt: skip
+        if wait:
+            self.up()
+
+    def up(self) -> None:
         until("serve", lambda: self.proc is not None and _up(f"{self.api}/healthz"), 30)
 
-    def stop(self) -> None:
+    def stop(self, *, kill: bool = False) -> None:
+        """SIGTERM (a clean stop) or, with `kill`, SIGKILL."""
         if self.proc is None:
             return
-        self.proc.terminate()
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -106,9 +113,17 @@ class Journey:
         return link
 
     def rotation(self, username: str) -> dict[str, Any]:
-        listed = json.loads(self.kt.run("rotations", "list", "--json").stdout)
-        [r] = [r for r in listed if r["credential"] == f"{ENTRY}:{username}"]
-        return dict(r)
+        """The user's latest rotation as `rotations show --json` says it (read in this
+        process: tests poll it)."""
+        from keyturn.adapters.store.migrate import open_store
+
+        store = open_store(self.kt.database_url)
+        try:
+            found = store.latest_rotation(f"{ENTRY}:{username}")
+        finally:
+            store.close()
+        assert found is not None, f"{username} has no rotation"
+        return self.kt.show_here(found.id)
 
     def credentials(self, username: str) -> dict[str, dict[str, Any]]:
         token = self.kt.sandbox.delegated_login(username)
