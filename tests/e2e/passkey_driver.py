@@ -46,6 +46,9 @@ class SoftwareBrowser:
     timeout: float = 30.0
     client: httpx.Client = field(init=False)
     csrf: str = ""
+    #: The prompts the user answered: passkeys made, signatures given.
+    created: int = 0
+    signed: int = 0
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.origin)
@@ -124,6 +127,7 @@ class SoftwareBrowser:
     # --------------------------------------------------------- navigator.credentials
 
     def assertion(self, options: dict[str, Any]) -> dict[str, Any]:
+        self.signed += 1
         allowed = [c["id"] for c in options.get("allowCredentials") or []]
         signed = self.device.get_assertion(
             origin=self.origin,
@@ -142,6 +146,7 @@ class SoftwareBrowser:
         }
 
     def creation(self, options: dict[str, Any]) -> dict[str, Any]:
+        self.created += 1
         made = self.device.make_credential(
             rp_id=options["rp"]["id"],
             origin=self.origin,
