@@ -193,7 +193,7 @@ events = ["user_task", "reminder"]
 
 [serve]
 metrics = "open"
-{config}"""
+{config.replace("{mail}", mail.base)}"""
     )
     j = Journey(kt, mail, old, new, f"http://127.0.0.1:{_free_port()}", "", tmp_path / "journey",
                 tmp_path / "serve.log", user_port=port)  # fmt: skip
