@@ -124,10 +124,11 @@ async def user_rotates(kt: Kt, rotation_id: str, username: str, tmp: Path) -> st
     return created.credential_uuid
 
 
-def test_campaign_user_rotates_rollback_and_one_who_never_acts(
+def test_campaign_bad_input_then_a_user_rotates_one_rolls_back_one_never_acts(
     staff: tuple[Kt, list[str]], tmp_path: Path
 ) -> None:
     kt, users = staff
+    refuses_bad_input_and_changes_nothing(kt, users, tmp_path)
     listing = tmp_path / "users.txt"
     listing.write_text("\n".join(users) + "\n")
     started = kt.run(
@@ -139,7 +140,7 @@ def test_campaign_user_rotates_rollback_and_one_who_never_acts(
     try:
         waiting = wait_until(
             lambda: (
-                all(r["wait_key"] == "forward.new_passkey" for r in rotations(kt).values())
+                all(r["wait_key"] == "forward.new_passkey:person" for r in rotations(kt).values())
                 and rotations(kt)
             )
         )
@@ -180,11 +181,8 @@ def test_campaign_user_rotates_rollback_and_one_who_never_acts(
         asyncio.run(tasks_of(kt).open_link(link_of(kt, ids[users[0]])))
 
 
-def test_campaign_refuses_bad_input_and_changes_nothing(
-    staff: tuple[Kt, list[str]], tmp_path: Path
-) -> None:
-    kt, users = staff
-    listing = tmp_path / "users.txt"
+def refuses_bad_input_and_changes_nothing(kt: Kt, users: list[str], tmp_path: Path) -> None:
+    listing = tmp_path / "one-user.txt"
     listing.write_text(users[0] + "\n")
     cases = [
         (["passkeys", "campaign", ENTRY, "--reason", "x"], "--users FILE"),
