@@ -166,6 +166,16 @@ CASES: list[tuple[str, list[str], dict[str, str], tuple[str, ...]]] = [
                               "{files}/bootstrap.json"], {}, ("bootstrap.json",)),
     ("init-receiver-url", ["init", "{files}/new-3", "--sandbox-bootstrap", "{bootstrap}",
                            "--receiver-url", "receiver:9"], {}, ("--receiver-url",)),
+    # --- passkey campaigns (issue 17; the passkey entry's own cases: test_passkey_campaign.py)
+    ("passkeys-not-an-entry", ["passkeys", "campaign", SA, "--users", "{files}/garbage.txt",
+                               "--reason", "x"], {}, ("not a passkey entry",)),
+    ("passkeys-unknown-entry", ["passkeys", "campaign", "nope", "--all", "--reason", "x"], {},
+     ("[credentials.nope]",)),
+    ("passkeys-blank-reason", ["passkeys", "campaign", SA, "--all", "--reason", " "], {},
+     ("--reason",)),
+    ("passkeys-progress-unknown", ["passkeys", "progress", "nope"], {}, ("no campaign", "nope")),
+    ("passkeys-cutover-unknown", ["passkeys", "cutover", "nope", "--reason", "x"], {},
+     ("no campaign", "nope")),
     # --- retry-now, tokens and serve (issue 14)
     ("retry-now-pending", ["rotations", "retry-now", "{pending}", "--reason", "x"], {},
      ("cannot retry-now", "no attempt has failed")),
