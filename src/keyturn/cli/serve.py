@@ -314,7 +314,8 @@ def mount(app: typer.Typer, out: Console) -> None:
             ),
         ] = None,
     ) -> None:
-        """The HTTP API (OpenAPI at /openapi.json; /healthz, /readyz); SIGTERM stops it."""
+        """The HTTP API (OpenAPI at /openapi.json; /healthz, /readyz), the dashboard (/ui) and,
+        with --user-port, the pages for users on a listener of their own; SIGTERM stops it."""
         from keyturn.cli import state
 
         serve(

@@ -182,6 +182,12 @@ def campaign_command(
     from keyturn.kinds.passkey.kind import rp_id_fits
 
     rp, found = asyncio.run(_survey(ops, config, names, origins))
+    if not rp_id_fits(rp, config.origin):
+        raise _error(
+            f"the provider does not allow passkeys from {config.origin} (the entry's origin; it "
+            f"offers rpId {rp or 'none'}, which does not fit); allow that origin for the "
+            "organisation first"
+        )
     if new_origin is not None:
         # the provider's choice for the new origin must be the rpId the campaign asked for
         session_rp = asyncio.run(_rp_of(ops, config, names[0], new_origin)) or ""
