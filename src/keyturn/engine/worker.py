@@ -35,6 +35,9 @@ log = structlog.get_logger("keyturn.worker")
 
 #: A worker row silent for longer than this is deleted (by any worker, every purge round).
 WORKER_RETENTION = timedelta(days=1)
+#: How often a worker without a scheduler re-samples the schedule's clock (the scheduler does
+#: it at each tick): a shared test clock set after it started, or the database's drift.
+CLOCK_SYNC_SECONDS = 5.0
 
 
 class LeaseGivenBack(WorkerStopping):
@@ -98,6 +101,8 @@ class Worker:
             if self.scheduler is not None and not until_idle
             else None
         )
+        if ticking is None:  # wait deadlines and reminders follow the schedule's clock
+            ticking = asyncio.create_task(self._follow_clock(), name=f"clock {self.owner}")
         notifying = (
             asyncio.create_task(self.notifier.run(self._stopping), name=f"notify {self.owner}")
             if self.notifier is not None
@@ -172,6 +177,16 @@ class Worker:
             if not found:  # pruned while cut off from the database, say: register again
                 self._registered = False
                 await self._register()
+
+    async def _follow_clock(self) -> None:
+        """Re-sample the schedule's clock every few seconds (what the scheduler's ticks do when
+        one runs): without it a worker never saw a shared test clock set after it started."""
+        while True:
+            await asyncio.sleep(CLOCK_SYNC_SECONDS)
+            try:
+                await db(self.deps.time.sync)
+            except KeyturnError as exc:
+                log.warning("could not sample the schedule's clock; will retry", error=str(exc))
 
     async def _stopped(self) -> None:
         try:
