@@ -139,7 +139,7 @@ def test_campaign_user_rotates_rollback_and_one_who_never_acts(
     try:
         waiting = wait_until(
             lambda: (
-                all(r["wait_key"] == "forward.new_passkey" for r in rotations(kt).values())
+                all(r["wait_key"] == "forward.new_passkey:person" for r in rotations(kt).values())
                 and rotations(kt)
             )
         )
