@@ -122,3 +122,43 @@ class RollbackPage:
     def confirm(self, reason: str) -> None:
         self.page.get_by_label(re.compile("Reason")).fill(reason)
         self.page.get_by_test_id("confirm-rollback").click()
+
+
+@dataclass
+class CampaignsPage:
+    """/ui/campaigns: each campaign's counts; one campaign's page lists its rotations."""
+
+    page: Page
+    base: str
+
+    def open(self) -> CampaignsPage:
+        self.page.goto(f"{self.base}/ui/campaigns")
+        expect(self.page.get_by_role("heading", name="Campaigns", level=1)).to_be_visible()
+        return self
+
+    def from_nav(self) -> CampaignsPage:
+        self.page.get_by_role("navigation", name="Pages").get_by_role(
+            "link", name="Campaigns"
+        ).click()
+        expect(self.page.get_by_role("heading", name="Campaigns", level=1)).to_be_visible()
+        return self
+
+    def card(self, name: str) -> Locator:
+        return self.page.locator(f'[data-testid="campaign"][data-campaign="{name}"]')
+
+    def count(self, name: str, label: str) -> Locator:
+        """The number on the campaign's tile for `label` (invited, done, overdue, ...)."""
+        tile = f'[data-testid="campaign-count"][data-progress="{label}"] .n'
+        return self.card(name).locator(tile)
+
+    def open_campaign(self, name: str) -> CampaignsPage:
+        self.card(name).get_by_role("link", name=name).click()
+        expect(self.page.get_by_role("heading", level=1)).to_have_text(f"Campaign {name}")
+        return self
+
+    @property
+    def rows(self) -> Locator:
+        return self.page.get_by_test_id("campaign-row")
+
+    def row(self, rotation_id: str) -> Locator:
+        return self.rows.filter(has=self.page.get_by_role("link", name=rotation_id, exact=True))

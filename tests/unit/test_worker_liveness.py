@@ -27,7 +27,7 @@ from keyturn.cli.workers import workers_report, workers_table
 from keyturn.domain.lifecycle import State
 from keyturn.domain.model import Event, ManagedCredential, Rotation, WorkerRecord
 from keyturn.engine.worker import Worker
-from keyturn.ports import Store
+from keyturn.ports import Change, Store
 
 NOW = datetime(2026, 12, 2, 10, 0, 0, tzinfo=UTC)
 
@@ -287,3 +287,21 @@ def test_a_request_recorded_under_a_lease_says_truthfully_who_carries_it_out() -
     said = _requested(w, OperatorAction.PAUSE, rotation)  # type: ignore[arg-type]
     assert "the holder of rotation rot_x (h:1:live) is not seen" in said
     assert said.endswith("no live worker: start `keyturn worker`")
+
+
+def test_wake_waiting_makes_the_waiting_rotations_due_and_no_other(
+    store: Store, tmp_path: Path
+) -> None:
+    """What a worker does when the shared test clock is set: each waiting rotation's next
+    check (converted under the old setting) becomes now; one due already is left as is."""
+    env = _env(store, tmp_path)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    waiting = env.rotate()
+    r = store.get_rotation(waiting)
+    wait = {"wait_key": "forward.w:person", "wait_for": "x", "next_attempt_at": later}
+    store.commit(Change(waiting, r.version, updates=wait))
+    now = datetime.now(UTC)
+    assert store.wake_waiting(now) == 1
+    woken = store.get_rotation(waiting).next_attempt_at
+    assert woken is not None and abs((woken - now).total_seconds()) < 1.1
+    assert store.wake_waiting(now) == 0  # already due

@@ -35,6 +35,9 @@ log = structlog.get_logger("keyturn.worker")
 
 #: A worker row silent for longer than this is deleted (by any worker, every purge round).
 WORKER_RETENTION = timedelta(days=1)
+#: How often a worker re-samples the schedule's clock (a shared test clock set after it
+#: started, or the database's drift; the scheduler also does at each tick).
+CLOCK_SYNC_SECONDS = 5.0
 
 
 class LeaseGivenBack(WorkerStopping):
@@ -98,6 +101,8 @@ class Worker:
             if self.scheduler is not None and not until_idle
             else None
         )
+        # wait deadlines and reminders follow the schedule's clock
+        following = asyncio.create_task(self._follow_clock(), name=f"clock {self.owner}")
         notifying = (
             asyncio.create_task(self.notifier.run(self._stopping), name=f"notify {self.owner}")
             if self.notifier is not None
@@ -109,6 +114,7 @@ class Worker:
             clean = True
         finally:
             heartbeat.cancel()
+            following.cancel()
             if ticking is not None:
                 ticking.cancel()
             if notifying is not None and self.notifier is not None:
@@ -172,6 +178,23 @@ class Worker:
             if not found:  # pruned while cut off from the database, say: register again
                 self._registered = False
                 await self._register()
+
+    async def _follow_clock(self) -> None:
+        """Re-sample the schedule's clock every few seconds (without it, a worker that runs no
+        scheduler never saw a shared test clock set after it started). When the shared test
+        clock was set, every waiting rotation is checked again at once: its next check was
+        converted to this worker's clock under the previous setting."""
+        seen = self.deps.time.anchor
+        while True:
+            await asyncio.sleep(CLOCK_SYNC_SECONDS)
+            try:
+                await db(self.deps.time.sync)
+                if self.deps.time.anchor != seen:
+                    woken = await db(self.deps.store.wake_waiting, self.deps.clock.now())
+                    log.info("the schedule's clock was set; waiting rotations due now", woken=woken)
+                seen = self.deps.time.anchor
+            except KeyturnError as exc:
+                log.warning("could not sample the schedule's clock; will retry", error=str(exc))
 
     async def _stopped(self) -> None:
         try:

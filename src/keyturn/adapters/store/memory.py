@@ -415,6 +415,22 @@ class MemoryStore:
                 self._rotations[rotation.id] = replace(rotation, next_attempt_at=at)
             return True
 
+    def wake_waiting(self, at: datetime) -> int:
+        at = _utc1(at)
+        woken = 0
+        with self._tx():
+            for r in list(self._rotations.values()):
+                due = r.next_attempt_at
+                if (
+                    r.finished_at is None
+                    and r.wait_key is not None
+                    and r.lease_owner is None
+                    and (due is None or due > at)
+                ):
+                    self._rotations[r.id] = replace(r, next_attempt_at=at)
+                    woken += 1
+        return woken
+
     def evidence(self, rotation_id: str) -> dict[str, Event]:
         with self._lock:
             self._rotation(rotation_id)

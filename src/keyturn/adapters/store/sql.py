@@ -1175,6 +1175,21 @@ class SqlStore:
             )
         return True
 
+    def wake_waiting(self, at: datetime) -> int:
+        r = rotations_t.c
+        with self._tx() as conn:
+            result = conn.execute(
+                update(rotations_t)
+                .where(
+                    r.finished_at.is_(None),
+                    r.wait_key.is_not(None),
+                    r.lease_owner.is_(None),
+                    or_(r.next_attempt_at.is_(None), r.next_attempt_at > at),
+                )
+                .values(next_attempt_at=at)
+            )
+        return int(result.rowcount or 0)
+
     def evidence(self, rotation_id: str) -> dict[str, Event]:
         e = events_t.c
         with self._read() as conn:

@@ -12,6 +12,9 @@ from keyturn.kinds.passkey.kind import PasskeyConfig, PasskeyData
 from keyturn.plugin import KeyturnError, Rotation, Services, dfns_passkey_session
 
 _UNKNOWN = "this link is not valid; use the newest link keyturn sent you"
+FINISHED = "there is nothing left to do: this passkey change is finished"
+#: The end states a user's own last step leads to.
+_ENDED_BY_USER = ("old_deactivated", "rolled_back")
 
 
 class ServicesTasks(t.PasskeyTasks):
@@ -41,18 +44,21 @@ class ServicesTasks(t.PasskeyTasks):
         return await self._task(rotation)
 
     async def task(self, rotation_id: str) -> t.LinkTask:
-        return await self._task(await self._rotation(rotation_id))
+        return await self._task(await self._rotation(rotation_id), session=True)
 
-    async def _task(self, rotation: Rotation) -> t.LinkTask:
+    async def _task(self, rotation: Rotation, *, session: bool = False) -> t.LinkTask:
         data = PasskeyData.model_validate(rotation.data)
-        if rotation.finished:
-            raise t.LinkRefused("there is nothing left to do: this passkey change is finished")
+        # a page session whose user's last step ended the rotation sees it done (a worker may
+        # finish the rotation between that step and the page's reload); nobody else does
+        done = session and rotation.finished and rotation.state.value in _ENDED_BY_USER
+        if rotation.finished and not done:
+            raise t.LinkRefused(FINISHED)
         if rotation.paused:
             raise t.LinkRefused("this passkey change is paused by an administrator; try later")
         if data.link_hash is None or data.link_task is None or data.link_expires is None:
             raise t.LinkRefused(_UNKNOWN)
         expires = datetime.fromisoformat(data.link_expires)
-        if self.services.now() >= expires:
+        if not done and self.services.now() >= expires:
             raise t.LinkRefused(
                 f"this link expired at {data.link_expires}; ask your administrator for a new one"
             )
@@ -77,6 +83,7 @@ class ServicesTasks(t.PasskeyTasks):
             evidence=frozenset(evidence),
             expires_at=expires,
             link_hash=data.link_hash,
+            finished=done,
         )
 
     async def record(self, rotation_id: str, name: str, detail: Mapping[str, Any]) -> bool:

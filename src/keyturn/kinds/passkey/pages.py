@@ -107,6 +107,7 @@ NOT_YOURS = (
 )
 PROVIDER_FAILED = "The passkey service could not complete this step. Nothing was lost; try again."
 WRONG_ORIGIN = "This link does not belong to this website."
+FINISHED = "There is nothing left to do: this passkey change is finished."
 
 
 class Refused(Exception):
@@ -182,6 +183,8 @@ def stage_of(task: LinkTask, session: Session, origin: str) -> str:
     """The step the user is at on this origin, from the evidence (what is already done is
     never asked again)."""
     ev = task.evidence
+    if task.finished:
+        return "done"
     if task.task == "rollback":
         return "done" if ROLLED_BACK in ev else "rollback"
     if task.task == "deactivate":
@@ -411,8 +414,9 @@ class UserPages:
             raise Refused(EXPIRED)
         return session
 
-    async def _current(self, session: Session, origin: str) -> LinkTask:
-        """The task now; Refused when the session no longer matches it."""
+    async def _current(self, session: Session, origin: str, *, viewing: bool = False) -> LinkTask:
+        """The task now; Refused when the session no longer matches it, or, unless `viewing`
+        (the task page), when the rotation is finished (no step is left)."""
         try:
             task = await self.tasks.task(session.rotation_id)
         except LinkRefused as exc:
@@ -426,6 +430,8 @@ class UserPages:
             raise Refused(EXPIRED, 409)
         if origin not in (task.origin, task.new_origin):
             raise Refused(WRONG_ORIGIN)
+        if task.finished and not viewing:
+            raise Refused(FINISHED, 409)
         return task
 
     def _json_guard(self, request: Request) -> Session:
@@ -488,7 +494,7 @@ class UserPages:
         origin = _origin(request)
         try:
             session = self._session(request)
-            task = await self._current(session, origin)
+            task = await self._current(session, origin, viewing=True)
         except Refused as exc:
             return self.refused_page(exc.message, exc.status)
         stage = stage_of(task, session, origin)
@@ -821,6 +827,8 @@ class UserPages:
         if handoff is None:
             raise Refused(EXPIRED)
         task = await self.tasks.task(handoff.rotation_id)
+        if task.finished:
+            raise Refused(FINISHED, 409)
         if not hmac.compare_digest(task.link_hash, handoff.link_hash) or task.task != handoff.task:
             raise Refused("A newer link was sent for this; use the newest one.", 409)
         if origin != task.new_origin:

@@ -101,6 +101,10 @@ class LinkTask:
     #: The hash of the link that is valid now (a page session holds the hash of the link it
     #: was opened with; a different one means that link was superseded).
     link_hash: str
+    #: The rotation is over, ended by this task's own last step (the old passkey off, or the
+    #: change undone): an open page session shows "done" and offers no step. A link is never
+    #: opened on a finished rotation.
+    finished: bool = False
 
 
 class PasskeyTasks(Protocol):
@@ -112,7 +116,8 @@ class PasskeyTasks(Protocol):
 
     async def task(self, rotation_id: str) -> LinkTask:
         """The task now, for an open page session (LinkRefused when it is no longer
-        actionable)."""
+        actionable; ``finished`` when the user's last step just ended the rotation, so the
+        page that reloads after it says "done" even once a worker has finished it)."""
 
     async def record(self, rotation_id: str, name: str, detail: Mapping[str, Any]) -> bool:
         """Record evidence `name` on the rotation (once: False when it was already there) and
