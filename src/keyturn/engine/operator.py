@@ -230,8 +230,8 @@ async def request_action(
     run = RotationRun(deps, rotation, owner)
     try:
         await run.renew()
-    except StaleVersion:
-        return rotation, None  # a worker claimed it meanwhile; it carries the request out
+    except StaleVersion:  # a worker claimed it meanwhile; it carries the request out
+        return await db(deps.store.get_rotation, rotation_id), None
     applied = await apply_request(run)
     await run.release()
     return run.rotation, applied

@@ -14,17 +14,17 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from keyturn.adapters.dfns.client import (
     DfnsClient,
     _fido2_credential_body,
     _iso_utc,
 )
-from keyturn.adapters.dfns.errors import InvalidRequest
+from keyturn.adapters.dfns.errors import DfnsApiError, InvalidRequest
 from keyturn.adapters.dfns.models import (
     Credential,
     CredentialChallenge,
@@ -48,6 +48,8 @@ from keyturn.ports import (
 
 #: A code is valid for at most a minute at the provider; the user signs within this.
 CODE_SECONDS = 55
+
+T = TypeVar("T")
 
 
 def _credential(c: Credential) -> ProviderCredential:
@@ -210,37 +212,60 @@ class DfnsUserPasskeys(UserPasskeys):
         return OneTimeCode(code.code, code.expiration)
 
 
-#: A delegated token is reused this long for reads (a worker's waits poll every user).
+#: A user's delegated token is reused this long within a process (the worker's waits poll
+#: every user; the pages make several calls a visit): never stored, never returned.
 TOKEN_REUSE_SECONDS = 300.0
+#: (base URL, the logging-in credential's id, username) -> (when, token): one per process.
+_TOKENS: dict[tuple[str, str, str], tuple[float, DelegatedToken]] = {}
+_TOKENS_MAX = 10_000
 
 
 class DfnsPasskeyProvider(PasskeyProvider):
     def __init__(self, client: DfnsClient) -> None:
         self._client = client
-        self._readers: dict[str, tuple[float, DelegatedToken]] = {}
 
     def __repr__(self) -> str:
         return f"DfnsPasskeyProvider({self._client!r})"
 
-    async def _reader(self, username: str) -> DelegatedToken:
-        """The user's delegated token for reads (a fresh login once the one held is old)."""
-        held = self._readers.get(username)
-        if held is not None and time.monotonic() - held[0] < TOKEN_REUSE_SECONDS:
+    def _key(self, username: str) -> tuple[str, str, str]:
+        signer = self._client.signer
+        return (self._client.base_url, signer.credential_id if signer else "", username)
+
+    async def _token(self, username: str, *, fresh: bool = False) -> DelegatedToken:
+        """The user's delegated token: the one this process holds while it is young, else a
+        new Delegated Login (signed by this session's service account)."""
+        key = self._key(username)
+        held = _TOKENS.get(key)
+        if not fresh and held is not None and time.monotonic() - held[0] < TOKEN_REUSE_SECONDS:
             return held[1]
         token = await self._client.delegated_login(username)
-        self._readers[username] = (time.monotonic(), token)
+        if len(_TOKENS) >= _TOKENS_MAX:
+            _TOKENS.clear()
+        _TOKENS[key] = (time.monotonic(), token)
         return token
 
+    async def _as(self, username: str, call: Callable[[DelegatedToken], Awaitable[T]]) -> T:
+        """`call` with the user's token; a token the provider no longer takes (401) is
+        replaced once by a fresh login."""
+        try:
+            return await call(await self._token(username))
+        except DfnsApiError as exc:
+            if exc.status != 401:
+                raise
+            return await call(await self._token(username, fresh=True))
+
     async def user_credentials(self, username: str) -> list[ProviderCredential]:
-        token = await self._reader(username)
-        return [_credential(c) for c in await self._client.list_user_credentials(token)]
+        found = await self._as(username, self._client.list_user_credentials)
+        return [_credential(c) for c in found]
 
     async def rp_for(self, username: str, origin: str) -> str | None:
-        token = await self._reader(username)
-        return (await self._client.as_user(token).fido2_challenge(origin=origin)).rp_id
+        async def ask(token: DelegatedToken) -> str | None:
+            return (await self._client.as_user(token).fido2_challenge(origin=origin)).rp_id
+
+        return await self._as(username, ask)
 
     async def login(self, username: str) -> UserPasskeys:
-        token = await self._client.delegated_login(username)
+        token = await self._token(username)
         return DfnsUserPasskeys(self._client.as_user(token), username, _subject(token))
 
     async def code_registration(self, code: OneTimeCode | str, origin: str) -> PasskeyCreation:
@@ -256,7 +281,6 @@ class DfnsPasskeyProvider(PasskeyProvider):
         return _credential(created)
 
     async def aclose(self) -> None:
-        self._readers.clear()
         await self._client.aclose()
 
 
