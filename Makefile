@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 ## Quality gates, then the whole suite on SQLite and PostgreSQL (what CI runs).
 test: $(STAMP) lint
-	$(BIN)/pytest -n 2 --dist loadgroup tests --ignore=tests/bench
+	$(BIN)/pytest -n 2 --dist loadgroup --durations=30 tests --ignore=tests/bench
 
 ## Inner loop: gates and the unit tests only (seconds).
 test-fast: $(STAMP) lint
