@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from harness import KEYTURN, SA, Kt
 
@@ -170,10 +171,22 @@ def test_campaign_bad_input_then_a_user_rotates_one_rolls_back_one_never_acts(
     finally:
         proc.kill()
         proc.wait()
+
     # at the provider: user 0's old passkey is off and the one new passkey on; user 2 keeps
     # the old one
-    by_user = {u: kt.sandbox.delegated_login(u) for u in users}
-    assert by_user  # logged in
+    def at_provider(username: str) -> dict[str, dict[str, Any]]:
+        token = kt.sandbox.delegated_login(username)
+        r = httpx.get(f"{kt.sandbox.base_url}/auth/credentials",
+                      headers={"Authorization": f"Bearer {token}"}, timeout=10)  # fmt: skip
+        r.raise_for_status()
+        return {c["credentialUuid"]: c for c in r.json()["items"]}
+
+    first, never = at_provider(users[0]), at_provider(users[2])
+    old_first = kt.sandbox.end_user(0)["credential_uuid"]
+    assert first[old_first]["isActive"] is False
+    assert [c["isActive"] for u, c in first.items() if u != old_first] == [True]
+    assert first[new_uuid]["name"] == t.passkey_name(ids[users[0]])
+    assert [c["isActive"] for c in never.values()] == [True]  # only the old one, still on
     managed = {c["name"]: c for c in kt.credentials()}
     assert managed[f"{ENTRY}:{users[0]}"]["credential_uuid"] == new_uuid
     # a link of a finished rotation is refused
