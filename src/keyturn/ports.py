@@ -188,10 +188,11 @@ class Store(Protocol):
     def evidence(self, rotation_id: str) -> dict[str, Event]:
         """The evidence recorded on a rotation by name (the first of each)."""
 
-    def wake_waiting(self, at: datetime) -> int:
+    def wake_waiting(self, at: datetime, rotation_id: str | None = None) -> int:
         """Make every unfinished, unleased rotation that waits (``wait_key`` set) due at `at`
         when its next check is later (the schedule's clock was set: those checks were
-        converted to a worker's clock under the old setting); how many."""
+        converted to a worker's clock under the old setting); how many. With `rotation_id`,
+        that rotation only (evidence came while a worker held it)."""
 
     # workers (liveness: what a heartbeat says; nothing is ever blocked by a worker's row)
     def register_worker(self, worker: WorkerRecord) -> None:

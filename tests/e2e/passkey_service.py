@@ -155,10 +155,12 @@ def passkey_service(
     config: str = "",
     check_every: float = 0.3,
     env: dict[str, str] | None = None,
+    start: bool = True,
 ) -> Iterator[Journey]:
     """A sandbox with `end_users` users whose passkeys live on old.localhost (new.localhost
     allowed too), a [credentials.staff] passkey entry (plus `entry`'s lines), a mailer sink,
-    and `keyturn serve --worker --user-port` running until the block ends."""
+    and `keyturn serve --worker --user-port` running until the block ends (without `start`,
+    not started, and no viewer token made: the test starts serve itself)."""
     port = _free_port()
     old, new = f"http://old.localhost:{port}", f"http://new.localhost:{port}"
     kt = make_kt(
@@ -199,8 +201,9 @@ metrics = "open"
                 tmp_path / "serve.log", user_port=port)  # fmt: skip
     j.out.mkdir()
     try:
-        j.start(**(env or {}))
-        j.token = kt.run("tokens", "create", "--role", "viewer", "--name", "j").stdout.strip()
+        if start:
+            j.start(**(env or {}))
+            j.token = kt.run("tokens", "create", "--role", "viewer", "--name", "j").stdout.strip()
         yield j
     finally:
         j.stop()

@@ -39,8 +39,8 @@ STEP_POINTS = [
 
 @pytest.fixture
 def service(make_kt: Callable[..., Kt], tmp_path: Path) -> Iterator[Journey]:
-    with passkey_service(make_kt, tmp_path, end_users=len(STEP_POINTS)) as j:
-        j.stop()  # each point starts its own
+    # each point starts its own serve
+    with passkey_service(make_kt, tmp_path, end_users=len(STEP_POINTS), start=False) as j:
         yield j
 
 

@@ -305,3 +305,22 @@ def test_wake_waiting_makes_the_waiting_rotations_due_and_no_other(
     woken = store.get_rotation(waiting).next_attempt_at
     assert woken is not None and abs((woken - now).total_seconds()) < 1.1
     assert store.wake_waiting(now) == 0  # already due
+
+
+def test_wake_waiting_of_one_rotation_leaves_the_others(store: Store, tmp_path: Path) -> None:
+    """With a rotation id (evidence came while a worker held it) only that rotation is made
+    due: another id leaves a waiting rotation's next check as it was."""
+    env = _env(store, tmp_path)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    rid = env.rotate()
+    r = store.get_rotation(rid)
+    wait = {"wait_key": "forward.w:person", "wait_for": "x", "next_attempt_at": later}
+    store.commit(Change(rid, r.version, updates=wait))
+    now = datetime.now(UTC)
+    assert store.wake_waiting(now, "rot_someone_else") == 0
+    left = store.get_rotation(rid).next_attempt_at
+    assert left is not None and abs((left - later).total_seconds()) < 1.1
+    assert store.wake_waiting(now, rid) == 1
+    woken = store.get_rotation(rid).next_attempt_at
+    assert woken is not None and abs((woken - now).total_seconds()) < 1.1
+    assert store.wake_waiting(now, rid) == 0  # due already

@@ -206,6 +206,9 @@ class RotationRun:
         #: session lasts one step.
         self.keep_sessions = keep_sessions
         self._sessions: dict[str, tuple[Any, str | None]] = {}
+        #: The evidence names a step of this run last read (None: it read none); evidence
+        #: recorded while the run holds the lease does not make the rotation due.
+        self.evidence_seen: frozenset[str] | None = None
 
     @property
     def rotation(self) -> Rotation:

@@ -203,6 +203,7 @@ class StepContext(Generic[D, S]):
         """The evidence recorded on this rotation from outside a worker (a person's page, a
         holder), by name: its detail, with the time it was recorded under "at" (ISO)."""
         found = await db(self._run.deps.store.evidence, self.rotation.id)
+        self._run.evidence_seen = frozenset(found)
         return {name: {**e.detail, "at": e.at.isoformat()} for name, e in found.items()}
 
     async def check_boundary(self) -> None:

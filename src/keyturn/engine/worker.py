@@ -320,9 +320,25 @@ class Worker:
             renewer.cancel()
             await run.close_sessions()
         await run.release()
+        await self._wake_on_new_evidence(run)
         if self.scheduler is not None and run.rotation.finished:
             # the credential's next slot, from the key the release just recorded
             await self.scheduler.finished(run.rotation.credential)
+
+    async def _wake_on_new_evidence(self, run: RotationRun) -> None:
+        """Evidence recorded while this run held the lease (a person's page, just after the
+        step read it) did not make the rotation due, and the wait this run wrote set its next
+        check later: read it again after the release, and make the rotation due now when a new
+        name came meanwhile (later evidence finds it unleased and wakes it itself)."""
+        seen, rotation = run.evidence_seen, run.rotation
+        if seen is None or rotation.finished or rotation.wait_key is None:
+            return
+        try:
+            found = await db(self.deps.store.evidence, rotation.id)
+            if set(found) - seen:
+                await db(self.deps.store.wake_waiting, self.deps.clock.now(), rotation.id)
+        except StoreUnavailable as exc:  # its next check comes anyway, later
+            run.log.warning("could not look for evidence after the release", error=str(exc))
 
     async def _note_takeover(self, run: RotationRun) -> None:
         """A claim that took over another owner's expired lease goes in the timeline, with

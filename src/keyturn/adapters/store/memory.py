@@ -415,14 +415,15 @@ class MemoryStore:
                 self._rotations[rotation.id] = replace(rotation, next_attempt_at=at)
             return True
 
-    def wake_waiting(self, at: datetime) -> int:
+    def wake_waiting(self, at: datetime, rotation_id: str | None = None) -> int:
         at = _utc1(at)
         woken = 0
         with self._tx():
             for r in list(self._rotations.values()):
                 due = r.next_attempt_at
                 if (
-                    r.finished_at is None
+                    rotation_id in (None, r.id)
+                    and r.finished_at is None
                     and r.wait_key is not None
                     and r.lease_owner is None
                     and (due is None or due > at)

@@ -1175,19 +1175,18 @@ class SqlStore:
             )
         return True
 
-    def wake_waiting(self, at: datetime) -> int:
+    def wake_waiting(self, at: datetime, rotation_id: str | None = None) -> int:
         r = rotations_t.c
+        stmt = update(rotations_t).where(
+            r.finished_at.is_(None),
+            r.wait_key.is_not(None),
+            r.lease_owner.is_(None),
+            or_(r.next_attempt_at.is_(None), r.next_attempt_at > at),
+        )
+        if rotation_id is not None:
+            stmt = stmt.where(r.id == rotation_id)
         with self._tx() as conn:
-            result = conn.execute(
-                update(rotations_t)
-                .where(
-                    r.finished_at.is_(None),
-                    r.wait_key.is_not(None),
-                    r.lease_owner.is_(None),
-                    or_(r.next_attempt_at.is_(None), r.next_attempt_at > at),
-                )
-                .values(next_attempt_at=at)
-            )
+            result = conn.execute(stmt.values(next_attempt_at=at))
         return int(result.rowcount or 0)
 
     def evidence(self, rotation_id: str) -> dict[str, Event]:

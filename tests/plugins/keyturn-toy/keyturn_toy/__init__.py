@@ -4,7 +4,8 @@
 The toy provider is a *ledger*: a JSON file of key ids, each with the fingerprint of its
 secret and whether it is active. A toy rotation mints a new key, deploys its secret to
 ``toy_file`` targets, bakes (a wait that holds no lease), then burns the old key: burning
-cannot be undone, so rollback is refused from its intent on.
+cannot be undone, so rollback is refused from its intent on. Evidence named ``baked`` on the
+rotation ends its bake early.
 
 With a ``person`` table, burning the old key waits on a person (the human-task policy): the
 toy seals a link for them, asks keyturn to invite them (a ``user_task`` notification), and
@@ -249,12 +250,18 @@ async def _redeploy_old(ctx: Ctx) -> Detail:
     return await _deploy(ctx, ctx.data.old_ref)
 
 
+#: Evidence that ends a bake early (recorded from outside a worker, e.g. by a test).
+BAKED = "baked"
+
+
 async def _baking(ctx: Ctx) -> str | None:
     bake = _config(ctx).bake_seconds
     deployed = await ctx.record(F, "deploy_new")
     if bake <= 0 or deployed is None or deployed.outcome_at is None:
         return None
     if (ctx.now() - deployed.outcome_at).total_seconds() >= bake:
+        return None
+    if BAKED in await ctx.evidence():  # somebody said it has baked enough
         return None
     return f"the new key to bake on its targets for {bake:g}s"
 

@@ -12,14 +12,14 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from keyturn_toy import fingerprint
+from keyturn_toy import BAKED, fingerprint
 
 from keyturn.adapters.store.migrate import upgrade
 from keyturn.adapters.vault import new_master_key
 from keyturn.cli.setup import ImportEntry, import_credential
 from keyturn.cli.wiring import Wiring
 from keyturn.config import load_config
-from keyturn.domain.model import Rotation
+from keyturn.domain.model import Event, Rotation
 from keyturn.engine.worker import Worker
 
 CONFIG = """\
@@ -165,6 +165,49 @@ def test_a_ten_minute_wait_holds_no_lease_spends_no_attempt_and_halts_at_its_dea
             assert f"keyturn rotations resume {slow}" in (halted.halted_reason or "")
             events = [e for e in store.events(slow) if e.detail.get("status") == "waiting"]
             assert len(events) == 1  # the wait began once; its checks add no event
+        finally:
+            worker.stop()
+            await running
+
+    asyncio.run(scenario())
+
+
+def test_evidence_recorded_while_a_worker_holds_the_rotation_is_not_lost(tmp_path: Path) -> None:
+    """A person's page records evidence just after the worker's step read it, while the worker
+    still holds the lease (so it does not make the rotation due); the worker then writes the
+    wait with its next check a minute later. Looked at again after the release, the rotation is
+    due at once: with the test clock standing still it finishes, instead of waiting a minute
+    (the race a 200-user passkey campaign met: a user's proof came 80 ms after the check)."""
+    w = setup(tmp_path / "work")
+    clock = ManualClock()
+    w.clock = clock  # type: ignore[assignment]
+    store = w.store
+    read = store.evidence
+    late: list[str] = []
+
+    def evidence_then_a_page_writes(rotation_id: str) -> dict[str, Event]:
+        found = read(rotation_id)
+        if not late:  # the first read of the bake: the page writes right after it
+            late.append(rotation_id)
+            assert store.get_rotation(rotation_id).lease_owner is not None
+            page = Event(rotation_id, clock.now(), "evidence", "user:someone", trigger=BAKED)
+            assert store.add_evidence(page)
+        return found
+
+    store.evidence = evidence_then_a_page_writes  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        worker = Worker(w.engine_deps(1), concurrency=1)
+        running = asyncio.create_task(worker.run())
+        try:
+            slow = w.start_rotation("slow", reason="wait test", actor="test").id
+            await until(
+                "the bake to end on the late evidence, the clock standing still",
+                lambda: store.get_rotation(slow).state.value == "old_deactivated",
+            )
+            assert late == [slow]
+            waits = [e for e in store.events(slow) if e.detail.get("status") == "waiting"]
+            assert len(waits) == 1  # it did wait (the evidence came after the check)
         finally:
             worker.stop()
             await running
