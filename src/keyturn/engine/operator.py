@@ -118,12 +118,30 @@ def applies(store: Store, registry: Registry, rotation: Rotation, action: Operat
     return True
 
 
-def halt_advice(store: Store, registry: Registry, rotation: Rotation) -> str:
+def halt_advice_plain(rotation: Rotation, person: str | None = None) -> str:
+    """The advice without the store: resume (after a person's deadline, that it would not
+    help)."""
+    if person is not None:
+        return f"Only {person} can act, and their deadline has passed: resuming halts again"
+    return f"Fix the cause, then run `keyturn rotations resume {rotation.id} --reason ...`"
+
+
+def halt_advice(
+    store: Store, registry: Registry, rotation: Rotation, *, person: str | None = None
+) -> str:
     """What to do about a rotation that halts now, naming only commands that apply to it in
-    its state (resume always does once it is halted; rollback only where its guards allow)."""
-    advice = f"Fix the cause, then run `keyturn rotations resume {rotation.id} --reason ...`"
+    its state (resume always does once it is halted, but after a person's deadline it finds
+    the deadline passed again; cancel and rollback only where their guards allow)."""
+    advice = halt_advice_plain(rotation, person)
+    rollback = f"`keyturn rotations rollback {rotation.id} --reason ...`"
+    if person is not None:
+        if applies(store, registry, rotation, OperatorAction.CANCEL):
+            advice += f"; cancel it with `keyturn rotations cancel {rotation.id} --reason ...`"
+        elif applies(store, registry, rotation, OperatorAction.ROLLBACK):
+            advice += f"; roll it back with {rollback}"
+        return advice + f" (until then {person} keeps what they hold now)"
     if applies(store, registry, rotation, OperatorAction.ROLLBACK):
-        advice += f" (or roll back with `keyturn rotations rollback {rotation.id} --reason ...`)"
+        advice += f" (or roll back with {rollback})"
     elif rotation.state is State.ROLLING_BACK:
         advice += " (the rollback carries on from where it stopped)"
     return advice

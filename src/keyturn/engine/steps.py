@@ -86,7 +86,12 @@ class Waiting(Exception):
 
 
 class WaitExpired(KeyturnError):
-    """A wait reached its deadline: the rotation halts with this reason."""
+    """A wait reached its deadline: the rotation halts with this reason. `person`: the wait
+    was on that person, whom keyturn cannot act for (resuming finds the deadline passed)."""
+
+    def __init__(self, message: str, *, person: str | None = None) -> None:
+        super().__init__(message)
+        self.person = person
 
 
 @dataclass(frozen=True)
@@ -386,7 +391,7 @@ async def _person_wait(
     rotation = run.rotation
     same = rotation.wait_key in (key + PERSON_SUFFIX, key + OVERDUE_SUFFIX)
     since = rotation.wait_since if same and rotation.wait_since is not None else now
-    sent = sent_reminders(await db(run.deps.store.events, rotation.id), key, since)
+    sent = sent_reminders(await db(run.deps.store.events, rotation.id), key, since, r.due)
     decision = decide(r, since, sent, now)
     events: list[Event] = []
     if decision.remind:
@@ -401,7 +406,8 @@ async def _person_wait(
     if decision.overdue and r.on_due == "halt":
         raise WaitExpired(
             f"{r.person} did not act by {_when(r.due)} (waited for {pending} since "
-            f"{_when(since)}); keyturn cannot act for them"
+            f"{_when(since)}); keyturn cannot act for them",
+            person=r.person,
         )
     every = timedelta(seconds=max(0.0, wait.every(ctx)))
     if decision.overdue:  # reported: left waiting, overdue, checked every `every`
@@ -418,12 +424,20 @@ async def _person_wait(
     raise Waiting(key + PERSON_SUFFIX, pending, since, r.due, next_check)
 
 
-def sent_reminders(events: Sequence[Event], key: str, since: datetime) -> Sent:
-    """What the events of a wait (its key, begun at `since`) say was sent to its person."""
+def sent_reminders(
+    events: Sequence[Event], key: str, since: datetime, due: datetime | None = None
+) -> Sent:
+    """What the events of a wait (its key, begun at `since`) say was sent to its person. The
+    escalation is the task's, once per `due`: a wait begun again (a halted one resumed) does
+    not escalate the same deadline twice."""
     count, last, snoozed, escalated = 0, None, 0, False
     for e in events:
         d = e.detail
-        if e.kind != "run" or d.get("wait") != key or not _same_instant(d.get("since"), since):
+        if e.kind != "run" or d.get("wait") != key:
+            continue
+        if due is not None and d.get("status") == "escalated" and _same_instant(d.get("due"), due):
+            escalated = True
+        if not _same_instant(d.get("since"), since):
             continue
         if d.get("status") == "reminder":
             count += 1

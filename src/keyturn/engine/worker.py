@@ -18,7 +18,12 @@ from keyturn.domain.model import Event, Rotation, WorkerRecord
 from keyturn.engine.batch import CommitBatcher, Loaders
 from keyturn.engine.gates import before_step
 from keyturn.engine.notify import Deliverer
-from keyturn.engine.operator import APPROVAL_KEY, apply_request, halt_advice
+from keyturn.engine.operator import (
+    APPROVAL_KEY,
+    apply_request,
+    halt_advice,
+    halt_advice_plain,
+)
 from keyturn.engine.run import (
     EngineDeps,
     LeaseLost,
@@ -423,7 +428,7 @@ class Worker:
             raise
         except WaitExpired as exc:
             result = "halted"
-            await self._halt(run, trigger.value, str(exc), retryable=False)
+            await self._halt(run, trigger.value, str(exc), retryable=False, person=exc.person)
             return False
         except KeyturnError as exc:
             result = await self._failed(run, trigger.value, exc)
@@ -471,10 +476,18 @@ class Worker:
             )
         await run.unit.add(updates=wait.updates(), events=events)
 
-    async def _halt(self, run: RotationRun, step: str, message: str, *, retryable: bool) -> None:
+    async def _halt(
+        self,
+        run: RotationRun,
+        step: str,
+        message: str,
+        *,
+        retryable: bool,
+        person: str | None = None,
+    ) -> None:
         rotation = run.rotation
         now = self.deps.clock.now()
-        reason = f"step {step}: {message}. {await self._advice(rotation)}"
+        reason = f"step {step}: {message}. {await self._advice(rotation, person)}"
         event = Event(
             rotation_id=rotation.id,
             at=now,
@@ -490,11 +503,13 @@ class Worker:
         # held: the release that follows writes it, so the halt and the lease's end are one commit
         await run.unit.add(updates={"halted_reason": reason}, events=[event])
 
-    async def _advice(self, rotation: Rotation) -> str:
+    async def _advice(self, rotation: Rotation, person: str | None = None) -> str:
         try:
-            return await db(halt_advice, self.deps.store, self.deps.registry, rotation)
+            return await db(
+                halt_advice, self.deps.store, self.deps.registry, rotation, person=person
+            )
         except KeyturnError:  # the store is away: the plain advice
-            return f"Fix the cause, then run `keyturn rotations resume {rotation.id} --reason ...`"
+            return halt_advice_plain(rotation, person)
 
     async def _failed(self, run: RotationRun, step: str, exc: KeyturnError) -> str:
         """Record a failed attempt: "retry" (backing off) or "halted" (for a human)."""

@@ -277,6 +277,9 @@ def test_on_due_halt_escalates_once_and_halts_for_a_human(tmp_path: Path) -> Non
     escalation and a halt with the reason; the old key is still active."""
     import asyncio
 
+    from keyturn.domain.model import OperatorAction
+    from keyturn.engine.operator import record_request
+    from keyturn.engine.registry import discovered
     from keyturn.engine.worker import Worker
 
     toy = make_toy(tmp_path / "work")
@@ -316,14 +319,33 @@ def test_on_due_halt_escalates_once_and_halts_for_a_human(tmp_path: Path) -> Non
                     ),
                 )
             await wait_for("the halt", lambda: store.get_rotation(rid).halted_reason is not None)
+            halted = store.get_rotation(rid)
+            # an operator resumes anyway: the deadline is found passed again, the rotation
+            # halts again, and the owner is not escalated to a second time for it
+            record_request(store, discovered(), clock, rid, OperatorAction.RESUME, "oncall", "x")
+            await wait_for(
+                "the halt after the resume",
+                lambda: (
+                    store.get_rotation(rid).request is None
+                    and store.get_rotation(rid).halted_reason is not None
+                    and store.get_rotation(rid).lease_owner is None
+                ),
+            )
         finally:
             worker.stop()
             await running
         assert statuses().count("reminder") == 1
         assert statuses().count("escalated") == 1
-        halted = store.get_rotation(rid)
-        assert "bob did not act by" in (halted.halted_reason or "")
-        assert "keyturn cannot act for them" in (halted.halted_reason or "")
+        reason = halted.halted_reason or ""
+        assert "bob did not act by" in reason
+        assert "keyturn cannot act for them" in reason
+        # the advice says what a resume does, and names a verb that applies (not "resume")
+        assert "Only bob can act, and their deadline has passed: resuming halts again" in reason
+        assert "rotations resume" not in reason
+        assert f"keyturn rotations cancel {rid}" not in reason  # the invitation was sent
+        assert f"roll it back with `keyturn rotations rollback {rid}" in reason
+        again = store.get_rotation(rid).halted_reason or ""
+        assert again != reason and "resuming halts again" in again  # the wait began again
 
     asyncio.run(scenario())
     assert toy.ledger["k0"]["active"] is True
