@@ -66,9 +66,9 @@ def assert_no_transition_twice(rotation: dict[str, object]) -> None:
 @pytest.mark.parametrize("point", kill_points(rollback=False))
 def test_forward_kill(kt: Kt, point: str, tmp_path: Path) -> None:
     old_uuid = kt.bootstrap["service_account"]["credential_uuid"]
-    rid = kt.rotate()
+    rid = kt.rotate_here()
     crash_then_finish(kt, point, tmp_path)
-    rotation = kt.show(rid)
+    rotation = kt.show_here(rid)
     assert rotation["state"] == "old_deactivated"
     assert_no_transition_twice(rotation)
     creds = kt.provider_credentials()
@@ -103,11 +103,11 @@ def test_forward_kill_on_postgres(
 @pytest.mark.parametrize("point", kill_points(rollback=True))
 def test_rollback_kill(kt: Kt, point: str, tmp_path: Path) -> None:
     boot = kt.bootstrap["service_account"]
-    rid = kt.rotate()
+    rid = kt.rotate_here()
     assert kt.worker().returncode == 0
     kt.run("rotations", "rollback", rid, "--reason", "kill test", "--yes")
     crash_then_finish(kt, point, tmp_path)
-    rotation = kt.show(rid)
+    rotation = kt.show_here(rid)
     assert rotation["state"] == "rolled_back"
     assert_no_transition_twice(rotation)
     creds = kt.provider_credentials()

@@ -175,9 +175,9 @@ def test_three_targets_hold_the_new_key_then_the_old_after_rollback(
     kt, stores = remote_kt
     old_file = kt.deployed(SA)
     old_uuid = old_file[1]["credentialUuid"]
-    rid = kt.rotate()
+    rid = kt.rotate_here()
     assert worker(kt).returncode == 0
-    rotation = kt.show(rid)
+    rotation = kt.show_here(rid)
     assert rotation["state"] == "old_deactivated", rotation
     new_uuid = rotation["new_credential_uuid"]
 
@@ -198,7 +198,7 @@ def test_three_targets_hold_the_new_key_then_the_old_after_rollback(
 
     kt.run("rotations", "rollback", rid, "--reason", "e2e rollback", "--yes")
     assert worker(kt).returncode == 0
-    assert kt.show(rid)["state"] == "rolled_back"
+    assert kt.show_here(rid)["state"] == "rolled_back"
     for held in (stores.aws_held(), stores.kv_held()):
         assert held.credential_uuid == old_uuid
         assert held.private_key_pem.strip() == old_file[0].strip()
@@ -211,11 +211,11 @@ def test_three_targets_hold_the_new_key_then_the_old_after_rollback(
 def kill_then_finish(kt: Kt, stores: Stores, point: str, marker: Path) -> None:
     old_uuid = kt.deployed(SA)[1]["credentialUuid"]
     before = set(kt.provider_credentials())
-    rid = kt.rotate()
+    rid = kt.rotate_here()
     kill_worker_at(kt, point, marker)
     finished = worker(kt)
     assert finished.returncode == 0, finished.stderr[-2000:]
-    rotation = kt.show(rid)
+    rotation = kt.show_here(rid)
     assert rotation["state"] == "old_deactivated", rotation
     created = set(kt.provider_credentials()) - before
     assert len(created) == 1, created  # exactly one new credential
@@ -267,9 +267,9 @@ def halt_after_retries(kt: Kt, target_table: str) -> dict[str, Any]:
     with kt.config.open("a") as out:
         out.write(target_table)
     old_uuid = kt.deployed(SA)[1]["credentialUuid"]
-    rid = kt.rotate()
+    rid = kt.rotate_here()
     worker(kt)
-    rotation = kt.show(rid)
+    rotation = kt.show_here(rid)
     assert rotation["state"] == "new_added", rotation
     assert rotation["attempts"] == 3 and rotation["halted_reason"], rotation
     assert "retry budget spent" in rotation["halted_reason"]
