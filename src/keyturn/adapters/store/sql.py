@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 from sqlalchemy import (
@@ -1079,12 +1080,14 @@ class SqlStore:
     def _commit(
         self, conn: Connection, change: Change, values: dict[str, Any], now: datetime
     ) -> Rotation:
-        r = rotations_t.c
         row = conn.execute(
-            update(rotations_t)
-            .where(r.id == change.rotation_id, r.version == change.expected_version)
-            .values(**values, version=r.version + 1, updated_at=now)
-            .returning(rotations_t)
+            _compare_and_set(tuple(sorted(values))),
+            {
+                **{f"u_{k}": v for k, v in values.items()},
+                "u_id": change.rotation_id,
+                "u_expected": change.expected_version,
+                "u_now": now,
+            },
         ).first()
         if row is None:
             self._require_rotation(conn, change.rotation_id)
@@ -1470,35 +1473,83 @@ class SqlStore:
         """One statement: insert the record, or update it if (rotation, phase, name) exists. A
         new record's seq is the number its rotation already has (the rotation row is locked by
         this transaction's compare-and-set, so nobody else adds one concurrently)."""
+        conn.execute(
+            self._upsert_action_statement,
+            {
+                "a_rotation_id": action.rotation_id,
+                "a_seq_rotation_id": action.rotation_id,
+                "a_phase": Phase(action.phase).value,
+                "a_name": action.name,
+                "a_idempotency_key": action.idempotency_key,
+                "a_status": ActionStatus(action.status).value,
+                "a_intent_at": action.intent_at,
+                "a_outcome_at": action.outcome_at,
+                "a_attempts": action.attempts,
+                "a_detail": dict(action.detail),
+                "a_error": action.error,
+            },
+        )
+
+    @cached_property
+    def _upsert_action_statement(self) -> Any:
+        """The statement of :meth:`_upsert_action`, built once with a bound parameter for each
+        value: built per record, its ``excluded`` columns and cache key were a fifth of a
+        worker's commit CPU (the SQL is the same)."""
         a = actions_t.c
-        values = {
-            "idempotency_key": action.idempotency_key,
-            "status": ActionStatus(action.status).value,
-            "intent_at": action.intent_at,
-            "outcome_at": action.outcome_at,
-            "attempts": action.attempts,
-            "detail": dict(action.detail),
-            "error": action.error,
-        }
         seq = (
             select(func.count())
             .select_from(actions_t)
-            .where(a.rotation_id == action.rotation_id)
+            .where(a.rotation_id == bindparam("a_seq_rotation_id"))
             .scalar_subquery()
         )
         stmt = self._upsert(actions_t).values(
-            rotation_id=action.rotation_id,
-            phase=Phase(action.phase).value,
-            name=action.name,
+            rotation_id=bindparam("a_rotation_id"),
+            phase=bindparam("a_phase"),
+            name=bindparam("a_name"),
             seq=seq,
-            **values,
+            **{k: bindparam(f"a_{k}") for k in _ACTION_UPSERT_COLUMNS},
         )
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[a.rotation_id, a.phase, a.name],
-                set_={k: stmt.excluded[k] for k in values},
+        return stmt.on_conflict_do_update(
+            index_elements=[a.rotation_id, a.phase, a.name],
+            set_={k: stmt.excluded[k] for k in _ACTION_UPSERT_COLUMNS},
+        )
+
+
+_CAS: dict[tuple[str, ...], Any] = {}
+
+
+def _compare_and_set(columns: tuple[str, ...]) -> Any:
+    """A change's guarded UPDATE of its rotation (those columns, the version and updated_at;
+    every value a bound parameter), built once per set of columns: built per change, the
+    statement and its cache key cost a commit more CPU than its execution."""
+    stmt = _CAS.get(columns)
+    if stmt is None:
+        r = rotations_t.c
+        stmt = (
+            update(rotations_t)
+            .where(r.id == bindparam("u_id"), r.version == bindparam("u_expected"))
+            .values(
+                **{c: bindparam(f"u_{c}") for c in columns},
+                version=r.version + 1,
+                updated_at=bindparam("u_now"),
             )
+            .returning(rotations_t)
         )
+        _CAS[columns] = stmt
+    return stmt
+
+
+#: The columns an action's upsert writes when its record exists (rotation, phase and name are
+#: the conflict's key, seq stays).
+_ACTION_UPSERT_COLUMNS = (
+    "idempotency_key",
+    "status",
+    "intent_at",
+    "outcome_at",
+    "attempts",
+    "detail",
+    "error",
+)
 
 
 def _unavailable(url: str, exc: DBAPIError) -> StoreUnavailable:
