@@ -13,13 +13,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Integer,
     Row,
     Table,
     and_,
@@ -930,44 +931,10 @@ class SqlStore:
     ) -> list[Rotation]:
         if limit <= 0:
             return []
-        r = rotations_t.c
-        due = and_(
-            r.finished_at.is_(None),
-            or_(
-                r.request_action.is_not(None),
-                and_(
-                    r.paused.is_(False),
-                    r.halted_reason.is_(None),
-                    or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now),
-                ),
-            ),
-            or_(r.lease_expires_at.is_(None), r.lease_expires_at <= now),
-        )
-        # FOR UPDATE SKIP LOCKED is rendered on PostgreSQL; SQLite has no row locks and
-        # relies on the BEGIN IMMEDIATE write lock held by this transaction instead.
-        candidates = (
-            select(r.id)
-            .where(due)
-            .order_by(*_claim_order())
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        stmt = (
-            update(rotations_t)
-            .where(r.id.in_(candidates))
-            # In SET, `r.lease_owner` is the value before this UPDATE (SQL semantics, on both
-            # databases): the owner of an expired lease that was never released.
-            .values(
-                lease_owner=owner,
-                lease_expires_at=lease_until,
-                lease_taken_at=now,
-                lease_taken_from=r.lease_owner,
-                version=r.version + 1,
-            )
-            .returning(rotations_t)
-        )
+        stmt = _claim_statement()
+        params = {"c_owner": owner, "c_now": now, "c_until": lease_until, "c_limit": limit}
         with self._tx() as conn:
-            rows = conn.execute(stmt).all()
+            rows = conn.execute(stmt, params).all()
         return sorted((_rotation_from_row(row) for row in rows), key=claim_sort_key)
 
     def commit(self, change: Change) -> Rotation:
@@ -1507,6 +1474,50 @@ class SqlStore:
             index_elements=[a.rotation_id, a.phase, a.name],
             set_={k: stmt.excluded[k] for k in _ACTION_UPSERT_COLUMNS},
         )
+
+
+@cache
+def _claim_statement() -> Any:
+    """The statement of SqlStore.claim, built once (see _compare_and_set); the owner, the
+    times and the limit are bound parameters, as they were."""
+    r = rotations_t.c
+    now = bindparam("c_now", type_=r.next_attempt_at.type)
+    due = and_(
+        r.finished_at.is_(None),
+        or_(
+            r.request_action.is_not(None),
+            and_(
+                r.paused.is_(False),
+                r.halted_reason.is_(None),
+                or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now),
+            ),
+        ),
+        or_(r.lease_expires_at.is_(None), r.lease_expires_at <= now),
+    )
+    # FOR UPDATE SKIP LOCKED is rendered on PostgreSQL; SQLite has no row locks and
+    # relies on the BEGIN IMMEDIATE write lock held by this transaction instead.
+    candidates = (
+        select(r.id)
+        .where(due)
+        .order_by(*_claim_order())
+        .limit(bindparam("c_limit", type_=Integer))
+        .with_for_update(skip_locked=True)
+    )
+    stmt = (
+        update(rotations_t)
+        .where(r.id.in_(candidates))
+        # In SET, `r.lease_owner` is the value before this UPDATE (SQL semantics, on both
+        # databases): the owner of an expired lease that was never released.
+        .values(
+            lease_owner=bindparam("c_owner"),
+            lease_expires_at=bindparam("c_until"),
+            lease_taken_at=now,
+            lease_taken_from=r.lease_owner,
+            version=r.version + 1,
+        )
+        .returning(rotations_t)
+    )
+    return stmt
 
 
 #: Reads a worker makes for every rotation, built once: built per call, a select of every
