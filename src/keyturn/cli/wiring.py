@@ -154,7 +154,9 @@ class Wiring:
             )
         return vault
 
-    def token_for(self, name: str) -> str:
+    def token_for(self, name: str, credential: ManagedCredential | None = None) -> str:
+        """The bearer token of credential `name`: from its token_env or token_file, else the
+        vault (`credential`: its record when the caller has just read it)."""
         cfg = self.config.configured(name)
         if cfg is not None and cfg.token_env:
             value = os.environ.get(cfg.token_env, "").strip()
@@ -172,7 +174,8 @@ class Wiring:
                     f"credential {name}: token_file {cfg.token_file} cannot be read "
                     f"({exc.strerror}); fix the path"
                 ) from None
-        credential = self.store.get_credential(name)
+        if credential is None:
+            credential = self.store.get_credential(name)
         if credential.token_ref is None:
             raise ConfigError(
                 f"credential {name} has no bearer token: set token_env or token_file in "
@@ -214,7 +217,7 @@ class Wiring:
             credential=name,
             provider=credential.provider,
             base_url=provider.base_url,
-            token=self.token_for(name),
+            token=self.token_for(name, credential),  # read once per access, not twice
             timeout_seconds=provider.timeout_seconds,
             budget=self.budget(credential.provider),
             fence=fence,

@@ -13,12 +13,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import cache, cached_property
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Integer,
     Row,
     Table,
     and_,
@@ -768,7 +770,7 @@ class SqlStore:
 
     def get_credential(self, name: str) -> ManagedCredential:
         with self._read() as conn:
-            row = conn.execute(select(credentials_t).where(credentials_t.c.name == name)).first()
+            row = conn.execute(_CREDENTIAL_BY_NAME, {"name": name}).first()
         if row is None:
             raise credential_not_found(name)
         return _credential_from_row(row)
@@ -777,9 +779,7 @@ class SqlStore:
         if not names:
             return {}
         with self._read() as conn:
-            rows = conn.execute(
-                select(credentials_t).where(credentials_t.c.name.in_(list(names)))
-            ).all()
+            rows = conn.execute(_CREDENTIALS_BY_NAME, {"names": list(names)}).all()
         return {c.name: c for c in map(_credential_from_row, rows)}
 
     def list_credentials(self) -> list[ManagedCredential]:
@@ -921,11 +921,7 @@ class SqlStore:
         if not out:
             return out
         with self._read() as conn:
-            rows = conn.execute(
-                select(actions_t)
-                .where(actions_t.c.rotation_id.in_(list(out)))
-                .order_by(actions_t.c.rotation_id, actions_t.c.seq.asc())
-            ).all()
+            rows = conn.execute(_ACTIONS_OF, {"ids": list(out)}).all()
         for row in rows:
             out[row._mapping["rotation_id"]].append(_action_from_row(row))
         return out
@@ -935,44 +931,10 @@ class SqlStore:
     ) -> list[Rotation]:
         if limit <= 0:
             return []
-        r = rotations_t.c
-        due = and_(
-            r.finished_at.is_(None),
-            or_(
-                r.request_action.is_not(None),
-                and_(
-                    r.paused.is_(False),
-                    r.halted_reason.is_(None),
-                    or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now),
-                ),
-            ),
-            or_(r.lease_expires_at.is_(None), r.lease_expires_at <= now),
-        )
-        # FOR UPDATE SKIP LOCKED is rendered on PostgreSQL; SQLite has no row locks and
-        # relies on the BEGIN IMMEDIATE write lock held by this transaction instead.
-        candidates = (
-            select(r.id)
-            .where(due)
-            .order_by(*_claim_order())
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        stmt = (
-            update(rotations_t)
-            .where(r.id.in_(candidates))
-            # In SET, `r.lease_owner` is the value before this UPDATE (SQL semantics, on both
-            # databases): the owner of an expired lease that was never released.
-            .values(
-                lease_owner=owner,
-                lease_expires_at=lease_until,
-                lease_taken_at=now,
-                lease_taken_from=r.lease_owner,
-                version=r.version + 1,
-            )
-            .returning(rotations_t)
-        )
+        stmt = _claim_statement()
+        params = {"c_owner": owner, "c_now": now, "c_until": lease_until, "c_limit": limit}
         with self._tx() as conn:
-            rows = conn.execute(stmt).all()
+            rows = conn.execute(stmt, params).all()
         return sorted((_rotation_from_row(row) for row in rows), key=claim_sort_key)
 
     def commit(self, change: Change) -> Rotation:
@@ -1079,12 +1041,14 @@ class SqlStore:
     def _commit(
         self, conn: Connection, change: Change, values: dict[str, Any], now: datetime
     ) -> Rotation:
-        r = rotations_t.c
         row = conn.execute(
-            update(rotations_t)
-            .where(r.id == change.rotation_id, r.version == change.expected_version)
-            .values(**values, version=r.version + 1, updated_at=now)
-            .returning(rotations_t)
+            _compare_and_set(tuple(sorted(values))),
+            {
+                **{f"u_{k}": v for k, v in values.items()},
+                "u_id": change.rotation_id,
+                "u_expected": change.expected_version,
+                "u_now": now,
+            },
         ).first()
         if row is None:
             self._require_rotation(conn, change.rotation_id)
@@ -1366,7 +1330,7 @@ class SqlStore:
 
     def get_secret(self, secret_id: str) -> SealedSecret:
         with self._read() as conn:
-            row = conn.execute(select(secrets_t).where(secrets_t.c.id == secret_id)).first()
+            row = conn.execute(_SECRET_BY_ID, {"id": secret_id}).first()
         if row is None:
             raise secret_not_found(secret_id)
         return _secret_from_row(row)
@@ -1375,7 +1339,7 @@ class SqlStore:
         if not secret_ids:
             return {}
         with self._read() as conn:
-            rows = conn.execute(select(secrets_t).where(secrets_t.c.id.in_(list(secret_ids)))).all()
+            rows = conn.execute(_SECRETS_BY_ID, {"ids": list(secret_ids)}).all()
         return {s.id: s for s in map(_secret_from_row, rows)}
 
     def all_secrets(self) -> list[SealedSecret]:
@@ -1469,35 +1433,142 @@ class SqlStore:
         """One statement: insert the record, or update it if (rotation, phase, name) exists. A
         new record's seq is the number its rotation already has (the rotation row is locked by
         this transaction's compare-and-set, so nobody else adds one concurrently)."""
+        conn.execute(
+            self._upsert_action_statement,
+            {
+                "a_rotation_id": action.rotation_id,
+                "a_seq_rotation_id": action.rotation_id,
+                "a_phase": Phase(action.phase).value,
+                "a_name": action.name,
+                "a_idempotency_key": action.idempotency_key,
+                "a_status": ActionStatus(action.status).value,
+                "a_intent_at": action.intent_at,
+                "a_outcome_at": action.outcome_at,
+                "a_attempts": action.attempts,
+                "a_detail": dict(action.detail),
+                "a_error": action.error,
+            },
+        )
+
+    @cached_property
+    def _upsert_action_statement(self) -> Any:
+        """The statement of :meth:`_upsert_action`, built once with a bound parameter for each
+        value: built per record, its ``excluded`` columns and cache key were a fifth of a
+        worker's commit CPU (the SQL is the same)."""
         a = actions_t.c
-        values = {
-            "idempotency_key": action.idempotency_key,
-            "status": ActionStatus(action.status).value,
-            "intent_at": action.intent_at,
-            "outcome_at": action.outcome_at,
-            "attempts": action.attempts,
-            "detail": dict(action.detail),
-            "error": action.error,
-        }
         seq = (
             select(func.count())
             .select_from(actions_t)
-            .where(a.rotation_id == action.rotation_id)
+            .where(a.rotation_id == bindparam("a_seq_rotation_id"))
             .scalar_subquery()
         )
         stmt = self._upsert(actions_t).values(
-            rotation_id=action.rotation_id,
-            phase=Phase(action.phase).value,
-            name=action.name,
+            rotation_id=bindparam("a_rotation_id"),
+            phase=bindparam("a_phase"),
+            name=bindparam("a_name"),
             seq=seq,
-            **values,
+            **{k: bindparam(f"a_{k}") for k in _ACTION_UPSERT_COLUMNS},
         )
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[a.rotation_id, a.phase, a.name],
-                set_={k: stmt.excluded[k] for k in values},
+        return stmt.on_conflict_do_update(
+            index_elements=[a.rotation_id, a.phase, a.name],
+            set_={k: stmt.excluded[k] for k in _ACTION_UPSERT_COLUMNS},
+        )
+
+
+@cache
+def _claim_statement() -> Any:
+    """The statement of SqlStore.claim, built once (see _compare_and_set); the owner, the
+    times and the limit are bound parameters, as they were."""
+    r = rotations_t.c
+    now = bindparam("c_now", type_=r.next_attempt_at.type)
+    due = and_(
+        r.finished_at.is_(None),
+        or_(
+            r.request_action.is_not(None),
+            and_(
+                r.paused.is_(False),
+                r.halted_reason.is_(None),
+                or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now),
+            ),
+        ),
+        or_(r.lease_expires_at.is_(None), r.lease_expires_at <= now),
+    )
+    # FOR UPDATE SKIP LOCKED is rendered on PostgreSQL; SQLite has no row locks and
+    # relies on the BEGIN IMMEDIATE write lock held by this transaction instead.
+    candidates = (
+        select(r.id)
+        .where(due)
+        .order_by(*_claim_order())
+        .limit(bindparam("c_limit", type_=Integer))
+        .with_for_update(skip_locked=True)
+    )
+    stmt = (
+        update(rotations_t)
+        .where(r.id.in_(candidates))
+        # In SET, `r.lease_owner` is the value before this UPDATE (SQL semantics, on both
+        # databases): the owner of an expired lease that was never released.
+        .values(
+            lease_owner=bindparam("c_owner"),
+            lease_expires_at=bindparam("c_until"),
+            lease_taken_at=now,
+            lease_taken_from=r.lease_owner,
+            version=r.version + 1,
+        )
+        .returning(rotations_t)
+    )
+    return stmt
+
+
+#: Reads a worker makes for every rotation, built once: built per call, a select of every
+#: column and its cache key cost more CPU than the round trip (PostgreSQL: get_credential
+#: 0.48 ms -> 0.18 ms of CPU per call).
+_CREDENTIAL_BY_NAME = select(credentials_t).where(credentials_t.c.name == bindparam("name"))
+_SECRET_BY_ID = select(secrets_t).where(secrets_t.c.id == bindparam("id"))
+_CREDENTIALS_BY_NAME = select(credentials_t).where(
+    credentials_t.c.name.in_(bindparam("names", expanding=True))
+)
+_SECRETS_BY_ID = select(secrets_t).where(secrets_t.c.id.in_(bindparam("ids", expanding=True)))
+_ACTIONS_OF = (
+    select(actions_t)
+    .where(actions_t.c.rotation_id.in_(bindparam("ids", expanding=True)))
+    .order_by(actions_t.c.rotation_id, actions_t.c.seq.asc())
+)
+
+_CAS: dict[tuple[str, ...], Any] = {}
+
+
+def _compare_and_set(columns: tuple[str, ...]) -> Any:
+    """A change's guarded UPDATE of its rotation (those columns, the version and updated_at;
+    every value a bound parameter), built once per set of columns: built per change, the
+    statement and its cache key cost a commit more CPU than its execution."""
+    stmt = _CAS.get(columns)
+    if stmt is None:
+        r = rotations_t.c
+        stmt = (
+            update(rotations_t)
+            .where(r.id == bindparam("u_id"), r.version == bindparam("u_expected"))
+            .values(
+                **{c: bindparam(f"u_{c}") for c in columns},
+                version=r.version + 1,
+                updated_at=bindparam("u_now"),
             )
+            .returning(rotations_t)
         )
+        _CAS[columns] = stmt
+    return stmt
+
+
+#: The columns an action's upsert writes when its record exists (rotation, phase and name are
+#: the conflict's key, seq stays).
+_ACTION_UPSERT_COLUMNS = (
+    "idempotency_key",
+    "status",
+    "intent_at",
+    "outcome_at",
+    "attempts",
+    "detail",
+    "error",
+)
 
 
 def _unavailable(url: str, exc: DBAPIError) -> StoreUnavailable:
