@@ -118,6 +118,7 @@ def test_halt_on_rejected_signature_then_resume(kt: Kt) -> None:
 
 def test_worker_stops_cleanly_on_sigterm(kt: Kt) -> None:
     import signal
+    import threading
     import time
 
     proc = subprocess.Popen(
@@ -127,9 +128,24 @@ def test_worker_stops_cleanly_on_sigterm(kt: Kt) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(2.0)
+    # SIGTERM once it runs (sent while it still imports, Python's default ends it with -15:
+    # this flaked on a loaded machine when the signal came after a fixed 2 s)
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
+    seen = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            seen.append(line)
+            if "worker started" in line:
+                break
+    finally:
+        watchdog.cancel()
+    assert any("worker started" in line for line in seen), "".join(seen)
+    time.sleep(0.5)  # a poll or two
     proc.send_signal(signal.SIGTERM)
     _out, err = proc.communicate(timeout=30)
+    err = "".join(seen) + err
     assert proc.returncode == 0, err
     assert "worker stopped" in err
 
