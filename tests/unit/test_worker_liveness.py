@@ -289,38 +289,41 @@ def test_a_request_recorded_under_a_lease_says_truthfully_who_carries_it_out() -
     assert said.endswith("no live worker: start `keyturn worker`")
 
 
-def test_wake_waiting_makes_the_waiting_rotations_due_and_no_other(
-    store: Store, tmp_path: Path
-) -> None:
-    """What a worker does when the shared test clock is set: each waiting rotation's next
-    check (converted under the old setting) becomes now; one due already is left as is."""
-    env = _env(store, tmp_path)
-    later = datetime.now(UTC) + timedelta(hours=1)
-    waiting = env.rotate()
-    r = store.get_rotation(waiting)
-    wait = {"wait_key": "forward.w:person", "wait_for": "x", "next_attempt_at": later}
-    store.commit(Change(waiting, r.version, updates=wait))
-    now = datetime.now(UTC)
-    assert store.wake_waiting(now) == 1
-    woken = store.get_rotation(waiting).next_attempt_at
-    assert woken is not None and abs((woken - now).total_seconds()) < 1.1
-    assert store.wake_waiting(now) == 0  # already due
-
-
-def test_wake_waiting_of_one_rotation_leaves_the_others(store: Store, tmp_path: Path) -> None:
-    """With a rotation id (evidence came while a worker held it) only that rotation is made
-    due: another id leaves a waiting rotation's next check as it was."""
+def _waiting_an_hour(store: Store, tmp_path: Path) -> tuple[str, datetime]:
+    """A rotation waiting on a person, its next check an hour away: its id and that time."""
     env = _env(store, tmp_path)
     later = datetime.now(UTC) + timedelta(hours=1)
     rid = env.rotate()
     r = store.get_rotation(rid)
     wait = {"wait_key": "forward.w:person", "wait_for": "x", "next_attempt_at": later}
     store.commit(Change(rid, r.version, updates=wait))
+    return rid, later
+
+
+def _due_at(store: Store, rid: str, at: datetime) -> bool:
+    due = store.get_rotation(rid).next_attempt_at
+    return due is not None and abs((due - at).total_seconds()) < 1.1
+
+
+def test_wake_waiting_makes_the_waiting_rotations_due_and_no_other(
+    store: Store, tmp_path: Path
+) -> None:
+    """What a worker does when the shared test clock is set: each waiting rotation's next
+    check (converted under the old setting) becomes now; one due already is left as is."""
+    waiting, _later = _waiting_an_hour(store, tmp_path)
+    now = datetime.now(UTC)
+    assert store.wake_waiting(now) == 1
+    assert _due_at(store, waiting, now)
+    assert store.wake_waiting(now) == 0  # already due
+
+
+def test_wake_waiting_of_one_rotation_leaves_the_others(store: Store, tmp_path: Path) -> None:
+    """With a rotation id (evidence came while a worker held it) only that rotation is made
+    due: another id leaves a waiting rotation's next check as it was."""
+    rid, later = _waiting_an_hour(store, tmp_path)
     now = datetime.now(UTC)
     assert store.wake_waiting(now, "rot_someone_else") == 0
-    left = store.get_rotation(rid).next_attempt_at
-    assert left is not None and abs((left - later).total_seconds()) < 1.1
+    assert _due_at(store, rid, later)
     assert store.wake_waiting(now, rid) == 1
-    woken = store.get_rotation(rid).next_attempt_at
-    assert woken is not None and abs((woken - now).total_seconds()) < 1.1
+    assert _due_at(store, rid, now)
     assert store.wake_waiting(now, rid) == 0  # due already

@@ -1534,28 +1534,23 @@ _ACTIONS_OF = (
     .order_by(actions_t.c.rotation_id, actions_t.c.seq.asc())
 )
 
-_CAS: dict[tuple[str, ...], Any] = {}
 
-
+@cache
 def _compare_and_set(columns: tuple[str, ...]) -> Any:
     """A change's guarded UPDATE of its rotation (those columns, the version and updated_at;
     every value a bound parameter), built once per set of columns: built per change, the
     statement and its cache key cost a commit more CPU than its execution."""
-    stmt = _CAS.get(columns)
-    if stmt is None:
-        r = rotations_t.c
-        stmt = (
-            update(rotations_t)
-            .where(r.id == bindparam("u_id"), r.version == bindparam("u_expected"))
-            .values(
-                **{c: bindparam(f"u_{c}") for c in columns},
-                version=r.version + 1,
-                updated_at=bindparam("u_now"),
-            )
-            .returning(rotations_t)
+    r = rotations_t.c
+    return (
+        update(rotations_t)
+        .where(r.id == bindparam("u_id"), r.version == bindparam("u_expected"))
+        .values(
+            **{c: bindparam(f"u_{c}") for c in columns},
+            version=r.version + 1,
+            updated_at=bindparam("u_now"),
         )
-        _CAS[columns] = stmt
-    return stmt
+        .returning(rotations_t)
+    )
 
 
 #: The columns an action's upsert writes when its record exists (rotation, phase and name are
